@@ -1,0 +1,570 @@
+"""Compare training runs: loss curves on four cost axes, diagnostics, and speed-up at matched loss.
+
+    python scripts/compare.py outputs/2024-05-01/12-00-00 multirun/2024-05-01/13-00-00 --out cmp
+
+Inputs: any mix of
+- a run directory (holds `metrics.jsonl`, written by the engine),
+- a Hydra multirun directory (numbered sub-directories 0/, 1/, ... that are run directories),
+- a W&B offline run directory (`.../wandb/offline-run-*`): if the run directory above `wandb/`
+  holds `metrics.jsonl` that file is used (it is the engine's complete record); otherwise the
+  run's `files/wandb-history.jsonl` is read, and the run is skipped with a warning if neither exists,
+- a `metrics.jsonl` file itself.
+
+Outputs in `--out` (default `compare_out/`):
+- `loss.png`: a 2x4 grid, train loss (top row) and validation loss (bottom row) against optimizer
+  steps, training tokens, FLOPs and wall-clock seconds (all four axes include Hessian passes);
+- `diagnostics.png`: a 2x2 grid of lr, grad-clip trigger rate (`grad/clip_rate`), Sophia's clip
+  fraction (`sophia/clip_frac`) and win rate (`sophia/win_rate`) against steps;
+- `speedup.json` and a table on stdout (below).
+
+Each run is labelled by its optimizer (`optimizer.name` in its resolved `config.yaml`) followed by
+the Hydra overrides that differ between the runs compared (overrides common to all runs,
+`optimizer=...` and `hydra.*` are dropped). Runs whose labels differ only by a `seed=` override
+form one group, drawn as the mean with a min/max band (`--no-group-seeds` turns this off).
+
+Speed-up at matched loss (exact definition)
+-------------------------------------------
+For each run (or seed group) take the points that carry the metric (`--metric`, default
+`val/loss`), in step order. A seed group's curve is the pointwise mean of its members' curves,
+aligned by evaluation index and truncated to the shortest member.
+
+1. Smoothing: `s_i = mean(l_j for j in [max(0, i - N + 1), i])`, a trailing moving average over
+   the last N evaluation points (`--smooth N`, default 1 = no smoothing).
+2. Target: B's final smoothed loss `s_last(B)`, or `--target-loss X` for every pair.
+3. Cost to reach a target on axis x (steps, tokens, flops, seconds), `steps_to_reach`: the first
+   x at which the piecewise-linear interpolation of the points `(x_i, s_i)` reaches the target,
+   i.e. `x_0` if `s_0 <= target`, else for the first i with `s_i <= target`
+   `x_{i-1} + (target - s_{i-1}) * (x_i - x_{i-1}) / (s_i - s_{i-1})`; None if no point reaches it.
+   Nothing is extrapolated beyond the first or the last point.
+4. `ratio(A, B) = cost_A(target) / cost_B(target)` for every ordered pair A != B. B's own cost uses
+   the same rule, so for a monotone curve it is B's last evaluation point. A twice as fast as B
+   reads 0.5. If A (or, with `--target-loss`, B) never reaches the target the ratio is null and the
+   table says "not reached"; a zero denominator or a missing axis also gives null, with a reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+# Cost axes: name in the table -> key in metrics.jsonl.
+AXES: dict[str, str] = {"steps": "step", "tokens": "tokens", "flops": "flops", "seconds": "time/elapsed"}
+DIAGNOSTICS: list[tuple[str, str]] = [
+    ("lr", "learning rate"),
+    ("grad/clip_rate", "grad-clip trigger rate (cumulative)"),
+    ("sophia/clip_frac", "Sophia clip fraction"),
+    ("sophia/win_rate", "Sophia win rate (1 - clip fraction)"),
+]
+
+
+class CompareError(Exception):
+    """Bad input the user can fix; reported as one paragraph without a traceback."""
+
+
+# --------------------------------------------------------------------------- the maths (pure)
+
+
+def smooth(values: Sequence[float], n: int) -> list[float]:
+    """Trailing moving average over the last `n` points (`n=1` returns the values unchanged)."""
+    if n < 1:
+        raise ValueError(f"smoothing window must be >= 1, got {n}; use 1 for no smoothing")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= n:
+            total -= values[i - n]
+        out.append(total / min(i + 1, n))
+    return out
+
+
+def steps_to_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
+    """First x at which the piecewise-linear curve (xs, losses) reaches `loss <= target`.
+
+    Returns None when no point reaches the target (nothing is extrapolated). `xs` must be
+    non-decreasing and aligned with `losses`.
+    """
+    if len(xs) != len(losses):
+        raise ValueError(f"xs and losses differ in length ({len(xs)} vs {len(losses)})")
+    for i, (x, loss) in enumerate(zip(xs, losses)):
+        if loss <= target:
+            if i == 0:
+                return float(x)
+            x0, l0 = xs[i - 1], losses[i - 1]
+            # l0 > target >= loss, so the denominator is strictly negative.
+            return float(x0 + (target - l0) * (x - x0) / (loss - l0))
+    return None
+
+
+@dataclass
+class Curve:
+    """One run's (or seed group's) metric curve, with x values on every available cost axis.
+
+    `x[axis]` is None when that axis is missing from some of the curve's points.
+    """
+
+    label: str
+    loss: list[float]
+    x: dict[str, list[float] | None] = field(default_factory=dict)
+
+
+def speedup_table(curves: Sequence[Curve], smooth_n: int = 1, target_loss: float | None = None) -> list[dict]:
+    """Cost ratios at matched loss for every ordered pair (A, B), A != B (see the module docstring).
+
+    Returns one dict per pair: `{"a", "b", "target", "axes": {axis: {"a", "b", "ratio", "note"}}}`
+    where `a`/`b` are the costs (None if not reached), `ratio = a / b` or None, and `note` is None
+    or a short reason ("not reached by A", "not reached by B", "axis missing", "B's cost is 0").
+    Curves without points are skipped.
+    """
+    smoothed = {c.label: smooth(c.loss, smooth_n) for c in curves if c.loss}
+    rows = []
+    for a in curves:
+        for b in curves:
+            if a is b or a.label not in smoothed or b.label not in smoothed:
+                continue
+            target = smoothed[b.label][-1] if target_loss is None else float(target_loss)
+            axes = {}
+            for axis in AXES:
+                xa, xb = a.x.get(axis), b.x.get(axis)
+                if xa is None or xb is None:
+                    axes[axis] = {"a": None, "b": None, "ratio": None, "note": "axis missing"}
+                    continue
+                ca = steps_to_reach(xa, smoothed[a.label], target)
+                cb = steps_to_reach(xb, smoothed[b.label], target)
+                ratio, note = None, None
+                if ca is None:
+                    note = "not reached by A"
+                elif cb is None:
+                    note = "not reached by B"
+                elif cb == 0:
+                    note = "B's cost is 0"
+                else:
+                    ratio = ca / cb
+                axes[axis] = {"a": ca, "b": cb, "ratio": ratio, "note": note}
+            rows.append({"a": a.label, "b": b.label, "target": target, "axes": axes})
+    return rows
+
+
+def format_table(rows: Sequence[dict], smooth_n: int, metric: str, target_loss: float | None) -> str:
+    """Human-readable speed-up table (ratios < 1 mean A is cheaper than B)."""
+    target_desc = f"{target_loss:g}" if target_loss is not None else f"B's final smoothed {metric}"
+    lines = [
+        f"Speed-up at matched {metric}: cost for A to reach {target_desc} / B's own cost "
+        f"(moving average over {smooth_n} eval point(s); < 1 means A is faster).",
+    ]
+    if not rows:
+        return lines[0] + "\n(fewer than two runs with points: nothing to compare)"
+    wa = max(len("A"), *(len(r["a"]) for r in rows))
+    wb = max(len("B"), *(len(r["b"]) for r in rows))
+    header = f"{'A':<{wa}}  {'B':<{wb}}  {'target':>8}" + "".join(f"  {ax:>16}" for ax in AXES)
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        cells = []
+        for ax in AXES:
+            cell = r["axes"][ax]
+            cells.append(f"{cell['ratio']:.3f}" if cell["ratio"] is not None else cell["note"])
+        lines.append(f"{r['a']:<{wa}}  {r['b']:<{wb}}  {r['target']:>8.4f}" + "".join(f"  {c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    """A run's metrics plus what is needed to label it."""
+
+    path: Path
+    records: list[dict]
+    optimizer: str
+    overrides: list[str]
+
+    def seed(self) -> str | None:
+        for o in self.overrides:
+            if o.split("=", 1)[0].lstrip("+~") == "seed":
+                return o.split("=", 1)[1] if "=" in o else None
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a metrics file. A torn last line (a run killed mid-write) is skipped with a warning."""
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: ignoring a half-written last line ({e.msg})")
+                continue
+            raise CompareError(f"{path} line {i + 1} is not valid JSON ({e.msg}). The file is damaged; "
+                               f"fix or delete that line and run again.") from None
+        if isinstance(obj, dict):
+            records.append(obj)
+    return records
+
+
+def _load_yaml(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _optimizer_name(run_dir: Path, overrides: list[str]) -> str | None:
+    for cfg_path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        cfg = _load_yaml(cfg_path) if cfg_path.exists() else None
+        opt = cfg.get("optimizer") if isinstance(cfg, dict) else None
+        if isinstance(opt, dict) and isinstance(opt.get("name"), str):
+            return opt["name"]
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "optimizer" and value:
+            return value
+    return None
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    data = _load_yaml(path) if path.exists() else None
+    return [str(o) for o in data] if isinstance(data, list) else []
+
+
+def load_run(run_dir: Path) -> Run:
+    """Load a run directory that holds `metrics.jsonl` (raises CompareError if it is empty)."""
+    metrics = run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics)
+    if not records:
+        raise CompareError(f"{metrics} holds no metrics. The run probably stopped before its first "
+                           f"log line; rerun it or leave it out of the comparison.")
+    overrides = _overrides(run_dir)
+    return Run(run_dir, records, _optimizer_name(run_dir, overrides) or run_dir.name, overrides)
+
+
+def load_wandb_run(wandb_dir: Path) -> Run | None:
+    """Load a W&B run directory from `files/wandb-history.jsonl`; None (with a warning) if absent."""
+    history = wandb_dir / "files" / "wandb-history.jsonl"
+    if not history.exists():
+        warnings.warn(f"skipping W&B run {wandb_dir}: no files/wandb-history.jsonl and no metrics.jsonl "
+                      f"in the run directory above it (offline W&B runs keep history in a binary file; "
+                      f"point compare.py at the run directory instead)")
+        return None
+    records = []
+    for r in read_jsonl(history):
+        if "step" not in r and "_step" in r:
+            r = {**r, "step": r["_step"]}
+        records.append(r)
+    if not records:
+        raise CompareError(f"{history} holds no metrics; leave {wandb_dir} out of the comparison.")
+    opt = None
+    cfg = _load_yaml(wandb_dir / "files" / "config.yaml") if (wandb_dir / "files" / "config.yaml").exists() else None
+    if isinstance(cfg, dict):
+        # W&B stores each top-level config key as {"value": ...}.
+        value = cfg.get("optimizer", {})
+        value = value.get("value", value) if isinstance(value, dict) else None
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            opt = value["name"]
+    return Run(wandb_dir, records, opt or wandb_dir.name, [])
+
+
+def _is_wandb_run(path: Path) -> bool:
+    return path.parent.name == "wandb" and re.match(r"(offline-)?run-", path.name) is not None
+
+
+def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Expand the command-line paths into runs (see the module docstring for what is accepted)."""
+    runs: list[Run] = []
+    seen: set[Path] = set()
+
+    def add(run_dir: Path) -> None:
+        key = run_dir.resolve()
+        if key not in seen:
+            seen.add(key)
+            runs.append(load_run(run_dir))
+
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise CompareError(f"{path} does not exist. Pass run directories (holding metrics.jsonl), "
+                               f"Hydra multirun directories or W&B run directories.")
+        if path.is_file():
+            if path.name != "metrics.jsonl":
+                raise CompareError(f"{path} is a file, not a run directory. Pass the directory that holds "
+                                   f"metrics.jsonl (or that metrics.jsonl itself).")
+            add(path.parent)
+            continue
+        if (path / "metrics.jsonl").exists():
+            add(path)
+        elif _is_wandb_run(path):
+            parent = path.parent.parent
+            if (parent / "metrics.jsonl").exists():
+                add(parent)
+            elif path.resolve() not in seen:
+                seen.add(path.resolve())
+                run = load_wandb_run(path)
+                if run is not None:
+                    runs.append(run)
+        else:
+            subdirs = sorted((d for d in path.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+            if not subdirs:
+                raise CompareError(f"no metrics.jsonl in {path}, and it is not a Hydra multirun directory "
+                                   f"(no numbered sub-directories) or a W&B run directory. Point compare.py at "
+                                   f"the directory train.py printed as its run directory.")
+            for sub in subdirs:
+                if not (sub / "metrics.jsonl").exists():
+                    warnings.warn(f"skipping {sub}: no metrics.jsonl (the job probably failed before logging)")
+                    continue
+                try:
+                    add(sub)
+                except CompareError as e:
+                    warnings.warn(f"skipping {sub}: {e}")
+    return runs
+
+
+# --------------------------------------------------------------------------- labels and groups
+
+
+def _override_key(o: str) -> str:
+    return o.split("=", 1)[0].lstrip("+~")
+
+
+def make_labels(runs: Sequence[Run], group_seeds: bool = True) -> list[str]:
+    """Label each run by optimizer plus the overrides that differ between runs.
+
+    Overrides common to all runs, `optimizer=...` (the optimizer leads the label) and `hydra.*` are
+    dropped; with `group_seeds` the `seed=` override is dropped too, so seeds of one configuration
+    share a label. Remaining duplicates get the run directory's name appended.
+    """
+    common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
+    labels = []
+    for r in runs:
+        parts = [r.optimizer]
+        for o in r.overrides:
+            key = _override_key(o)
+            if o in common or key == "optimizer" or key.startswith("hydra.") or (group_seeds and key == "seed"):
+                continue
+            parts.append(o)
+        labels.append(" ".join(parts))
+    # Same label without a seed to tell them apart: not a seed group, so disambiguate by directory.
+    for label in set(labels):
+        idx = [i for i, lab in enumerate(labels) if lab == label]
+        if len(idx) > 1 and not (group_seeds and all(runs[i].seed() is not None for i in idx)
+                                 and len({runs[i].seed() for i in idx}) == len(idx)):
+            for i in idx:
+                labels[i] = f"{label} [{runs[i].path.name}]"
+    return labels
+
+
+def series(records: Sequence[dict], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    """(x, y) pairs of the records that carry both keys, in step order, one point per step."""
+    by_step: dict = {}
+    for r in records:
+        x, y = r.get(x_key), r.get(y_key)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(y):
+            by_step[r.get("step", x)] = (float(x), float(y))
+    pts = [by_step[s] for s in sorted(by_step)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def metric_curve(label: str, runs: Sequence[Run], metric: str) -> Curve:
+    """The metric's curve on every cost axis; several runs (seeds) are averaged by eval index."""
+    per_run = []
+    for run in runs:
+        pts = [r for r in sorted(run.records, key=lambda r: r.get("step", 0))
+               if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        dedup = {r.get("step"): r for r in pts}  # a step logged twice keeps its last line
+        per_run.append(list(dedup.values()))
+    n = min(len(p) for p in per_run) if per_run else 0
+    loss = [sum(p[i][metric] for p in per_run) / len(per_run) for i in range(n)]
+    x: dict[str, list[float] | None] = {}
+    for axis, key in AXES.items():
+        if all(isinstance(p[i].get(key), (int, float)) for p in per_run for i in range(n)):
+            x[axis] = [sum(p[i][key] for p in per_run) / len(per_run) for i in range(n)]
+        else:
+            x[axis] = None
+    return Curve(label, loss, x)
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+def _band(member_series: list[tuple[list[float], list[float]]]):
+    """Mean x, mean/min/max y of several series aligned by index (truncated to the shortest)."""
+    n = min(len(xs) for xs, _ in member_series)
+    xs = [sum(s[0][i] for s in member_series) / len(member_series) for i in range(n)]
+    ys = [[s[1][i] for s in member_series] for i in range(n)]
+    return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
+def _draw(ax, groups: dict[str, list[Run]], colors: dict[str, str], x_key: str, y_key: str, smooth_n: int,
+          marker: str | None = None) -> bool:
+    drawn = False
+    for label, members in groups.items():
+        member_series = [series(r.records, x_key, y_key) for r in members]
+        member_series = [s for s in member_series if s[0]]
+        if not member_series:
+            continue
+        xs, mean, lo, hi = _band(member_series)
+        if not xs:
+            continue
+        ax.plot(xs, smooth(mean, smooth_n), color=colors[label], label=label, marker=marker, markersize=3)
+        if len(member_series) > 1:
+            ax.fill_between(xs, smooth(lo, smooth_n), smooth(hi, smooth_n), color=colors[label], alpha=0.2,
+                            linewidth=0)
+        drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, f"no {y_key} points", ha="center", va="center", transform=ax.transAxes, color="gray")
+    return drawn
+
+
+def _loss_ylim(ax, groups: dict[str, list[Run]], x_key: str, y_key: str) -> None:
+    # The first steps' loss (ln(vocab) ~ 11) would flatten everything that matters: clip the view.
+    ys = [series(r.records, x_key, y_key)[1] for ms in groups.values() for r in ms]
+    ys = [y for y in ys if y]
+    if not ys:
+        return
+    lo = min(min(y) for y in ys)
+    hi = max(y[len(y) // 10] for y in ys)
+    if hi > lo:
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+
+
+def _legend_entries(axes):
+    # One legend for the figure: a run may be missing from some panels, so merge them all.
+    handles, labels = [], []
+    for ax in (a for row in axes for a in row):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    return handles, labels
+
+
+def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
+    """Write `loss.png` (2x4) and `diagnostics.png` (2x2) into `out`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    colors = {label: cmap(i % 10) for i, label in enumerate(groups)}
+    paths = []
+
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), squeeze=False)
+    x_labels = {"step": "optimizer steps", "tokens": "training tokens (incl. Hessian)",
+                "flops": "model FLOPs (incl. Hessian)", "time/elapsed": "wall-clock seconds (excl. eval)"}
+    for row, (y_key, marker) in enumerate([("train/loss", None), ("val/loss", "o")]):
+        for col, x_key in enumerate(AXES.values()):
+            ax = axes[row][col]
+            if _draw(ax, groups, colors, x_key, y_key, smooth_n, marker):
+                _loss_ylim(ax, groups, x_key, y_key)
+            ax.set_xlabel(x_labels[x_key])
+            ax.set_ylabel(y_key)
+            ax.grid(alpha=0.3)
+    handles, labels = _legend_entries(axes)
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    paths.append(out / "loss.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+    for ax, (key, title) in zip((a for row in axes for a in row), DIAGNOSTICS):
+        _draw(ax, groups, colors, "step", key, 1)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer steps")
+        ax.grid(alpha=0.3)
+    handles, labels = _legend_entries(axes)
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    paths.append(out / "diagnostics.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run dirs, Hydra multirun dirs, W&B run dirs or metrics.jsonl files")
+    p.add_argument("--out", default="compare_out", help="output directory (default: compare_out)")
+    p.add_argument("--smooth", type=int, default=1,
+                   help="moving-average window in points for the speed-up targets and the plotted curves")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="compare the cost to reach this loss instead of each B's final loss")
+    p.add_argument("--metric", default="val/loss", help="metric for the speed-up table (default: val/loss)")
+    p.add_argument("--no-group-seeds", dest="group_seeds", action="store_false",
+                   help="draw every seed as its own line instead of mean and min/max band")
+    args = p.parse_args(argv)
+
+    def warn(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = warn
+    try:
+        if args.smooth < 1:
+            raise CompareError(f"--smooth must be >= 1, got {args.smooth}; use 1 for no smoothing.")
+        runs = collect_runs(args.runs)
+        if not runs:
+            raise CompareError("no runs with metrics found in the paths given; nothing to compare.")
+        labels = make_labels(runs, args.group_seeds)
+        by_label: dict[str, list[Run]] = {}
+        for label, run in zip(labels, runs):
+            by_label.setdefault(label, []).append(run)
+        groups = {(f"{label} ({len(members)} seeds)" if len(members) > 1 else label): members
+                  for label, members in by_label.items()}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in plot(groups, out, args.smooth):
+            print(f"wrote {path}")
+
+        curves = [metric_curve(label, members, args.metric) for label, members in groups.items()]
+        missing = [c.label for c in curves if not c.loss]
+        if missing:
+            print(f"note: no {args.metric} points in {', '.join(missing)}; "
+                  f"{'speed-up skipped' if len(missing) == len(curves) else 'left out of the speed-up table'} "
+                  f"(is evaluation enabled, and did the run reach its first eval?)", file=sys.stderr)
+        curves = [c for c in curves if c.loss]
+        if len(curves) < 2:
+            if not missing:
+                print(f"note: speed-up needs at least two runs with {args.metric} points; skipped.", file=sys.stderr)
+            return 0
+        rows = speedup_table(curves, args.smooth, args.target_loss)
+        print(format_table(rows, args.smooth, args.metric, args.target_loss))
+        report = {
+            "definition": ("ratio = cost for A to reach the target / cost for B to reach it, first crossing of "
+                           "the linearly interpolated smoothed curve; target = B's final smoothed loss unless "
+                           "target_loss is set; null when not reached"),
+            "metric": args.metric,
+            "smooth": args.smooth,
+            "target_loss": args.target_loss,
+            "runs": {c.label: {"paths": [str(r.path) for r in groups[c.label]], "points": len(c.loss),
+                               "final": c.loss[-1], "final_smoothed": smooth(c.loss, args.smooth)[-1]}
+                     for c in curves},
+            "pairs": rows,
+        }
+        (out / "speedup.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out / 'speedup.json'}")
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

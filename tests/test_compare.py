@@ -1,0 +1,237 @@
+"""scripts/compare.py: speed-up maths on known curves, run discovery, labels, plots and the CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+compare = _load_compare()
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir: Path, *, optimizer: str, overrides: list[str], steps: int, loss_at, eval_every: int = 50,
+              tokens_per_step: int = 1000, seconds_per_step: float = 0.1, flops_per_token: int = 600,
+              with_val: bool = True, sophia: bool = False) -> Path:
+    """A run directory in the engine's format whose loss follows `loss_at(step)` exactly."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run_dir / "config.yaml").write_text(f"optimizer:\n  name: {optimizer}\n  lr: 0.001\nseed: 1\n")
+    lines = []
+    for step in range(0, steps + 1, 10):
+        rec = {"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * flops_per_token,
+               "time/elapsed": step * seconds_per_step, "train/loss": loss_at(step) + 0.05,
+               "lr": 1e-3 * min(1.0, (step + 1) / 100), "grad/clip_rate": 0.5 * math.exp(-step / 300)}
+        if sophia:
+            rec["sophia/clip_frac"] = 0.6 + 0.1 * math.sin(step / 50)
+            rec["sophia/win_rate"] = 1 - rec["sophia/clip_frac"]
+        if with_val and step % eval_every == 0:
+            rec["val/loss"] = loss_at(step)
+        lines.append(json.dumps(rec))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def linear(rate: float, start: float = 6.0):
+    return lambda step: start - rate * step
+
+
+def pair(rows, a, b):
+    (row,) = [r for r in rows if r["a"] == a and r["b"] == b]
+    return row
+
+
+# --------------------------------------------------------------------------- pure maths
+
+
+def test_steps_to_reach_interpolates_and_reports_not_reached():
+    xs, losses = [0, 100, 200, 300], [5.0, 4.0, 3.0, 2.5]
+    assert compare.steps_to_reach(xs, losses, 3.5) == pytest.approx(150.0)
+    assert compare.steps_to_reach(xs, losses, 3.0) == pytest.approx(200.0)
+    assert compare.steps_to_reach(xs, losses, 2.75) == pytest.approx(250.0)
+    assert compare.steps_to_reach(xs, losses, 6.0) == 0.0  # already below at the first point
+    assert compare.steps_to_reach(xs, losses, 2.4) is None  # never extrapolated
+    # First crossing wins on a non-monotone curve.
+    assert compare.steps_to_reach([0, 10, 20, 30], [4.0, 2.0, 3.0, 1.0], 2.5) == pytest.approx(7.5)
+
+
+def test_smooth_is_a_trailing_moving_average():
+    assert compare.smooth([4.0, 2.0, 6.0, 0.0], 1) == [4.0, 2.0, 6.0, 0.0]
+    assert compare.smooth([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    assert compare.smooth([4.0, 2.0, 6.0, 0.0], 3) == pytest.approx([4.0, 3.0, 4.0, 8 / 3])
+    with pytest.raises(ValueError, match="window"):
+        compare.smooth([1.0], 0)
+
+
+def test_speedup_table_on_every_axis():
+    # A reaches any loss in half of B's steps but pays 10% more tokens per step (Hessian passes)
+    # and 30% more seconds per step: ratios 0.5 (steps), 0.55 (tokens, FLOPs), 0.65 (seconds).
+    steps_b = [0, 50, 100, 150, 200]
+    loss_b = [6.0 - 0.01 * s for s in steps_b]
+    steps_a = [0, 25, 50, 75, 100, 125]
+    loss_a = [6.0 - 0.02 * s for s in steps_a]
+
+    def curve(label, steps, loss, tok, sec):
+        return compare.Curve(label, loss, {"steps": steps, "tokens": [s * tok for s in steps],
+                                           "flops": [s * tok * 6 for s in steps], "seconds": [s * sec for s in steps]})
+
+    a = curve("A", steps_a, loss_a, 1100, 0.13)
+    b = curve("B", steps_b, loss_b, 1000, 0.1)
+    rows = compare.speedup_table([a, b])
+    ab, ba = pair(rows, "A", "B"), pair(rows, "B", "A")
+    assert ab["target"] == pytest.approx(4.0)
+    expected = {"steps": 0.5, "tokens": 0.55, "flops": 0.55, "seconds": 0.65}
+    for axis, ratio in expected.items():
+        assert ab["axes"][axis]["ratio"] == pytest.approx(ratio), axis
+        assert ab["axes"][axis]["note"] is None
+    # A ends lower (3.5) than B ever gets: B never reaches it.
+    assert ba["target"] == pytest.approx(3.5)
+    for axis in expected:
+        assert ba["axes"][axis]["ratio"] is None
+        assert ba["axes"][axis]["note"] == "not reached by A"
+    # A fixed target both reach: ratio of first crossings, interpolated between eval points.
+    rows = compare.speedup_table([a, b], target_loss=4.5)
+    assert pair(rows, "A", "B")["axes"]["steps"]["ratio"] == pytest.approx(75 / 150)
+    assert pair(rows, "B", "A")["axes"]["steps"]["ratio"] == pytest.approx(2.0)
+
+
+def test_speedup_table_smoothing_and_missing_axis():
+    noisy = compare.Curve("noisy", [5.0, 4.0, 3.0, 4.0], {"steps": [0, 1, 2, 3], "tokens": None,
+                                                          "flops": None, "seconds": None})
+    flat = compare.Curve("flat", [5.0, 4.5, 4.0, 3.5], {"steps": [0, 1, 2, 3], "tokens": [0, 1, 2, 3],
+                                                        "flops": None, "seconds": None})
+    rows = compare.speedup_table([noisy, flat], smooth_n=2)
+    # Smoothed: noisy [5, 4.5, 3.5, 3.5], flat [5, 4.75, 4.25, 3.75]; flat's final is 3.75.
+    nf = pair(rows, "noisy", "flat")
+    assert nf["target"] == pytest.approx(3.75)
+    assert nf["axes"]["steps"]["a"] == pytest.approx(1.75)
+    assert nf["axes"]["steps"]["ratio"] == pytest.approx(1.75 / 3)
+    assert nf["axes"]["tokens"]["note"] == "axis missing" and nf["axes"]["tokens"]["ratio"] is None
+    assert "axis missing" in compare.format_table(rows, 2, "val/loss", None)
+
+
+# --------------------------------------------------------------------------- runs, labels, CLI
+
+
+def test_labels_keep_only_differing_overrides(tmp_path):
+    common = ["model=tiny", "data=shakespeare"]
+    runs = []
+    for name, opt, extra in [("a", "sophia", ["optimizer.lr=3e-4"]), ("b", "sophia", ["optimizer.lr=6e-4"]),
+                             ("c", "adamw", ["optimizer.lr=6e-4"])]:
+        write_run(tmp_path / name, optimizer=opt, overrides=[f"optimizer={opt}", *common, *extra], steps=100,
+                  loss_at=linear(0.01))
+        runs.append(compare.load_run(tmp_path / name))
+    assert compare.make_labels(runs) == ["sophia optimizer.lr=3e-4", "sophia optimizer.lr=6e-4",
+                                         "adamw optimizer.lr=6e-4"]
+    # Identical configurations without a seed are told apart by directory name.
+    write_run(tmp_path / "twin", optimizer="sophia", overrides=["optimizer=sophia", *common, "optimizer.lr=6e-4"],
+              steps=100, loss_at=linear(0.01))
+    twins = [compare.load_run(tmp_path / "b"), compare.load_run(tmp_path / "twin")]
+    assert compare.make_labels(twins) == ["sophia [b]", "sophia [twin]"]
+
+
+def test_seeds_group_into_one_label(tmp_path):
+    for i, seed in enumerate([1, 2]):
+        write_run(tmp_path / "m" / str(i), optimizer="lion", overrides=["optimizer=lion", f"seed={seed}"],
+                  steps=100, loss_at=linear(0.01 + 0.001 * seed))
+    write_run(tmp_path / "m" / "2", optimizer="adamw", overrides=["optimizer=adamw", "seed=1"], steps=100,
+              loss_at=linear(0.01))
+    runs = compare.collect_runs([tmp_path / "m"])
+    assert [r.path.name for r in runs] == ["0", "1", "2"]
+    assert compare.make_labels(runs) == ["lion", "lion", "adamw"]
+    assert compare.make_labels(runs, group_seeds=False) == ["lion seed=1", "lion seed=2", "adamw seed=1"]
+    curve = compare.metric_curve("lion", runs[:2], "val/loss")
+    assert curve.loss[-1] == pytest.approx(6.0 - 0.0115 * 100)  # mean of the two seeds
+
+
+def test_cli_end_to_end(tmp_path):
+    """The real command line: a multirun, a plain run and a W&B dir; known 2x speed-up; valid PNGs."""
+    multirun = tmp_path / "multirun"
+    # B: AdamW, 1000 steps. A: Sophia reaching every loss in half the steps, 1.1x tokens and FLOPs
+    # per step, 1.2x seconds per step. C: Lion plateaus above B's final loss.
+    write_run(multirun / "0", optimizer="adamw", overrides=["optimizer=adamw", "model=tiny"], steps=1000,
+              loss_at=linear(0.003))
+    write_run(multirun / "1", optimizer="sophia", overrides=["optimizer=sophia", "model=tiny"], steps=600,
+              loss_at=linear(0.006), tokens_per_step=1100, seconds_per_step=0.12, sophia=True)
+    lion = write_run(tmp_path / "lion_run", optimizer="lion", overrides=["optimizer=lion", "model=tiny"],
+                     steps=1000, loss_at=lambda s: max(linear(0.003)(s), 4.0))
+    # The engine's W&B dir inside a run dir resolves to the run's own metrics.jsonl (deduplicated).
+    (lion / "wandb" / "offline-run-20240101_000000-abc").mkdir(parents=True)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), str(multirun), str(lion),
+         str(lion / "wandb" / "offline-run-20240101_000000-abc"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "not reached" in proc.stdout
+    report = json.loads((out / "speedup.json").read_text())
+    assert sorted(report["runs"]) == ["adamw", "lion", "sophia"]
+    rows = report["pairs"]
+    assert len(rows) == 6
+    sa = pair(rows, "sophia", "adamw")
+    assert sa["target"] == pytest.approx(3.0)
+    for axis, ratio in {"steps": 0.5, "tokens": 0.55, "flops": 0.55, "seconds": 0.6}.items():
+        assert sa["axes"][axis]["ratio"] == pytest.approx(ratio, rel=1e-9), axis
+    la = pair(rows, "lion", "adamw")
+    assert la["axes"]["steps"]["ratio"] is None and la["axes"]["steps"]["note"] == "not reached by A"
+    # Lion's own cost is its first eval at its final loss (step 700), not its last step: the same
+    # first-crossing rule as for A. AdamW crosses 4.0 at step 666.67, between its evals.
+    assert pair(rows, "adamw", "lion")["axes"]["steps"]["ratio"] == pytest.approx((2000 / 3) / 700)
+    for name in ("loss.png", "diagnostics.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 20_000, name
+
+
+def test_clear_errors(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
+    assert compare.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no metrics.jsonl in" in capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    assert compare.main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no metrics" in capsys.readouterr().err
+
+    assert compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    # A W&B offline run with neither history nor a metrics.jsonl above it is skipped with a warning.
+    wb = tmp_path / "bare" / "wandb" / "offline-run-x"
+    wb.mkdir(parents=True)
+    assert compare.main([str(wb), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "skipping W&B run" in err and "no runs with metrics" in err
+
+
+def test_no_val_points_still_plots(tmp_path, capsys):
+    for name, opt in [("a", "sophia"), ("b", "adamw")]:
+        write_run(tmp_path / name, optimizer=opt, overrides=[f"optimizer={opt}"], steps=200,
+                  loss_at=linear(0.01), with_val=False)
+    # A torn last line (killed mid-write) is tolerated.
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 210, "tra')
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no val/loss points" in err and "speed-up skipped" in err
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "speedup.json").exists()
+    # Training loss is a valid speed-up metric too.
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--metric", "train/loss"]) == 0
+    assert json.loads((out / "speedup.json").read_text())["metric"] == "train/loss"
