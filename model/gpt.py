@@ -177,7 +177,9 @@ class GPT(nn.Module):
                 f"use data.block_size <= {self.config.block_size} or build the model with a larger "
                 "block_size"
             )
-        if self.check_token_ids and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        if self.check_token_ids and idx.numel() and not (
+            0 <= int(idx.min()) and int(idx.max()) < self.config.vocab_size
+        ):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got range "
                 f"[{int(idx.min())}, {int(idx.max())}]; the data's tokenizer does not match the model's "

@@ -40,7 +40,8 @@ def _decays(rule: str, model: nn.Module) -> set[int]:
 def weight_decay_groups(
     model: nn.Module, weight_decay: float, rule: str = "linear_weights"
 ) -> list[dict[str, Any]]:
-    """Optimizer param groups ``[{"params": decayed, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]``.
+    """Optimizer param groups: ``{"params": decayed, "weight_decay": weight_decay}`` and
+    ``{"params": the rest, "weight_decay": 0.0}``, in that order.
 
     Rules:
       - ``linear_weights`` (official Sophia scripts, default): nn.Linear weights only; not
