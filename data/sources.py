@@ -1,0 +1,304 @@
+"""Where documents come from: Hugging Face datasets, local files and folders, and the stdlib.
+
+A source is resolved once into a ``Source``: a name (for the default output folder), the facts
+that go into meta.json, a fingerprint (to tell whether an existing prepare is still current) and
+a function that streams documents in a fixed order. Every reader streams, so memory stays bounded
+however large the corpus (a single .txt file read as one document is the one exception, by
+definition).
+
+Spec strings:
+    openwebtext           Hugging Face ``Skylion007/openwebtext`` at ``refs/convert/parquet``
+    hf:<id>               any Hugging Face dataset with a text column (streamed)
+    stdlib                the .py sources of the running Python's standard library (offline)
+    PATH                  a .txt / .jsonl / .parquet file, or a folder of them (recursive)
+
+OpenWebText: its Hub repository is a loading-script dataset, which ``datasets`` >= 4 refuses to
+run. The Hub's automatic parquet conversion lives at the revision ``refs/convert/parquet`` of the
+same repository and loads with plain ``datasets``; both the id and the revision are configurable
+(``--hf-id`` / ``--revision``) in case you prefer another parquet mirror.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from data.errors import DataError
+
+OPENWEBTEXT_ID = "Skylion007/openwebtext"
+OPENWEBTEXT_REVISION = "refs/convert/parquet"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass
+class Source:
+    """A resolved corpus: ``documents()`` streams its documents (str) in a fixed order."""
+
+    name: str
+    kind: str  # "hf" | "local" | "stdlib"
+    spec: str
+    documents: Callable[[], Iterator[str]] = field(repr=False)
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
+    fingerprint: str = ""  # changes when the underlying data changes
+    num_documents: int | None = None  # for the progress bar, when cheap to know
+
+
+def resolve_source(
+    spec: str,
+    *,
+    text_column: str = "text",
+    revision: str | None = None,
+    split: str = "train",
+    split_blank_lines: bool = False,
+    hf_id: str | None = None,
+    hf_name: str | None = None,
+    hf_data_dir: str | None = None,
+    hf_data_files: str | list[str] | None = None,
+) -> Source:
+    """Turn a source spec string into a ``Source`` (see the module docstring for the forms)."""
+    spec = str(spec)
+    if spec == "openwebtext":
+        return _hf_source(
+            hf_id or OPENWEBTEXT_ID, name="openwebtext", spec=spec,
+            revision=revision or OPENWEBTEXT_REVISION, split=split, text_column=text_column,
+            config_name=hf_name, data_dir=hf_data_dir, data_files=hf_data_files,
+        )
+    if spec.startswith("hf:"):
+        dataset_id = spec[3:]
+        if not dataset_id:
+            raise DataError("Source 'hf:' needs a dataset id, e.g. hf:roneneldan/TinyStories.")
+        return _hf_source(
+            dataset_id, name=dataset_id.replace("/", "_").replace(":", "_"), spec=spec,
+            revision=revision, split=split, text_column=text_column,
+            config_name=hf_name, data_dir=hf_data_dir, data_files=hf_data_files,
+        )
+    if spec == "stdlib":
+        return _stdlib_source()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local_source(path, text_column=text_column, split_blank_lines=split_blank_lines)
+    raise DataError(
+        f"Unknown data source {spec!r}: it is neither a built-in name (openwebtext, stdlib), "
+        "nor hf:<dataset id>, nor an existing .txt/.jsonl/.parquet file or folder. Check the "
+        "path, or use 'stdlib' for an offline corpus that needs no download."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_name, data_dir,
+               data_files) -> Source:
+    info = {"hf_id": dataset_id, "revision": revision, "split": split, "text_column": text_column}
+    if config_name:
+        info["hf_name"] = config_name
+    if data_dir:
+        info["hf_data_dir"] = data_dir
+    if data_files:
+        info["hf_data_files"] = data_files
+    fingerprint_parts = dict(info)
+    if data_files:  # a local builder such as "parquet": the files' contents define the data
+        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        fingerprint_parts["files"] = _files_fingerprint([Path(f) for f in files if Path(f).exists()])
+
+    def documents() -> Iterator[str]:
+        ds = _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, split)
+        first = True
+        for row in ds:
+            if first:
+                if text_column not in row:
+                    raise DataError(
+                        f"Hugging Face dataset {dataset_id!r} has no column {text_column!r}; its "
+                        f"columns are {sorted(row)}. Pass --text-column with the right name."
+                    )
+                first = False
+            text = row[text_column]
+            if text is not None:
+                yield str(text)
+
+    return Source(name=name, kind="hf", spec=spec, documents=documents, info=info,
+                  fingerprint=_digest(fingerprint_parts))
+
+
+def _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, split):
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a core dependency
+        raise DataError("Hugging Face sources need the datasets package: pip install datasets.") from e
+    kwargs: dict[str, Any] = {"split": split, "streaming": True}
+    if config_name:
+        kwargs["name"] = config_name
+    if data_dir:
+        kwargs["data_dir"] = data_dir
+    if data_files:
+        kwargs["data_files"] = data_files
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        return datasets.load_dataset(dataset_id, **kwargs)
+    except (ConnectionError, OSError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        raise DataError(
+            f"Could not reach Hugging Face dataset {dataset_id!r} (revision {revision}, split "
+            f"{split}): {type(e).__name__}: {e}. Hugging Face sources stream from the Hub and need "
+            "network access"
+            + (f"; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set ({offline}), unset it" if offline else "")
+            + ". Offline, prepare a local .txt/.jsonl/.parquet file or folder, or the 'stdlib' "
+            "corpus, instead."
+        ) from e
+    except ValueError as e:  # e.g. unknown split or config
+        raise DataError(f"Could not load Hugging Face dataset {dataset_id!r}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+
+
+def _local_source(path: Path, *, text_column: str, split_blank_lines: bool) -> Source:
+    path = path.resolve()
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise DataError(
+                f"Folder {path} holds no .txt, .jsonl or .parquet files to prepare. Point the "
+                "source at a folder (searched recursively) or file of one of those types."
+            )
+    else:
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise DataError(
+                f"Cannot read {path}: supported local files are .txt (one document per file, or "
+                "per paragraph with --split-blank-lines), .jsonl and .parquet (text column)."
+            )
+        files = [path]
+
+    def documents() -> Iterator[str]:
+        for f in files:
+            yield from _read_file(f, text_column=text_column, split_blank_lines=split_blank_lines)
+
+    info = {"path": str(path), "files": len(files), "text_column": text_column,
+            "split_blank_lines": split_blank_lines}
+    num = len(files) if all(f.suffix.lower() == ".txt" for f in files) and not split_blank_lines else None
+    return Source(name=path.stem if path.is_file() else path.name, kind="local", spec=str(path),
+                  documents=documents, info=info, fingerprint=_files_fingerprint(files, root=path),
+                  num_documents=num)
+
+
+def _read_file(path: Path, *, text_column: str, split_blank_lines: bool) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        if split_blank_lines:
+            yield from _paragraphs(path)
+        else:
+            yield path.read_bytes().decode("utf-8", errors="replace")
+    elif suffix == ".jsonl":
+        yield from _jsonl_documents(path, text_column)
+    elif suffix == ".parquet":
+        yield from _parquet_documents(path, text_column)
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """Documents separated by one or more blank (whitespace-only) lines, read line by line.
+
+    A paragraph is its lines exactly as in the file, without the final line break."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield "".join(lines).rstrip("\r\n")
+                lines = []
+    if lines:
+        yield "".join(lines).rstrip("\r\n")
+
+
+def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({e}); each line of a .jsonl "
+                                "file must be one JSON object.") from e
+            if not isinstance(row, dict) or text_column not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path}:{lineno} has no {text_column!r} field (found {keys}). "
+                                "Pass --text-column with the field that holds the text.")
+            if row[text_column] is not None:
+                yield str(row[text_column])
+
+
+def _parquet_documents(path: Path, text_column: str, batch_rows: int = 1024) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_column not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column {text_column!r} (columns: {pf.schema_arrow.names}). "
+                        "Pass --text-column with the column that holds the text.")
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_column]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield str(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline corpus
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The standard library's root and its .py files in sorted relative-path order."""
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    files = []
+    # os.walk with pruning: site-packages sits inside the stdlib folder and can be huge.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    files = [p for p in files if p.is_file()]
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return root, files
+
+
+def _stdlib_source() -> Source:
+    root, files = stdlib_files()
+    if not files:
+        raise DataError(f"No .py files found under the standard library folder {root}; this "
+                        "Python install has no stdlib sources to use as the offline corpus.")
+
+    def documents() -> Iterator[str]:
+        for f in files:
+            # A few stdlib test files are deliberately not UTF-8; replace rather than fail.
+            yield f.read_bytes().decode("utf-8", errors="replace")
+
+    version = ".".join(map(str, sys.version_info[:3]))
+    info = {"path": str(root), "files": len(files), "python": version}
+    return Source(name="stdlib", kind="stdlib", spec="stdlib", documents=documents, info=info,
+                  fingerprint=_files_fingerprint(files, root=root), num_documents=len(files))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _files_fingerprint(files: list[Path], root: Path | None = None) -> str:
+    """Cheap identity of a set of files (names, sizes, mtimes): no need to read them."""
+    parts = []
+    for f in files:
+        st = f.stat()
+        name = f.relative_to(root).as_posix() if root is not None and root.is_dir() else f.name
+        parts.append((name, st.st_size, st.st_mtime_ns))
+    return _digest(parts)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
