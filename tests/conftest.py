@@ -33,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, shakespeare_path) -> Path:
+    """tinyshakespeare, byte-tokenized, one document per paragraph, 10% of them for validation."""
+    from data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare-byte"
+    prepare(str(shakespeare_path), out, tokenizer="byte", val_fraction=0.1, seed=0,
+            split_blank_lines=True, workers=1, progress=False)
+    return out

@@ -1,0 +1,126 @@
+"""The Sophia Hessian refresh schedule (DESIGN 3.3): when, on which batches, and at what cost.
+
+After the regular optimizer step of an iteration with ``step % k == k - 1`` (the official timing)
+the refresher draws fresh micro-batches from the ``hessian`` stream and
+
+- GNB (SophiaG): samples y ~ softmax(logits), backpropagates the mean CE against y (averaged across
+  micro-batches, and across ranks by DDP), optionally clips like the official script, then calls
+  ``optimizer.update_hessian()``; ``bs`` for the next steps is the number of tokens that loss was
+  averaged over, across all ranks.
+- Hutchinson (SophiaH): u * (H u) by double backward on the unwrapped model under the math
+  attention backend, averaged across micro-batches and ranks, then ``update_hessian(estimates)``.
+
+Labels and probe vectors come from a generator seeded by (seed, step, global micro-batch), so a
+resumed run draws exactly the same ones, and so does a run on a different number of ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from engine.batching import BatchPlan
+from engine.distributed import DistEnv
+from engine.seeding import derive_seed
+from model import math_attention
+from sophia.hessian import gnb_loss, hutchinson
+
+
+@dataclass
+class HessianCost:
+    tokens: int = 0  # tokens pushed through Hessian passes, all ranks
+    flops: float = 0.0
+    seconds: float = 0.0
+
+
+class HessianRefresher:
+    """Runs the Hessian estimate on the schedule and keeps its cost separately."""
+
+    def __init__(self, estimator: str, interval: int, plan: BatchPlan, micro_batches: int | None,
+                 env: DistEnv, seed: int, flops_per_token: float, warm_start: bool = False,
+                 grad_clip: float = 0.0):
+        if estimator not in ("gnb", "hutchinson"):
+            raise ValueError(f"unknown Hessian estimator {estimator!r}; choose gnb or hutchinson")
+        micro_batches = plan.accum_steps if micro_batches is None else int(micro_batches)
+        if not 1 <= micro_batches <= plan.accum_steps:
+            from engine.errors import HarnessError
+
+            raise HarnessError(
+                f"optimizer.hessian_micro_batches={micro_batches} must be between 1 and the "
+                f"{plan.accum_steps} micro-batches of a step (null means all of them, as the "
+                f"official script does)."
+            )
+        self.estimator, self.interval, self.plan = estimator, interval, plan
+        self.micro_batches, self.env, self.seed = micro_batches, env, seed
+        self.flops_per_token, self.warm_start, self.grad_clip = flops_per_token, warm_start, grad_clip
+        self.cost = HessianCost()
+
+    @property
+    def tokens_per_refresh(self) -> int:
+        """``bs`` of SophiaG: tokens the sampled-label loss is averaged over, across all ranks."""
+        return self.micro_batches * self.plan.tokens_per_micro_batch * self.env.world_size
+
+    def due(self, step: int) -> bool:
+        """Is a refresh due after optimizer step ``step`` (0-based)? Optionally also before step 0."""
+        return step % self.interval == self.interval - 1
+
+    def refresh(self, step: int, model: torch.nn.Module, raw_model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, get_batch: Callable, autocast) -> None:
+        """Estimate the diagonal Hessian on fresh batches and fold it into the optimizer's EMA."""
+        t0 = time.perf_counter()
+        if self.estimator == "gnb":
+            self._gnb(step, model, optimizer, get_batch, autocast)
+        else:
+            self._hutchinson(step, raw_model, optimizer, get_batch, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        tokens = self.tokens_per_refresh
+        self.cost.tokens += tokens
+        # A Hutchinson pass is a forward, a backward and a double backward: about 2x the GNB cost.
+        self.cost.flops += tokens * self.flops_per_token * (2.0 if self.estimator == "hutchinson" else 1.0)
+        self.cost.seconds += time.perf_counter() - t0
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        """Randomness keyed on the global micro-batch (not the rank), so N ranks x 1 micro-batch
+        draw exactly what 1 process x N micro-batches draws."""
+        gen = torch.Generator(device=self.env.device)
+        gen.manual_seed(derive_seed(self.seed, "hessian", step, self.plan.row_start(micro, self.env.rank)))
+        return gen
+
+    def _gnb(self, step, model, optimizer, get_batch, autocast) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(self.micro_batches):
+            x, _ = get_batch(step, micro, "hessian")
+            last = micro == self.micro_batches - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast():
+                    logits, _ = model(x)
+                loss = gnb_loss(logits, generator=self._generator(step, micro)) / self.micro_batches
+                loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        optimizer.update_hessian()
+
+    def _hutchinson(self, step, raw_model, optimizer, get_batch, autocast) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        total = [torch.zeros_like(p) for p in params]
+        # DDP hooks do not support double backward, so the unwrapped model is used and the
+        # estimates are averaged across ranks by hand.
+        with math_attention():
+            for micro in range(self.micro_batches):
+                x, y = get_batch(step, micro, "hessian")
+                with autocast():
+                    _, loss = raw_model(x, y)
+                for acc, est in zip(total, hutchinson(loss, params, generator=self._generator(step, micro))):
+                    acc.add_(est, alpha=1.0 / self.micro_batches)
+        if self.env.is_distributed:
+            for t in total:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t.div_(self.env.world_size)
+        optimizer.update_hessian(total)

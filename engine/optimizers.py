@@ -1,0 +1,105 @@
+"""Optimizer name + config -> an optimizer over the model's parameter groups.
+
+Every optimizer gets the same weight-decay grouping rule (``optimizer.decay_rule``) so that a
+comparison differs only in the update rule. AdamW is torch's own (fused on CUDA, foreach on CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from engine.errors import HarnessError
+from model import weight_decay_groups
+
+OPTIMIZERS = ("adamw", "lion", "sophia", "sophiah", "muon")
+
+
+@dataclass(frozen=True)
+class OptimizerSetup:
+    optimizer: torch.optim.Optimizer
+    name: str
+    hessian_estimator: str | None  # "gnb", "hutchinson" or None
+    hessian_interval: int  # k: refresh h after steps with step % k == k - 1
+
+
+def _betas(cfg: Mapping[str, Any], key: str = "betas") -> tuple[float, float]:
+    betas = cfg.get(key)
+    if betas is None or len(betas) != 2:
+        raise HarnessError(f"optimizer.{key}={betas!r} must be a pair like [0.9, 0.95].")
+    return float(betas[0]), float(betas[1])
+
+
+def _check_k(cfg: Mapping[str, Any]) -> int:
+    k = cfg.get("k", 10)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise HarnessError(
+            f"optimizer.k={k!r}: the Hessian refresh interval must be an integer >= 1 "
+            f"(the paper uses 10)."
+        )
+    return k
+
+
+def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module,
+                    device: torch.device) -> OptimizerSetup:
+    """Build the optimizer named by ``cfg['name']``; constructor errors become HarnessErrors."""
+    name = cfg.get("name")
+    if name not in OPTIMIZERS:
+        raise HarnessError(f"optimizer.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}.")
+    lr = cfg.get("lr")
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise HarnessError(f"optimizer.lr={lr!r} must be a positive number.")
+    wd = float(cfg.get("weight_decay", 0.0))
+    rule = cfg.get("decay_rule", "linear_weights")
+    try:
+        if name == "muon":
+            return _build_muon(cfg, model, rule)
+        groups = weight_decay_groups(model, wd, rule=rule)
+        if name == "adamw":
+            fused = cfg.get("fused")
+            if fused is None:
+                fused = device.type == "cuda"
+            opt = torch.optim.AdamW(groups, lr=lr, betas=_betas(cfg), eps=float(cfg.get("eps", 1e-8)),
+                                    fused=bool(fused), foreach=None if fused else True)
+            return OptimizerSetup(opt, name, None, 0)
+        if name == "lion":
+            from sophia import Lion
+
+            opt = Lion(groups, lr=lr, betas=_betas(cfg), foreach=cfg.get("foreach"))
+            return OptimizerSetup(opt, name, None, 0)
+        if name == "sophia":
+            from sophia import SophiaG
+
+            opt = SophiaG(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
+                          foreach=cfg.get("foreach"))
+            return OptimizerSetup(opt, name, "gnb", _check_k(cfg))
+        from sophia import SophiaH
+
+        opt = SophiaH(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
+                      eps=float(cfg.get("eps", 1e-15)), foreach=cfg.get("foreach"))
+        return OptimizerSetup(opt, name, "hutchinson", _check_k(cfg))
+    except ValueError as err:  # the constructors validate and name the bad value
+        raise HarnessError(f"Invalid optimizer settings for optimizer={name}: {err}") from err
+
+
+def _build_muon(cfg: Mapping[str, Any], model: torch.nn.Module, rule: str) -> OptimizerSetup:
+    from model import muon_param_split
+    from sophia import MuonAdamW
+
+    muon_params, adamw_params = muon_param_split(model)
+    # The AdamW side keeps the shared weight-decay rule, restricted to the tensors Muon does not own.
+    on_adamw = {id(p) for p in adamw_params}
+    adamw_groups = [{**g, "params": [p for p in g["params"] if id(p) in on_adamw]}
+                    for g in weight_decay_groups(model, float(cfg.get("adamw_weight_decay", 0.0)),
+                                                 rule=rule)]
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    opt = MuonAdamW(
+        muon_params, adamw_groups,
+        lr=float(cfg["lr"]), momentum=float(cfg.get("momentum", 0.95)),
+        nesterov=bool(cfg.get("nesterov", True)), ns_steps=cfg.get("ns_steps", 5),
+        adjust_lr_fn=cfg.get("adjust_lr_fn", "match_rms_adamw"),
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        adamw_lr=float(cfg.get("adamw_lr", 6e-4)), adamw_betas=_betas(cfg, "adamw_betas"),
+    )
+    return OptimizerSetup(opt, "muon", None, 0)

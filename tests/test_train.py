@@ -1,0 +1,194 @@
+"""The training engine end to end on CPU: every optimizer learns, metrics, resume, faults."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.checkpoint import list_checkpoints, load_checkpoint
+from engine.errors import HarnessError
+from engine.run import run
+from train_helpers import compose_cfg, read_metrics, tiny_overrides
+
+TRAIN_KEYS = {"step", "tokens", "tokens_hessian", "flops", "time/elapsed", "train/loss", "lr",
+              "throughput", "mfu", "grad/norm", "grad/clipped", "grad/clip_rate", "time/hessian",
+              "memory/peak"}
+SOPHIA_KEYS = {"sophia/clip_frac", "sophia/win_rate", "hessian/l1", "hessian/l2"}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophia", "sophiah"])
+def test_each_optimizer_learns_and_logs_every_metric(optimizer, tiny_data, tmp_path):
+    lr = {"adamw": 3e-3, "lion": 1e-3, "sophia": 1e-3, "sophiah": 1e-3}[optimizer]
+    cfg = compose_cfg(tiny_overrides(tiny_data, optimizer, **{"optimizer.lr": lr}))
+    summary = run(cfg, tmp_path)
+    rows = read_metrics(tmp_path)
+    train_rows = [r for r in rows if "train/loss" in r]
+    val_rows = [r for r in rows if "val/loss" in r]
+
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in val_rows] == [0, 10, 20, 30]
+    # ln(257) = 5.55 at init; the tiny model must have learned byte statistics.
+    assert val_rows[0]["val/loss"] > 5.0
+    assert val_rows[-1]["val/loss"] < val_rows[0]["val/loss"] - 1.0
+    assert summary["val_loss"] == pytest.approx(val_rows[-1]["val/loss"], rel=1e-6)
+
+    for r in train_rows:
+        assert TRAIN_KEYS <= r.keys()
+        assert 0.0 <= r["grad/clip_rate"] <= 1.0 and r["grad/clipped"] in (0, 1)
+        assert r["throughput"] > 0 and r["grad/norm"] > 0 and r["memory/peak"] > 0
+        assert r["mfu"] is None  # no known peak FLOP/s for a CPU: null, not a made-up number
+    tokens = [r["tokens"] for r in train_rows]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    elapsed = [r["time/elapsed"] for r in train_rows]
+    assert elapsed == sorted(elapsed)
+
+    hessian_refreshes = 30 // 5 if optimizer.startswith("sophia") else 0
+    last = train_rows[-1]
+    assert last["tokens_hessian"] == hessian_refreshes * 256
+    assert last["tokens"] == 30 * 256 + hessian_refreshes * 256
+    flops_per_token = last["flops"] / last["tokens"] if optimizer != "sophiah" else None
+    if optimizer.startswith("sophia"):
+        assert SOPHIA_KEYS <= last.keys()
+        assert 0.0 <= last["sophia/clip_frac"] <= 1.0
+        assert last["sophia/win_rate"] == pytest.approx(1 - last["sophia/clip_frac"])
+        assert last["hessian/l1"] > 0 and last["time/hessian"] > 0
+    else:
+        assert not (SOPHIA_KEYS & last.keys())
+        assert last["time/hessian"] == 0
+    if flops_per_token is not None:
+        assert flops_per_token > 0  # train and GNB Hessian tokens cost the same per token
+    # The final checkpoint holds Sophia's h under the official key.
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert ckpt["step"] == 30
+    if optimizer.startswith("sophia"):
+        state = next(iter(ckpt["optimizer"]["state"].values()))
+        assert state["hessian"].abs().sum() > 0
+
+
+def _final_weights(run_dir):
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
+
+
+def test_resume_is_bit_exact(tiny_data, tmp_path):
+    """12 steps straight == 6 steps, stop, resume, 6 more (Sophia with k=3, dropout on)."""
+    extra = {"optimizer.k": 3, "train.max_steps": 12, "checkpoint.interval": 6,
+             "train.log_interval": 1, "train.eval_interval": 4, "model.dropout": 0.1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), straight)
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra, **{"train.stop_at_step": 6})), split)
+    assert max(r["step"] for r in read_metrics(split)) == 6
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), split)
+
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train/loss", "val/loss", "grad/norm", "sophia/clip_frac", "tokens", "flops"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    wa, wb = _final_weights(straight), _final_weights(split)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_nonfinite_loss_stops_without_overwriting_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from model import GPT
+
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 12:  # accum 2: poison from step 13 on
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"checkpoint.interval": 10}))
+    with pytest.raises(HarnessError, match="non-finite"):
+        run(cfg, tmp_path)
+    found = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in found] == ["ckpt_0000010.pt"]
+    weights = load_checkpoint(found[0])["model"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_rollback_policy_retries_from_last_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from model import GPT
+
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def flaky(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 2 * 13:  # one bad micro-batch at step 13
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", flaky)
+    cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.on_nonfinite": "rollback"}))
+    summary = run(cfg, tmp_path)
+    assert summary["step"] == 30 and math.isfinite(summary["val_loss"])
+    final = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert final["counters"]["rollbacks"] == 1
+
+
+def test_skip_policy_skips_the_bad_step(tiny_data, tmp_path, monkeypatch):
+    from model import GPT
+
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def flaky(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 2 * 7:
+                loss = loss * float("inf")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", flaky)
+    cfg = compose_cfg(tiny_overrides(tiny_data, "sophia", **{"train.on_nonfinite": "skip"}))
+    summary = run(cfg, tmp_path)
+    assert math.isfinite(summary["val_loss"])
+    assert read_metrics(tmp_path)[-1]["nonfinite/skipped"] == 1
+
+
+def test_kill_during_checkpoint_save_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
+    import engine.checkpoint as ckpt_mod
+
+    real_replace = ckpt_mod.os.replace
+
+    def dying_replace(src, dst):
+        if str(dst).endswith("ckpt_0000020.pt"):
+            raise KeyboardInterrupt("killed mid-save")  # after the temp file is written
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(tiny_overrides(tiny_data, "sophia")), tmp_path)
+    found = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in found] == ["ckpt_0000010.pt"]
+    assert load_checkpoint(found[0])["step"] == 10
+    # Re-running the same command resumes from step 10 and finishes.
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    assert run(compose_cfg(tiny_overrides(tiny_data, "sophia")), tmp_path)["step"] == 30
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    ckdir.mkdir(parents=True)
+    (ckdir / "ckpt_0000010.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(HarnessError, match="corrupt or not a checkpoint"):
+        run(compose_cfg(tiny_overrides(tiny_data, "adamw")), tmp_path)
+
+
+def test_mismatched_checkpoint_is_refused(tiny_data, tmp_path):
+    run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 10})), tmp_path)
+    with pytest.raises(HarnessError, match="optimizer=adamw, this run uses optimizer=lion"):
+        run(compose_cfg(tiny_overrides(tiny_data, "lion")), tmp_path)
+    with pytest.raises(HarnessError, match="model differs"):
+        run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"model.n_layer": 3})), tmp_path)

@@ -1,0 +1,53 @@
+"""Hydra entry point: ``python train.py optimizer=sophia model=gpt2-small`` or under torchrun.
+
+Everything else lives in ``engine/``; this file only composes the config, keeps all ranks of a
+torchrun job in one run directory, and turns user errors into a paragraph and a non-zero exit.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def run_name(prefix: str) -> str:
+    """Run-dir name that every rank of one torchrun job computes identically.
+
+    torchrun's run id (``--rdzv-id``, required for multi-node) or, for a single-node launch, the
+    torchrun agent's pid: both are shared by the workers and survive an elastic restart, so a
+    restarted job finds its own checkpoints. A plain ``python train.py`` gets a timestamp.
+    """
+    if "RANK" in os.environ:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        return f"{prefix}_{run_id if run_id != 'none' else f'torchrun-{os.getppid()}'}"
+    return f"{datetime.datetime.now():%H-%M-%S}_{prefix}"
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+if int(os.environ.get("RANK", "0")) != 0:
+    # Only rank 0 writes: no .hydra/ copy and no log file from the other ranks.
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                 "hydra/hydra_logging=disabled"]
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from data.errors import DataError
+    from engine.errors import HarnessError
+    from engine.run import run
+
+    try:
+        return run(cfg, HydraConfig.get().runtime.output_dir)["val_loss"]
+    except (HarnessError, DataError) as err:
+        print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
