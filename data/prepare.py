@@ -379,7 +379,9 @@ def _encode_ordered(chunks: Iterable[tuple[int, list[str]]], tokenizer_name: str
         return
     # spawn: safe with threads in the parent (tqdm, datasets' streaming, torch) on every platform.
     ctx = mp.get_context("spawn")
-    with ctx.Pool(workers) as pool:
+    with _main_module_hidden():
+        pool = ctx.Pool(workers)
+    with pool:
         pending: deque = deque()
         for start, docs in chunks:
             pending.append((start, pool.apply_async(_encode_chunk, (tokenizer_name, docs))))
@@ -389,6 +391,26 @@ def _encode_ordered(chunks: Iterable[tuple[int, list[str]]], tokenizer_name: str
         while pending:
             s, r = pending.popleft()
             yield s, r.get()
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers re-import the parent's ``__main__`` before running anything; when that is
+    train.py (torch, Hydra, ...) each worker pays seconds of imports just to run
+    ``_encode_chunk``. Workers are started only while this is active, and the tasks reference
+    nothing in ``__main__``, so hiding it from multiprocessing's preparation data is safe."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,17 +111,20 @@ def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_n
     def documents() -> Iterator[str]:
         ds = _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, split)
         first = True
-        for row in ds:
-            if first:
-                if text_column not in row:
-                    raise DataError(
-                        f"Hugging Face dataset {dataset_id!r} has no column {text_column!r}; its "
-                        f"columns are {sorted(row)}. Pass --text-column with the right name."
-                    )
-                first = False
-            text = row[text_column]
-            if text is not None:
-                yield str(text)
+        try:
+            for row in ds:
+                if first:
+                    if text_column not in row:
+                        raise DataError(
+                            f"Hugging Face dataset {dataset_id!r} has no column {text_column!r}; "
+                            f"its columns are {sorted(row)}. Pass --text-column with the right name."
+                        )
+                    first = False
+                text = row[text_column]
+                if text is not None:
+                    yield str(text)
+        except ConnectionError as e:  # the stream broke mid-way; a re-run resumes from the state
+            raise _network_error(dataset_id, revision, split, e) from e
 
     return Source(name=name, kind="hf", spec=spec, documents=documents, info=info,
                   fingerprint=_digest(fingerprint_parts))
@@ -144,17 +147,21 @@ def _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, 
     try:
         return datasets.load_dataset(dataset_id, **kwargs)
     except (ConnectionError, OSError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        raise DataError(
-            f"Could not reach Hugging Face dataset {dataset_id!r} (revision {revision}, split "
-            f"{split}): {type(e).__name__}: {e}. Hugging Face sources stream from the Hub and need "
-            "network access"
-            + (f"; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set ({offline}), unset it" if offline else "")
-            + ". Offline, prepare a local .txt/.jsonl/.parquet file or folder, or the 'stdlib' "
-            "corpus, instead."
-        ) from e
+        raise _network_error(dataset_id, revision, split, e) from e
     except ValueError as e:  # e.g. unknown split or config
         raise DataError(f"Could not load Hugging Face dataset {dataset_id!r}: {e}") from e
+
+
+def _network_error(dataset_id, revision, split, e: Exception) -> DataError:
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+    return DataError(
+        f"Could not read Hugging Face dataset {dataset_id!r} (revision {revision}, split "
+        f"{split}): {type(e).__name__}: {e}. Hugging Face sources stream from the Hub and need "
+        "network access"
+        + (f"; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set ({offline}), unset it" if offline else "")
+        + ". Re-running the same command resumes an interrupted prepare. Offline, prepare a local "
+        ".txt/.jsonl/.parquet file or folder, or the 'stdlib' corpus, instead."
+    )
 
 
 # ---------------------------------------------------------------------------------------------

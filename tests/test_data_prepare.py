@@ -164,7 +164,7 @@ def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeyp
     prepare(shk_file, clean, **kw)
 
     monkeypatch.setattr(dp, "CHUNK_DOCS", 10)
-    monkeypatch.setattr(dp, "CHECKPOINT_CHUNKS", 1)
+    monkeypatch.setattr(dp, "CHECKPOINT_CHUNKS", 2)  # durable after chunks 2 and 4, not 5
     real = dp._encode_chunk
     encoded = []
 
@@ -179,7 +179,10 @@ def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeyp
     with pytest.raises(Interrupt):
         prepare(shk_file, out, **kw)
     assert not (out / "meta.json").exists()
-    assert (out / "train.bin.tmp").exists()
+    state = json.loads((out / ".prepare-state.json").read_text())
+    assert state["docs_done"] == 40
+    # Chunk 5 reached the file after the last checkpoint: the resume must cut it off again.
+    assert (out / "train.bin.tmp").stat().st_size > state["train"]["bytes"]
     with pytest.raises(DataError, match="incomplete prepare.*Re-run the same"):
         TokenLoader(out, "train", block_size=8, seed=0)
 
@@ -187,7 +190,7 @@ def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeyp
     monkeypatch.setattr(dp, "_encode_chunk", lambda name, docs: encoded.append(len(docs)) or real(name, docs))
     meta = prepare(shk_file, out, **kw)
     total = meta["documents"]
-    assert 0 < sum(encoded) <= total - 40  # resumed: the first chunks were not tokenized again
+    assert sum(encoded) == total - 40  # resumed: the first 40 documents were not tokenized again
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == (clean / f"{split}.bin").read_bytes()
     assert meta == json.loads((clean / "meta.json").read_text())
