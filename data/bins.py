@@ -68,7 +68,8 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Load and sanity-check ``meta.json`` of a complete prepare, or raise ``DataError``."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"Prepared data folder {data_dir} does not exist. {_prepare_hint(data_dir)}")
+        raise DataError(f"Prepared data folder {data_dir} does not exist. "
+                        f"{_prepare_hint(data_dir)}")
     meta_path = data_dir / META_NAME
     if not meta_path.exists():
         leftovers = [p.name for p in data_dir.iterdir()
@@ -95,12 +96,17 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
                         f"reads version {FORMAT_VERSION}. Re-run the prepare with --force.")
     for key in ("tokenizer", "vocab_size", "eot", "dtype", "train_tokens", "val_tokens"):
         if key not in meta:
-            raise DataError(f"{meta_path} lacks the field {key!r}. Re-run the prepare with --force.")
+            raise DataError(f"{meta_path} lacks the field {key!r}. Re-run the prepare with "
+                            "--force.")
     expected = token_dtype(int(meta["vocab_size"])).name
     if meta["dtype"] != expected:
         raise DataError(f"{meta_path} says dtype {meta['dtype']} but a vocabulary of "
                         f"{meta['vocab_size']} is stored as {expected}. The meta does not match "
                         "the bins; re-run the prepare with --force.")
+    if int(meta.get("max_token_id", -1)) >= int(meta["vocab_size"]):
+        raise DataError(f"{meta_path} records token id {meta['max_token_id']}, which is not below "
+                        f"its vocabulary of {meta['vocab_size']}. The prepare was corrupt; re-run "
+                        "it with --force.")
     if not 0 <= int(meta["eot"]) < int(meta["vocab_size"]):
         raise DataError(f"{meta_path}: eot {meta['eot']} is outside the vocabulary of "
                         f"{meta['vocab_size']}. Re-run the prepare with --force.")

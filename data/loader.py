@@ -50,7 +50,8 @@ class TokenLoader:
 
     def __init__(self, data_dir: str | os.PathLike, split: str, block_size: int, seed: int,
                  device: str | torch.device = "cpu", *, pin_memory: bool | None = None) -> None:
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        if (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
+                or block_size < 1):
             raise ValueError(f"block_size={block_size!r} must be a positive integer.")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative integer.")
@@ -72,8 +73,8 @@ class TokenLoader:
             )
         if self.block_size >= self.num_tokens:
             raise DataError(
-                f"block_size={self.block_size} needs windows of {self.block_size + 1} tokens but the "
-                f"{split} split of {self.data_dir} holds only {self.num_tokens} tokens. Use a "
+                f"block_size={self.block_size} needs windows of {self.block_size + 1} tokens but "
+                f"the {split} split of {self.data_dir} holds only {self.num_tokens} tokens. Use a "
                 "smaller block_size or prepare more data (for val: a larger --val-fraction)."
             )
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else bool(pin_memory)
@@ -135,7 +136,8 @@ class TokenLoader:
 
     # -- batches -------------------------------------------------------------------------------
 
-    def offsets(self, step: int, row_start: int, row_count: int, stream: str = "train") -> np.ndarray:
+    def offsets(self, step: int, row_start: int, row_count: int, stream: str = "train"
+                ) -> np.ndarray:
         """Window start offsets (int64) of global rows ``row_start .. row_start + row_count``."""
         if step < 0 or row_start < 0 or row_count < 1:
             raise ValueError(f"need step >= 0, row_start >= 0, row_count >= 1; got step={step}, "
@@ -155,7 +157,10 @@ class TokenLoader:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, int64 ``[row_count, block_size]`` on ``device``."""
         fut = self._pending.pop((step, row_start, row_count, stream), None)
-        x, y = fut.result() if fut is not None else self._cpu_batch(step, row_start, row_count, stream)
+        if fut is not None:
+            x, y = fut.result()
+        else:
+            x, y = self._cpu_batch(step, row_start, row_count, stream)
         if self.device.type != "cpu":
             x = x.to(self.device, non_blocking=self.pin_memory)
             y = y.to(self.device, non_blocking=self.pin_memory)

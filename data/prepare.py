@@ -184,7 +184,8 @@ class _SplitWriter:
     def sync(self) -> dict[str, int]:
         self.f.flush()
         os.fsync(self.f.fileno())
-        return {"tokens": self.tokens, "docs": self.docs, "bytes": self.bytes, "max_id": self.max_id}
+        return {"tokens": self.tokens, "docs": self.docs, "bytes": self.bytes,
+                "max_id": self.max_id}
 
     def finish(self) -> None:
         self.sync()
@@ -361,7 +362,7 @@ def _chunks(docs: Iterable[str], start: int) -> Iterator[tuple[int, list[str]]]:
 
 
 def _encode_chunk(tokenizer_name: str, docs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Worker task: (flat tokens with an EOT after each document, tokens per document, UTF-8 bytes)."""
+    """Worker task: (flat tokens, EOT after each document; tokens per document; UTF-8 bytes)."""
     tok = get_tokenizer(tokenizer_name)
     tokens, lengths = tok.encode_documents(docs)
     nbytes = sum(len(d.encode("utf-8", errors="replace")) for d in docs)

@@ -106,7 +106,8 @@ def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_n
     fingerprint_parts = dict(info)
     if data_files:  # a local builder such as "parquet": the files' contents define the data
         files = [data_files] if isinstance(data_files, str) else list(data_files)
-        fingerprint_parts["files"] = _files_fingerprint([Path(f) for f in files if Path(f).exists()])
+        existing = [Path(f) for f in files if Path(f).exists()]
+        fingerprint_parts["files"] = _files_fingerprint(existing)
 
     def documents() -> Iterator[str]:
         ds = _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, split)
@@ -117,7 +118,8 @@ def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_n
                     if text_column not in row:
                         raise DataError(
                             f"Hugging Face dataset {dataset_id!r} has no column {text_column!r}; "
-                            f"its columns are {sorted(row)}. Pass --text-column with the right name."
+                            f"its columns are {sorted(row)}. Pass --text-column with the right "
+                            "name."
                         )
                     first = False
                 text = row[text_column]
@@ -134,7 +136,8 @@ def _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, 
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a core dependency
-        raise DataError("Hugging Face sources need the datasets package: pip install datasets.") from e
+        raise DataError("Hugging Face sources need the datasets package: "
+                        "pip install datasets.") from e
     kwargs: dict[str, Any] = {"split": split, "streaming": True}
     if config_name:
         kwargs["name"] = config_name
@@ -158,7 +161,8 @@ def _network_error(dataset_id, revision, split, e: Exception) -> DataError:
         f"Could not read Hugging Face dataset {dataset_id!r} (revision {revision}, split "
         f"{split}): {type(e).__name__}: {e}. Hugging Face sources stream from the Hub and need "
         "network access"
-        + (f"; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set ({offline}), unset it" if offline else "")
+        + (f"; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set ({offline}), unset it"
+           if offline else "")
         + ". Re-running the same command resumes an interrupted prepare. Offline, prepare a local "
         ".txt/.jsonl/.parquet file or folder, or the 'stdlib' corpus, instead."
     )
@@ -194,7 +198,8 @@ def _local_source(path: Path, *, text_column: str, split_blank_lines: bool) -> S
 
     info = {"path": str(path), "files": len(files), "text_column": text_column,
             "split_blank_lines": split_blank_lines}
-    num = len(files) if all(f.suffix.lower() == ".txt" for f in files) and not split_blank_lines else None
+    one_doc_per_file = all(f.suffix.lower() == ".txt" for f in files) and not split_blank_lines
+    num = len(files) if one_doc_per_file else None
     return Source(name=path.stem if path.is_file() else path.name, kind="local", spec=str(path),
                   documents=documents, info=info, fingerprint=_files_fingerprint(files, root=path),
                   num_documents=num)

@@ -56,7 +56,8 @@ class Tokenizer:
         return tokens, lengths
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot={self.eot})"
+        return (f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, "
+                f"eot={self.eot})")
 
 
 class ByteTokenizer(Tokenizer):
@@ -98,9 +99,9 @@ class GPT2Tokenizer(Tokenizer):
                 "Could not load the GPT-2 tokenizer files through tiktoken "
                 f"({type(e).__name__}: {e}). tiktoken downloads them once from "
                 "openaipublic.blob.core.windows.net and caches them in TIKTOKEN_CACHE_DIR "
-                f"(currently {cache}). Without network access, point TIKTOKEN_CACHE_DIR at a folder "
-                "that already holds the two cached files, or use --tokenizer byte, which needs no "
-                "download."
+                f"(currently {cache}). Without network access, point TIKTOKEN_CACHE_DIR at a "
+                "folder that already holds the two cached files, or use --tokenizer byte, which "
+                "needs no download."
             ) from e
         self.vocab_size = self._enc.n_vocab  # 50257
         self.eot = self._enc.eot_token  # 50256

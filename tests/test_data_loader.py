@@ -68,7 +68,8 @@ def test_resume_sees_the_same_batches(prepared):
     assert not torch.equal(loader(prepared, seed=99).get(0, 0, 4)[0], uninterrupted[0][0])
 
 
-@pytest.mark.parametrize("start, count", [(0, 4), (4, 4), (60, 10), (ROWS_PER_DRAW - 1, 3), (130, 1)])
+@pytest.mark.parametrize("start, count",
+                         [(0, 4), (4, 4), (60, 10), (ROWS_PER_DRAW - 1, 3), (130, 1)])
 def test_slices_compose(prepared, start, count):
     L = loader(prepared)
     whole_x, whole_y = L.get(7, 0, 140)
@@ -120,7 +121,8 @@ def test_smallest_valid_block(prepared):
     n = loader(prepared, split="val").num_tokens
     L = loader(prepared, split="val", block_size=n - 1)
     assert (L.offsets(0, 0, 8) == 0).all()
-    with pytest.raises(DataError, match=rf"block_size={n} needs windows of {n + 1} tokens.*holds only {n}"):
+    match = rf"block_size={n} needs windows of {n + 1} tokens.*holds only {n}"
+    with pytest.raises(DataError, match=match):
         loader(prepared, split="val", block_size=n)
 
 
@@ -166,6 +168,7 @@ def test_meta_not_marked_complete(copy_of):
     ({"dtype": "uint32"}, "says dtype uint32 but a vocabulary of 257 is stored as uint16"),
     ({"format_version": 99}, "format_version 99"),
     ({"eot": 999}, "eot 999 is outside the vocabulary"),
+    ({"max_token_id": 257}, "records token id 257, which is not below its vocabulary of 257"),
 ])
 def test_meta_that_disagrees_with_the_bins(copy_of, change, match):
     d = copy_of()

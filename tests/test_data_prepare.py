@@ -187,7 +187,8 @@ def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeyp
         TokenLoader(out, "train", block_size=8, seed=0)
 
     encoded.clear()
-    monkeypatch.setattr(dp, "_encode_chunk", lambda name, docs: encoded.append(len(docs)) or real(name, docs))
+    monkeypatch.setattr(dp, "_encode_chunk",
+                        lambda name, docs: encoded.append(len(docs)) or real(name, docs))
     meta = prepare(shk_file, out, **kw)
     total = meta["documents"]
     assert sum(encoded) == total - 40  # resumed: the first 40 documents were not tokenized again
