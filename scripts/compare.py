@@ -277,6 +277,7 @@ def load_wandb_run(wandb_dir: Path) -> Run | None:
 
 
 def _is_wandb_run(path: Path) -> bool:
+    path = path.resolve()  # wandb/latest-run is a symlink to the newest run
     return path.parent.name == "wandb" and re.match(r"(offline-)?run-", path.name) is not None
 
 
@@ -304,7 +305,10 @@ def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
             continue
         if (path / "metrics.jsonl").exists():
             add(path)
+        elif path.name == "wandb" and (path.parent / "metrics.jsonl").exists():
+            add(path.parent)
         elif _is_wandb_run(path):
+            path = path.resolve()
             parent = path.parent.parent
             if (parent / "metrics.jsonl").exists():
                 add(parent)

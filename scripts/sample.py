@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default=None, help="must match the checkpoint's tokenizer (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="must match the checkpoint's tokenizer (default: the checkpoint's)")
     args = p.parse_args(argv)
     try:
         if args.max_new_tokens < 1:

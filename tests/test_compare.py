@@ -171,12 +171,15 @@ def test_cli_end_to_end(tmp_path):
               loss_at=linear(0.006), tokens_per_step=1100, seconds_per_step=0.12, sophia=True)
     lion = write_run(tmp_path / "lion_run", optimizer="lion", overrides=["optimizer=lion", "model=tiny"],
                      steps=1000, loss_at=lambda s: max(linear(0.003)(s), 4.0))
-    # The engine's W&B dir inside a run dir resolves to the run's own metrics.jsonl (deduplicated).
+    # The engine's W&B dir inside a run dir resolves to the run's own metrics.jsonl (deduplicated),
+    # also through W&B's latest-run symlink.
     (lion / "wandb" / "offline-run-20240101_000000-abc").mkdir(parents=True)
+    (lion / "wandb" / "latest-run").symlink_to("offline-run-20240101_000000-abc")
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compare.py"), str(multirun), str(lion),
-         str(lion / "wandb" / "offline-run-20240101_000000-abc"), "--out", str(out)],
+         str(lion / "wandb" / "offline-run-20240101_000000-abc"), str(lion / "wandb" / "latest-run"),
+         str(lion / "wandb"), "--out", str(out)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "not reached" in proc.stdout
@@ -235,3 +238,16 @@ def test_no_val_points_still_plots(tmp_path, capsys):
     # Training loss is a valid speed-up metric too.
     assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--metric", "train/loss"]) == 0
     assert json.loads((out / "speedup.json").read_text())["metric"] == "train/loss"
+
+
+def test_wandb_history_is_read_when_no_metrics_file(tmp_path):
+    run = tmp_path / "elsewhere" / "wandb" / "offline-run-20240101_000000-xyz"
+    (run / "files").mkdir(parents=True)
+    (run / "files" / "config.yaml").write_text("optimizer:\n  value:\n    name: lion\n    lr: 0.0001\n")
+    rows = [{"_step": s, "tokens": 100 * s, "val/loss": 5.0 - 0.01 * s} for s in (0, 50, 100)]
+    (run / "files" / "wandb-history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (r,) = compare.collect_runs([run])
+    assert r.optimizer == "lion"
+    curve = compare.metric_curve("lion", [r], "val/loss")
+    assert curve.x["steps"] == [0.0, 50.0, 100.0] and curve.x["tokens"] == [0.0, 5000.0, 10000.0]
+    assert curve.x["seconds"] is None  # not in the history: that axis is reported missing
