@@ -54,7 +54,8 @@ def prepare_data(cfg: DictConfig, env: DistEnv) -> Path:
             from data.prepare import prepare
 
             print(f"preparing {cfg.data.source} into {data_dir} (once)", flush=True)
-            optional = {k: cfg.data[k] for k in ("hf_id", "revision", "text_column", "max_docs")
+            optional = {k: cfg.data[k] for k in ("hf_id", "revision", "text_column", "max_docs",
+                                                    "split_blank_lines")
                         if cfg.data.get(k) is not None}
             prepare(cfg.data.source, data_dir, tokenizer=cfg.data.tokenizer,
                     val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, **optional)

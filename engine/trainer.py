@@ -5,6 +5,7 @@ Read :meth:`Trainer.train_step` for one optimizer step and :meth:`Trainer.fit` f
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import resource
 import time
@@ -161,17 +162,20 @@ class Trainer:
     # --------------------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over a fixed set of validation batches (the same at every eval)."""
+        """Mean loss over a fixed set of validation batches, the same at every eval and for any
+        number of ranks (rank r takes batches r, r + world, ...)."""
         self.raw_model.eval()
         rows = self.plan.micro_batch_size
         total = torch.zeros((), device=self.env.device)
-        for i in range(self.settings.eval_batches):
-            x, y = self.val_loader.get(i, self.env.rank * rows, rows, stream="val")
+        for i in range(self.env.rank, self.settings.eval_batches, self.env.world_size):
+            x, y = self.val_loader.get(i, 0, rows, stream="val")
             with self.autocast():
                 _, loss = self.raw_model(x, y)
             total += loss.float()
         self.raw_model.train()
-        return all_reduce_mean(total / self.settings.eval_batches, self.env).item()
+        if self.env.is_distributed:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return (total / self.settings.eval_batches).item()
 
     # ----------------------------------------------------------------------- accounting
     @property
@@ -220,8 +224,11 @@ class Trainer:
         self._sync_hessian_counters()
         rng = capture_rng(self.env.device)
         if self.env.is_distributed:  # each rank's dropout stream, so every rank resumes exactly
-            all_rng = [None] * self.env.world_size
-            dist.all_gather_object(all_rng, rng)
+            buf = io.BytesIO()
+            torch.save(rng, buf)  # all_gather_object cannot carry tensors inside dicts on gloo
+            blobs = [None] * self.env.world_size
+            dist.all_gather_object(blobs, buf.getvalue())
+            all_rng = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         else:
             all_rng = [rng]
         return {"step": self.step, "model": self.raw_model.state_dict(),

@@ -1,0 +1,122 @@
+"""train.py as a user runs it: Hydra composition, sweeps, W&B offline, torchrun DDP, bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import list_checkpoints, load_checkpoint
+from engine.run import run
+from train_helpers import REPO, compose_cfg, read_metrics, run_train_cli, tiny_overrides
+
+GROUPS = {g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))
+          for g in ("model", "optimizer", "data")}
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")
+                     if not p.stem.endswith("_base"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}", "data.source=x.txt"])
+    assert cfg[group] is not None
+    if group == "optimizer":
+        assert cfg.optimizer.name == option.split("-")[0] and cfg.optimizer.lr > 0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    if experiment.startswith("paper-"):
+        size, opt = experiment.split("-")[1:]
+        assert cfg.optimizer.name == opt
+        assert cfg.model.preset == {"125m": "gpt2-small", "355m": "gpt2-medium",
+                                    "770m": "gpt2-large"}[size]
+        assert cfg.train.global_batch_tokens == 480 * 1024 and cfg.data.name == "openwebtext"
+
+
+def test_paper_presets_carry_published_hyperparameters():
+    cfg = compose_cfg(["experiment=paper-355m-sophia"])
+    assert (cfg.optimizer.lr, cfg.optimizer.rho, cfg.optimizer.weight_decay) == (7e-4, 0.08, 0.2)
+    cfg = compose_cfg(["experiment=paper-770m-lion"])
+    assert cfg.optimizer.lr == 8e-5 and cfg.model.scale_attn_by_inverse_layer_idx
+
+
+@pytest.mark.slow
+def test_multirun_2x2_writes_four_runs_and_wandb_offline(tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = tiny_overrides(tiny_data, "sophia", **{"train.max_steps": 4, "train.eval_interval": 0,
+                                                 "checkpoint.interval": 0, "wandb.mode": "offline"})
+    res = run_train_cli(["-m", *args, "optimizer.lr=1e-3,2e-3", "optimizer.rho=0.03,0.05",
+                         f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1", "2", "3"]
+    seen = set()
+    for run_dir in runs:
+        rows = read_metrics(run_dir)
+        assert rows[-1]["step"] == 4
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        seen.add(tuple(line for line in overrides.splitlines() if "lr=" in line or "rho=" in line))
+        offline = list((run_dir / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline  # one W&B run per job
+    assert len(seen) == 4
+
+
+def test_bad_inputs_exit_nonzero_with_a_message(tiny_data, tmp_path):
+    """Each case of DESIGN section 8 that a CLI user can hit, in one process per case."""
+    cases = [
+        (["optimizer=adamw", "optimizer.lr=-1"], "optimizer.lr=-1"),
+        (["optimizer=sophia", "optimizer.rho=0"], "rho"),
+        (["optimizer=sophia", "optimizer.k=0"], "optimizer.k=0"),
+        (["optimizer=lion", "optimizer.betas=[1.5,0.99]"], "beta"),
+        (["train.global_batch_tokens=288"], "not a multiple of 4 x 1"),
+        (["train.block_size=128"], "longer than the model's block size"),
+        (["model.vocab_size=128"], "smaller than the data's vocabulary"),
+    ]
+    for extra, message in cases:
+        args = tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 2}) + extra
+        res = run_train_cli(args + [f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+        assert res.returncode != 0, extra
+        assert message in res.stderr, (extra, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr, (extra, res.stderr[-2000:])
+
+    res = run_train_cli(["optimizer=adam"], cwd=tmp_path)
+    assert res.returncode != 0 and "adamw" in res.stderr and "sophia" in res.stderr
+
+    args = tiny_overrides(tmp_path / "nowhere", "adamw")
+    res = run_train_cli(args, cwd=tmp_path)
+    assert res.returncode != 0 and "python -m data.prepare" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
+    """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches, same global batch."""
+    extra = {"train.max_steps": 10, "optimizer.k": 3, "checkpoint.interval": 0,
+             "train.eval_interval": 5, "train.log_interval": 5}
+    ddp_dir = tmp_path / "ddp"
+    res = run_train_cli(tiny_overrides(tiny_data, "sophia", **extra) + [f"hydra.run.dir={ddp_dir}"],
+                        cwd=tmp_path, torchrun_nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # one run dir
+    assert len(list(ddp_dir.glob("metrics*.jsonl"))) == 1
+
+    single = tmp_path / "single"
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), single)
+    a, b = read_metrics(ddp_dir), read_metrics(single)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train/loss", "val/loss"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+        assert ra["tokens"] == rb["tokens"]
+    ca = load_checkpoint(list_checkpoints(ddp_dir / "checkpoints")[-1])
+    cb = load_checkpoint(list_checkpoints(single / "checkpoints")[-1])
+    assert ca["rank_divergence"] == 0.0  # parameters and h identical on both ranks
+    for name, t in cb["model"].items():
+        torch.testing.assert_close(ca["model"][name], t, rtol=1e-4, atol=1e-5)
+    ha = [s["hessian"] for s in ca["optimizer"]["state"].values()]
+    hb = [s["hessian"] for s in cb["optimizer"]["state"].values()]
+    for x, y in zip(ha, hb):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
