@@ -105,6 +105,11 @@ def as_real(tensors: list[Tensor]) -> list[Tensor]:
 # telemetry: everything stays a device tensor; the host only reads it when someone logs it
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for reductions: at least float32, never narrower than the input."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
 def sum_to(values: list[Tensor], device: torch.device) -> Tensor:
     """Sum 0-d tensors (possibly on several devices) into one float32 0-d tensor on `device`."""
     if not values:
@@ -118,13 +123,13 @@ def l1_l2(tensors: list[Tensor], foreach: bool, device: torch.device) -> tuple[T
     sq_parts: list[Tensor] = []
     tensors = as_real(tensors)
     if foreach:
-        for (_, _), (ts,) in group_by_device_and_dtype([tensors]).items():
-            l1_parts.extend(torch._foreach_norm(ts, 1, dtype=torch.float32))
-            sq_parts.extend(n.square() for n in torch._foreach_norm(ts, 2, dtype=torch.float32))
+        for (_, dtype), (ts,) in group_by_device_and_dtype([tensors]).items():
+            l1_parts.extend(torch._foreach_norm(ts, 1, dtype=acc_dtype(dtype)))
+            sq_parts.extend(n.square() for n in torch._foreach_norm(ts, 2, dtype=acc_dtype(dtype)))
     else:
         for t in tensors:
-            l1_parts.append(torch.linalg.vector_norm(t, 1, dtype=torch.float32))
-            sq_parts.append(torch.linalg.vector_norm(t, 2, dtype=torch.float32).square())
+            l1_parts.append(torch.linalg.vector_norm(t, 1, dtype=acc_dtype(t.dtype)))
+            sq_parts.append(torch.linalg.vector_norm(t, 2, dtype=acc_dtype(t.dtype)).square())
     return sum_to(l1_parts, device), sum_to(sq_parts, device).sqrt()
 
 

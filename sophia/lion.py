@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._common import (
+    acc_dtype,
     as_real,
     check_betas,
     check_nonnegative,
@@ -206,7 +207,7 @@ def _multi_tensor_lion(
 ) -> Tensor:
     moved: list[Tensor] = []
     grouped = group_by_device_and_dtype([params, grads, exp_avgs])
-    for (_, _), (d_params, d_grads, d_exp_avgs) in grouped.items():
+    for (_, dtype), (d_params, d_grads, d_exp_avgs) in grouped.items():
         if maximize:
             d_grads = torch._foreach_neg(d_grads)
         d_params, d_grads, d_exp_avgs = as_real(d_params), as_real(d_grads), as_real(d_exp_avgs)
@@ -221,5 +222,5 @@ def _multi_tensor_lion(
         torch._foreach_add_(d_exp_avgs, d_grads, alpha=1 - beta2)
 
         # |sign| is 1 where a coordinate moved and 0 elsewhere, so its L1 norm counts them
-        moved.extend(torch._foreach_norm(updates, 1, dtype=torch.float32))
+        moved.extend(torch._foreach_norm(updates, 1, dtype=acc_dtype(dtype)))
     return sum_to(moved, params[0].device)

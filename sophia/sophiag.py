@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._common import (
+    acc_dtype,
     as_real,
     check_batch_size,
     check_betas,
@@ -313,7 +314,7 @@ def _single_tensor_sophiag(
         param.addcmul_(exp_avg.sign(), ratio, value=-lr)
 
         clipped.append((ratio >= 1).sum())
-        ratio_sq.append(ratio.float().square().sum())
+        ratio_sq.append(ratio.to(acc_dtype(ratio.dtype)).square().sum())
     device = params[0].device
     return sum_to(clipped, device), sum_to(ratio_sq, device)
 
@@ -335,7 +336,7 @@ def _multi_tensor_sophiag(
     clipped: list[Tensor] = []
     ratio_sq: list[Tensor] = []
     grouped = group_by_device_and_dtype([params, grads, exp_avgs, hessians, state_steps])
-    for (_, _), (d_params, d_grads, d_exp_avgs, d_hess, d_steps) in grouped.items():
+    for (_, dtype), (d_params, d_grads, d_exp_avgs, d_hess, d_steps) in grouped.items():
         if maximize:
             d_grads = torch._foreach_neg(d_grads)
         d_params, d_grads = as_real(d_params), as_real(d_grads)
@@ -358,9 +359,9 @@ def _multi_tensor_sophiag(
         torch._foreach_addcmul_(d_params, signs, ratio, value=-lr)
         del signs
 
-        ratio_sq.extend(n.square() for n in torch._foreach_norm(ratio, 2, dtype=torch.float32))
+        ratio_sq.extend(n.square() for n in torch._foreach_norm(ratio, 2, dtype=acc_dtype(dtype)))
         # ratio is in [0, 1] with 1 exactly where clipped, so floor() is the clip indicator
         torch._foreach_floor_(ratio)
-        clipped.extend(torch._foreach_norm(ratio, 1, dtype=torch.float32))
+        clipped.extend(torch._foreach_norm(ratio, 1, dtype=acc_dtype(dtype)))
     device = params[0].device
     return sum_to(clipped, device), sum_to(ratio_sq, device)
