@@ -87,7 +87,9 @@ def _build_muon(cfg: Mapping[str, Any], model: torch.nn.Module, rule: str) -> Op
     from model import muon_param_split
     from sophia import MuonAdamW
 
-    muon_params, adamw_params = muon_param_split(model)
+    muon_params, adamw_params = muon_param_split(
+        model, include=tuple(cfg.get("muon_include", ("transformer.h.*",))),
+        exclude=tuple(cfg.get("muon_exclude", ())))
     # The AdamW side keeps the shared weight-decay rule, restricted to the tensors Muon does not own.
     on_adamw = {id(p) for p in adamw_params}
     adamw_groups = [{**g, "params": [p for p in g["params"] if id(p) in on_adamw]}
@@ -96,10 +98,10 @@ def _build_muon(cfg: Mapping[str, Any], model: torch.nn.Module, rule: str) -> Op
     adamw_groups = [g for g in adamw_groups if g["params"]]
     opt = MuonAdamW(
         muon_params, adamw_groups,
-        lr=float(cfg["lr"]), momentum=float(cfg.get("momentum", 0.95)),
+        lr=float(cfg["lr"]), momentum=cfg.get("momentum", 0.95),
         nesterov=bool(cfg.get("nesterov", True)), ns_steps=cfg.get("ns_steps", 5),
-        adjust_lr_fn=cfg.get("adjust_lr_fn", "match_rms_adamw"),
-        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        adjust_lr_fn=cfg.get("adjust_lr_fn", "original"),
+        weight_decay=float(cfg.get("weight_decay", 0.01)),
         adamw_lr=float(cfg.get("adamw_lr", 6e-4)), adamw_betas=_betas(cfg, "adamw_betas"),
     )
     return OptimizerSetup(opt, "muon", None, 0)

@@ -147,6 +147,8 @@ class Trainer:
             self.counters.skipped_steps += 1
             return
 
+        if hasattr(self.optimizer, "track_update_rms"):  # MuonAdamW pays for telemetry: log steps only
+            self.optimizer.track_update_rms = (step + 1) % s.log_interval == 0 or step + 1 == s.max_steps
         kwargs = {"bs": self.hessian.tokens_per_refresh} if self.optim.name == "sophia" else {}
         if self.scaler:
             self.scaler.step(self.optimizer, **kwargs)

@@ -17,9 +17,9 @@ TRAIN_KEYS = {"step", "tokens", "tokens_hessian", "flops", "time/elapsed", "trai
 SOPHIA_KEYS = {"sophia/clip_frac", "sophia/win_rate", "hessian/l1", "hessian/l2"}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophia", "sophiah"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "sophia", "sophiah", "muon"])
 def test_each_optimizer_learns_and_logs_every_metric(optimizer, tiny_data, tmp_path):
-    lr = {"adamw": 3e-3, "lion": 1e-3, "sophia": 1e-3, "sophiah": 1e-3}[optimizer]
+    lr = {"adamw": 3e-3, "lion": 1e-3, "sophia": 1e-3, "sophiah": 1e-3, "muon": 0.02}[optimizer]
     cfg = compose_cfg(tiny_overrides(tiny_data, optimizer, **{"optimizer.lr": lr}))
     summary = run(cfg, tmp_path)
     rows = read_metrics(tmp_path)
@@ -54,8 +54,10 @@ def test_each_optimizer_learns_and_logs_every_metric(optimizer, tiny_data, tmp_p
         assert last["sophia/win_rate"] == pytest.approx(1 - last["sophia/clip_frac"])
         assert last["hessian/l1"] > 0 and last["time/hessian"] > 0
     else:
-        assert not (SOPHIA_KEYS & last.keys())
+        assert not (SOPHIA_KEYS & last.keys())  # absent, never written as zeros
         assert last["time/hessian"] == 0
+    if optimizer == "muon":
+        assert last["optim/update_rms/muon"] > 0 and last["optim/update_rms/adamw"] > 0
     if flops_per_token is not None:
         assert flops_per_token > 0  # train and GNB Hessian tokens cost the same per token
     # The final checkpoint holds Sophia's h under the official key.
@@ -70,20 +72,24 @@ def _final_weights(run_dir):
     return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
 
 
-def test_resume_is_bit_exact(tiny_data, tmp_path):
-    """12 steps straight == 6 steps, stop, resume, 6 more (Sophia with k=3, dropout on)."""
-    extra = {"optimizer.k": 3, "train.max_steps": 12, "checkpoint.interval": 6,
+@pytest.mark.parametrize("optimizer", ["sophia", "muon"])
+def test_resume_is_bit_exact(optimizer, tiny_data, tmp_path):
+    """12 steps straight == 6 steps, stop, resume, 6 more (Sophia with k=3; dropout on)."""
+    extra = {"train.max_steps": 12, "checkpoint.interval": 6,
              "train.log_interval": 1, "train.eval_interval": 4, "model.dropout": 0.1}
+    if optimizer == "sophia":
+        extra["optimizer.k"] = 3
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), straight)
-    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra, **{"train.stop_at_step": 6})), split)
+    run(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra)), straight)
+    run(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra, **{"train.stop_at_step": 6})), split)
     assert max(r["step"] for r in read_metrics(split)) == 6
-    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), split)
+    run(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra)), split)
 
     a, b = read_metrics(straight), read_metrics(split)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
-        for key in ("train/loss", "val/loss", "grad/norm", "sophia/clip_frac", "tokens", "flops"):
+        for key in ("train/loss", "val/loss", "grad/norm", "sophia/clip_frac", "tokens", "flops",
+                    "optim/update_rms/muon"):
             assert ra.get(key) == rb.get(key), (ra["step"], key)
     wa, wb = _final_weights(straight), _final_weights(split)
     for name in wa:
