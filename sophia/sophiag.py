@@ -43,15 +43,24 @@ from ._common import (
     sum_to,
 )
 
-__all__ = ["SophiaG", "sophiag", "paper_to_code_lr"]
+__all__ = ["SophiaG", "sophiag", "paper_to_code_lr", "code_to_paper_lr"]
 
 # Added to the denominator exactly as the official code does; keeps 0/0 at 0 while h is still 0.
 _DENOM_EPS = 1e-15
 
 
 def paper_to_code_lr(eta: float, rho: float) -> float:
-    """Convert the paper's step size eta to this code's `lr` (the code re-parameterises lr = rho * eta)."""
+    """Convert the paper's step size eta to this code's `lr`.
+
+    The paper's update is eta * clip(m / max(h, eps), rho) = eta * rho * clip(m / (rho * h), 1),
+    so the code's lr is rho * eta (`code_to_paper_lr` is the inverse).
+    """
     return rho * eta
+
+
+def code_to_paper_lr(lr: float, rho: float) -> float:
+    """Inverse of `paper_to_code_lr`: the paper's eta for this code's (lr, rho)."""
+    return lr / rho
 
 
 class SophiaG(Optimizer):
@@ -154,7 +163,8 @@ class SophiaG(Optimizer):
             foreach = group["foreach"] if group["foreach"] is not None else default_foreach(grads)
             grads, hessians = as_real(grads), as_real(hessians)
             if foreach:
-                for (_, _), (d_grads, d_hess) in group_by_device_and_dtype([grads, hessians]).items():
+                grouped = group_by_device_and_dtype([grads, hessians])
+                for (_, _), (d_grads, d_hess) in grouped.items():
                     torch._foreach_mul_(d_hess, beta2)
                     torch._foreach_addcmul_(d_hess, d_grads, d_grads, value=1 - beta2)
             else:

@@ -120,8 +120,8 @@ class SophiaH(Optimizer):
             aligned = list(estimates)
             if len(aligned) != len(all_params):
                 raise ValueError(
-                    f"update_hessian got {len(aligned)} estimates for {len(all_params)} parameters; "
-                    "pass one entry (or None) per parameter, in param_groups order."
+                    f"update_hessian got {len(aligned)} estimates for {len(all_params)} "
+                    "parameters; pass one entry (or None) per parameter, in param_groups order."
                 )
 
         i = 0

@@ -204,3 +204,20 @@ def test_invalid_group_and_bs() -> None:
     for bad in (0, -5):
         with pytest.raises(ValueError, match=rf"bs={bad}"):
             opt.step(bs=bad)
+
+
+def test_lr_conversion_reproduces_the_paper_update() -> None:
+    from sophia import code_to_paper_lr, paper_to_code_lr
+
+    eta, rho, bs = 0.5, 0.04, 10
+    g = torch.tensor([0.5, -0.01, 3e-4, 0.0, -2.0])
+    h_hat = torch.tensor([1.0, 1.0, 0.01, 1.0, 0.0])  # the GNB estimate bs * g_hat^2
+    p = nn.Parameter(torch.zeros(5))
+    opt = SophiaG([p], lr=paper_to_code_lr(eta, rho), betas=(0.0, 0.0), rho=rho, weight_decay=0)
+    opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros(5), hessian=h_hat / bs)
+    p.grad = g.clone()
+    opt.step(bs=bs)
+    # paper (Algorithm 3): theta -= eta * clip(m / max(h, eps), rho), with m = g when beta1 = 0
+    paper = -eta * torch.clamp(g / h_hat.clamp(min=1e-15), -rho, rho)
+    torch.testing.assert_close(p.detach(), paper)
+    assert code_to_paper_lr(paper_to_code_lr(eta, rho), rho) == pytest.approx(eta)
