@@ -49,8 +49,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     raise HarnessError(f"device={name!r} is not one of auto, cpu, cuda.")
 
 
+def _export_submitit_env() -> None:
+    """Under hydra-submitit-launcher (SLURM, one task per GPU) there is no torchrun: derive RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM through submitit's helper."""
+    if launched_by_torchrun() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def setup_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
-    """Initialise the process group when launched by torchrun; a no-op for a single process."""
+    """Initialise the process group when launched by torchrun (or a multi-task SLURM job through
+    submitit); a no-op for a single process."""
+    _export_submitit_env()
     if not launched_by_torchrun():
         return DistEnv(0, 0, 1, resolve_device(device))
     rank = int(os.environ["RANK"])

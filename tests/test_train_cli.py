@@ -140,3 +140,28 @@ def test_quickstart_prepares_offline_corpus_and_trains(tmp_path):
     assert (data_dir / "meta.json").exists()
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["step"] == 4 and rows[-1]["val/loss"] < rows[0]["val/loss"]
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "experiment=paper-125m-sophia"],
+                      return_hydra_config=True)
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 8
+
+
+@pytest.mark.slow
+def test_optuna_sweep_minimises_final_val_loss(tiny_data, tmp_path):
+    sweep = tmp_path / "optuna"
+    args = tiny_overrides(tiny_data, "sophia", **{"train.max_steps": 3, "train.eval_interval": 3,
+                                                 "checkpoint.interval": 0})
+    res = run_train_cli(["-m", "hparams_search=sophia_optuna", *args, "hydra.sweeper.n_trials=2",
+                         f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    finals = [read_metrics(sweep / str(i))[-1]["val/loss"] for i in range(2)]
+    assert result["best_value"] == pytest.approx(min(finals), rel=1e-6)
