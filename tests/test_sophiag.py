@@ -221,3 +221,18 @@ def test_lr_conversion_reproduces_the_paper_update() -> None:
     paper = -eta * torch.clamp(g / h_hat.clamp(min=1e-15), -rho, rho)
     torch.testing.assert_close(p.detach(), paper)
     assert code_to_paper_lr(paper_to_code_lr(eta, rho), rho) == pytest.approx(eta)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_official_where_the_denominator_eps_matters(foreach: bool) -> None:
+    # h = 0 (no refresh yet) and |m| ~ 1e-15: the ratio is decided by the 1e-15 in the denominator
+    grads = torch.tensor([1e-16, -3e-15, 2e-14, 0.0, 5e-17]).repeat(3, 1)
+    a, b = nn.Parameter(torch.ones(3, 5)), nn.Parameter(torch.ones(3, 5))
+    ours = SophiaG([a], lr=0.1, weight_decay=0.0, foreach=foreach)
+    ref = sophia_opt.SophiaG([b], lr=0.1, weight_decay=0.0)
+    for scale in (1.0, 0.5, 3.0):
+        a.grad, b.grad = grads * scale, grads * scale
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert 0 < ours.telemetry()["clip_frac"] < 1
