@@ -11,6 +11,7 @@ backward. The model must support double backward (math attention backend).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -20,32 +21,203 @@ from torch import Tensor
 __all__ = ["sample_labels", "gnb_loss", "hutchinson"]
 
 
+# Columns per block of the two-level inverse-CDF draw (see `_draw_rows`).
+_BLOCK = 256
+
+
+def _chunk_rows(rows: int, vocab: int, device: torch.device, chunk_rows: int | None) -> int:
+    """Rows per chunk, so that a float32 [chunk, vocab] temporary stays bounded.
+
+    2**26 elements (256 MiB) on accelerators keeps kernel launches a small share of the time;
+    2**22 (16 MiB) on CPUs, where a smaller working set is as fast and lighter on RAM.
+    """
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1 (or None to choose automatically)")
+        return min(chunk_rows, max(rows, 1))
+    budget = 1 << (22 if device.type == "cpu" else 26)
+    return max(1, min(rows, budget // vocab))
+
+
+def _uniforms(rows: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """One float64 uniform per position: the only randomness of a label draw.
+
+    Both `sample_labels` (and so the reference `gnb_loss`) and the fused path draw exactly these
+    numbers first, which is why they sample the same labels from the same generator state. 53
+    bits keep the inverse CDF exact for tokens far rarer than float32's 2**-24 resolution.
+    """
+    return torch.rand(rows, dtype=torch.float64, device=device, generator=generator)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit logits (bf16 probabilities of rare tokens round to 0), else their own."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _last_positive(weights: Tensor) -> Tensor:
+    """Index of the last strictly positive entry along the last dim (0 if there is none)."""
+    width = weights.size(-1)
+    return width - 1 - (weights > 0).flip(-1).to(torch.int32).argmax(-1)
+
+
+def _draw_rows(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Sample one label per row of `logits` [n, V] by inverse CDF at `u` [n]; also return logsumexp.
+
+    Two levels instead of one cumsum over V: the masses of 256-column blocks pick the block (a
+    float64 cumsum over V/256 entries), then a float64 cumsum of that block alone picks the token.
+    This is exact to float32 rounding of each probability (a float32 cumsum over 50k entries
+    would blur every token's probability by about 6e-8 absolute) and cheaper (no [n, V] cumsum). One float32 [n, V] temporary, reused in
+    place: logits - max, exp, block sums.
+
+    Returns:
+        labels (int64 [n]) and logsumexp (float32, or float64 for float64 logits, [n]) of each row.
+    """
+    n, vocab = logits.shape
+    blocks = -(-vocab // _BLOCK)
+    dtype = _work_dtype(logits.dtype)
+    m = logits.amax(-1, keepdim=True).to(dtype)  # exact in any dtype; the stabiliser of exp
+    work = torch.empty(n, blocks * _BLOCK, dtype=dtype, device=logits.device)
+    torch.sub(logits, m, out=work[:, :vocab])
+    work[:, vocab:] = float("-inf")  # padding: probability exactly 0, never drawn
+    e = work.exp_().view(n, blocks, _BLOCK)  # unnormalised probabilities
+    mass = e.sum(-1).double()  # [n, blocks]; a float32 sum of 256 terms is accurate and fast
+    cdf = mass.cumsum(-1)
+    total = cdf[:, -1]
+    target = u * total
+    # right=True: a zero-mass block (or token) never contains the target; the clamps only act on
+    # rounding ties at the very top of the distribution (and keep indices valid for NaN rows)
+    j = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+    j = torch.minimum(j, _last_positive(mass))
+    before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    inner = e.gather(1, j[:, None, None].expand(n, 1, _BLOCK)).squeeze(1).double()  # [n, block]
+    inner_cdf = inner.cumsum(-1)
+    # rescale the residual to the block's own float64 cumsum, which sums in another order than
+    # the block mass did, so the two levels partition [0, 1) consistently
+    residual = (target - before) * (inner_cdf[:, -1] / mass.gather(1, j[:, None]).squeeze(1))
+    k = torch.searchsorted(inner_cdf, residual[:, None], right=True).squeeze(1)
+    k = torch.minimum(k, _last_positive(inner))
+    labels = (j * _BLOCK + k).clamp_(max=vocab - 1)
+    lse = (m.squeeze(1).double() + total.log()).to(dtype)
+    return labels, lse
+
+
 @torch.no_grad()
-def sample_labels(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_labels(
+    logits: Tensor, generator: torch.Generator | None = None, *, chunk_rows: int | None = None
+) -> Tensor:
     """Draw y ~ softmax(logits) independently at every position.
 
+    Probabilities are computed in float32 (bf16 probabilities of rare tokens round to 0 or lose
+    mass) a chunk of rows at a time, so memory stays bounded whatever the number of positions.
+
     Args:
-        logits: (..., vocab) unnormalised log-probabilities, any leading shape.
+        logits: (..., vocab) unnormalised log-probabilities, any leading shape and float dtype.
         generator: optional torch.Generator on the logits' device, for reproducible draws.
+        chunk_rows: positions per chunk; None picks a bounded size (the result does not depend
+            on it).
 
     Returns:
         int64 tensor of shape logits.shape[:-1].
     """
-    # softmax in float32: bf16 probabilities of rare tokens round to 0 or lose mass
-    probs = torch.softmax(logits.detach().float().reshape(-1, logits.size(-1)), dim=-1)
-    labels = torch.multinomial(probs, num_samples=1, generator=generator)
+    flat = logits.detach().reshape(-1, logits.size(-1))
+    u = _uniforms(flat.size(0), flat.device, generator)
+    step = _chunk_rows(flat.size(0), flat.size(1), flat.device, chunk_rows)
+    labels = torch.empty(flat.size(0), dtype=torch.int64, device=flat.device)
+    for r in range(0, flat.size(0), step):
+        labels[r:r + step] = _draw_rows(flat[r:r + step], u[r:r + step])[0]
     return labels.view(logits.shape[:-1])
 
 
-def gnb_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+class _SampledCrossEntropy(torch.autograd.Function):
+    """Mean CE against labels sampled from the logits themselves, in one chunked pass each way.
+
+    Forward reads the logits once per chunk to get the logsumexp and the label (the CE of a row is
+    lse - logit[y], so no log-softmax is ever materialised). Backward recomputes
+    p = exp(logit - lse) chunk by chunk and writes (p - onehot(y)) * grad / N straight into the
+    gradient, in the logits' dtype. Saved for backward: the logits (the caller holds them anyway),
+    and lse and y, a few bytes per position; saving p instead would cost a full [N, V] tensor and
+    save no memory traffic (backward reads one [N, V] tensor either way).
+
+    Peak extra memory: forward, one float32 [chunk, V] temporary; backward, the [N, V] gradient in
+    the logits' dtype (which any implementation returns) plus one float32 [chunk, V] temporary
+    (none for float32 logits, whose gradient chunk is worked on in place).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, u: Tensor, chunk_rows: int | None) -> tuple[Tensor, Tensor]:
+        n, vocab = logits.shape
+        step = _chunk_rows(n, vocab, logits.device, chunk_rows)
+        labels = torch.empty(n, dtype=torch.int64, device=logits.device)
+        lse = torch.empty(n, dtype=_work_dtype(logits.dtype), device=logits.device)
+        for r in range(0, n, step):
+            labels[r:r + step], lse[r:r + step] = _draw_rows(logits[r:r + step], u[r:r + step])
+        picked = logits.gather(1, labels[:, None]).squeeze(1).to(lse.dtype)
+        loss = (lse - picked).mean()
+        ctx.save_for_backward(logits, lse, labels)
+        ctx.step = step
+        ctx.mark_non_differentiable(labels)
+        return loss, labels
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_labels: Tensor | None):
+        logits, lse, labels = ctx.saved_tensors
+        n = logits.size(0)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        scale = (grad_loss.to(lse.dtype) / n).reshape(1, 1)  # stays on device: no host sync
+        in_place = grad.dtype == lse.dtype
+        for r in range(0, n, ctx.step):
+            rows = slice(r, r + ctx.step)
+            # float32/64 logits: build the chunk in the gradient itself; else in a float32 temporary
+            work = torch.sub(logits[rows], lse[rows, None], out=grad[rows] if in_place else None)
+            work.exp_().mul_(scale)
+            idx = labels[rows, None]
+            work.scatter_add_(1, idx, (-scale).expand(idx.size(0), 1))
+            if not in_place:
+                grad[rows] = work
+        return grad, None, None
+
+
+def gnb_loss(
+    logits: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    fused: bool = True,
+    chunk_rows: int | None = None,
+) -> Tensor:
     """Mean cross-entropy of `logits` against labels sampled from the model (sampled without grad).
 
     Backpropagate it and call `SophiaG.update_hessian()`: the squared gradient times the number of
     positions averaged over (pass that number as `bs` to `SophiaG.step`) is the GNB estimate of
     the diagonal Gauss-Newton matrix of the mean loss.
+
+    Args:
+        logits: (..., vocab) logits of any leading shape, float32 / bfloat16 / float16.
+        generator: optional torch.Generator on the logits' device, for reproducible labels.
+        fused: True (default) samples and forms the loss and its gradient in a custom autograd
+            function that works on float32 chunks of rows: no float32 copy of the whole logits,
+            no saved log-softmax. False is the plain reference: `sample_labels` then
+            `F.cross_entropy` on a float32 (float64 for float64 logits) copy. Both draw the same labels from the same
+            generator state, so their gradients agree to float rounding.
+        chunk_rows: positions per chunk of the fused path (and of the sampling); None picks a
+            bounded size. Results do not depend on it beyond float rounding.
     """
-    labels = sample_labels(logits, generator=generator)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+    if not fused:
+        labels = sample_labels(logits, generator=generator, chunk_rows=chunk_rows)
+        work = logits.to(_work_dtype(logits.dtype)).reshape(-1, logits.size(-1))
+        return F.cross_entropy(work, labels.reshape(-1))
+    flat = logits.reshape(-1, logits.size(-1))
+    u = _uniforms(flat.size(0), flat.device, generator)
+    # The function picks its own precisions; autocast (the engine calls this right after an
+    # autocast forward) must not recast its reductions.
+    no_autocast = (
+        torch.autocast(flat.device.type, enabled=False)
+        if torch.amp.is_autocast_available(flat.device.type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
+        loss, _ = _SampledCrossEntropy.apply(flat, u, chunk_rows)
+    return loss
 
 
 def hutchinson(
