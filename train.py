@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -34,7 +35,12 @@ if int(os.environ.get("RANK", "0")) != 0:
                  "hydra/hydra_logging=disabled"]
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+# An absolute path, so the entry point also works when imported (wrappers, tests) or run from
+# another working directory.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 

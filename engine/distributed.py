@@ -61,6 +61,23 @@ def _export_submitit_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def _attempt_store(world_size: int, timeout: datetime.timedelta):
+    """The torchrun agent's key-value store, namespaced by restart attempt.
+
+    After an elastic restart, a worker that reaches rendezvous before its peers can read the
+    addresses the *previous* attempt's workers published and fail with "connectFullMesh ...
+    Connection refused" (seen with gloo on torch 2.13 whenever ranks restart at different
+    speeds). A prefix per attempt keeps each attempt's keys apart. Returns None (plain env://)
+    when torchrun does not host the store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"sophia-bench/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}",
+                            store)
+
+
 def setup_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     """Initialise the process group when launched by torchrun (or a multi-task SLURM job through
     submitit); a no-op for a single process."""
@@ -75,8 +92,10 @@ def setup_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+            backend=backend, timeout=timeout, rank=rank, world_size=world_size,
+            store=_attempt_store(world_size, timeout),
             **({"device_id": dev} if dev.type == "cuda" else {}),
         )
     return DistEnv(rank, local_rank, world_size, dev)

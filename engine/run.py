@@ -207,6 +207,8 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) ->
         flops_per_token=flops_per_token, autocast=autocast,
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
         checkpoint_extra={"config": resolved, "data_meta": meta, "wandb_id": wandb_id},
+        prefetch=(env.device.type == "cuda" if cfg.train.get("prefetch") is None
+                  else bool(cfg.train.prefetch)),
     )
     if state is not None:
         trainer.load_state_dict(state)

@@ -86,6 +86,7 @@ class Trainer:
     step: int = 0
     counters: Counters = field(default_factory=Counters)
     last_val_loss: float = math.nan
+    prefetch: bool = False  # on CUDA: overlap reading batches with compute
 
     def __post_init__(self) -> None:
         self.optimizer = self.optim.optimizer
@@ -101,8 +102,13 @@ class Trainer:
         """Rows of this rank at (step, micro-step) of ``stream`` (train / hessian)."""
         if self.counters.data_epoch:
             stream = f"{stream}@{self.counters.data_epoch}"
-        return self.train_loader.get(step, self.plan.row_start(micro, self.env.rank),
-                                     self.plan.micro_batch_size, stream=stream)
+        rows, rank = self.plan.micro_batch_size, self.env.rank
+        batch = self.train_loader.get(step, self.plan.row_start(micro, rank), rows, stream=stream)
+        if self.prefetch:  # read the next micro-batch on a thread while this one computes
+            nxt_step, nxt_micro = (step, micro + 1) if micro + 1 < self.plan.accum_steps \
+                else (step + 1, 0)
+            self.train_loader.prefetch(nxt_step, self.plan.row_start(nxt_micro, rank), rows, stream)
+        return batch
 
     # -------------------------------------------------------------------------- one step
     def train_step(self, step: int) -> None:

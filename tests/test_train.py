@@ -96,6 +96,17 @@ def test_resume_is_bit_exact(optimizer, tiny_data, tmp_path):
         assert torch.equal(wa[name], wb[name]), name
 
 
+def test_prefetching_loader_gives_identical_training(tiny_data, tmp_path):
+    extra = {"train.max_steps": 6, "train.log_interval": 1, "train.eval_interval": 3}
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra, **{"train.prefetch": False})),
+        tmp_path / "plain")
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra, **{"train.prefetch": True})),
+        tmp_path / "prefetch")
+    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "prefetch")
+    assert [r.get("train/loss") for r in a] == [r.get("train/loss") for r in b]
+    assert [r.get("val/loss") for r in a] == [r.get("val/loss") for r in b]
+
+
 def test_nonfinite_loss_stops_without_overwriting_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     from model import GPT
 

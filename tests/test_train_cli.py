@@ -130,6 +130,29 @@ def test_torchrun_two_ranks_match_one_process(optimizer, tiny_data, tmp_path):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.distributed
+def test_elastic_restart_resumes_from_last_checkpoint(tiny_data, tmp_path):
+    """A rank killed mid-run under torchrun --max-restarts=1: the restarted job resumes from the
+    last checkpoint of the same run dir and finishes; metrics have no duplicated steps."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(tiny_data, "sophia", **{"train.max_steps": 10, "checkpoint.interval": 5,
+                                                 "train.log_interval": 1, "train.eval_interval": 0})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=1", str(REPO / "tests" / "fault_train.py"), *args,
+           f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FAULT_STEP": "7"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "ckpt_0000005.pt" in out
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, 11))
+
+
 def test_quickstart_prepares_offline_corpus_and_trains(tmp_path):
     """experiment=quickstart on a machine with nothing prepared: it builds the stdlib corpus."""
     data_dir = tmp_path / "prepared" / "stdlib-byte"
