@@ -1,7 +1,7 @@
 """Lion: EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
 Reproduces `lion_pytorch.Lion` (the widely used reference) to float rounding, with the same state
-layout (`exp_avg` only), plus a multi-tensor path and telemetry. Per parameter with gradient g:
+layout (`exp_avg` only), plus a multi-tensor path, a fused (compiled) path and telemetry. Per parameter with gradient g:
 
     c  = beta1 * m + (1 - beta1) * g
     p *= 1 - lr * weight_decay
@@ -13,6 +13,7 @@ decay 3-10x above it to keep the same effective decay lr * weight_decay.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,15 @@ from ._common import (
     group_by_device_and_dtype,
     sum_to,
 )
+from ._fused import (
+    FusedCompileError,
+    check_fused_and_foreach,
+    check_fused_supported,
+    choose_path,
+    run_fused,
+    scalars,
+    warn_fallback,
+)
 
 __all__ = ["Lion", "lion"]
 
@@ -44,6 +54,9 @@ class Lion(Optimizer):
         maximize: ascend the objective instead of descending it.
         foreach: use the multi-tensor path; None picks it when all parameters sit on one
             accelerator type (torch.optim's rule).
+        fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
+            None picks it on CUDA with Triton (see `sophia.SophiaG`); fused=True raises if it
+            cannot compile, None warns and falls back. Excludes foreach=True.
     """
 
     def __init__(
@@ -55,12 +68,16 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         _check_hyperparameters(lr, betas, weight_decay)
+        check_fused_and_foreach(fused, foreach, None)
         defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize,
+            foreach=foreach, fused=fused,
         )
         self._telemetry: dict[str, Tensor] = {}
+        self._fused_failed = False  # fused=None saw a compile failure: stop trying
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -69,13 +86,18 @@ class Lion(Optimizer):
         _check_hyperparameters(
             group["lr"], group["betas"], group["weight_decay"], len(self.param_groups) - 1
         )
+        check_fused_and_foreach(group["fused"], group["foreach"], len(self.param_groups) - 1)
+        if group["fused"]:
+            check_fused_supported(group["params"], "Lion")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
         self._telemetry = {}
+        self._fused_failed = getattr(self, "_fused_failed", False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -107,12 +129,24 @@ class Lion(Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            foreach = group["foreach"] if group["foreach"] is not None else default_foreach(params)
-            n_moved = lion(
+            foreach, fused = choose_path(group, params, allow_fused=not self._fused_failed)
+
+            update = functools.partial(
+                lion,
                 params, grads, exp_avgs,
                 beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                maximize=group["maximize"], foreach=foreach,
+                maximize=group["maximize"],
             )
+
+            try:
+                n_moved = update(foreach=foreach, fused=fused)
+            except FusedCompileError as err:
+                if group["fused"]:  # asked for explicitly: the caller should know
+                    raise
+                warn_fallback("Lion", err)
+                self._fused_failed = True
+                foreach, _ = choose_path(group, params, allow_fused=False)
+                n_moved = update(foreach=foreach, fused=False)
             device = device or params[0].device
             # each moved coordinate contributes lr^2 to the squared update
             update_sq.append(n_moved * group["lr"] ** 2)
@@ -153,13 +187,20 @@ def lion(
     weight_decay: float,
     maximize: bool,
     foreach: bool,
+    fused: bool = False,
 ) -> Tensor:
     """Apply one Lion step to aligned tensor lists, in place.
 
     Returns the number of coordinates that moved (sign(c) != 0) as a float32 0-d tensor on the
-    device of params[0], from which the caller derives the update RMS.
+    device of params[0], from which the caller derives the update RMS. `fused` selects the
+    compiled path (it raises `FusedCompileError` if torch.compile fails, before touching any
+    tensor).
     """
-    func = _multi_tensor_lion if foreach else _single_tensor_lion
+    check_fused_and_foreach(fused, foreach, None)
+    if fused:
+        func = _fused_lion
+    else:
+        func = _multi_tensor_lion if foreach else _single_tensor_lion
     return func(
         params, grads, exp_avgs,
         beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, maximize=maximize,
@@ -224,3 +265,50 @@ def _multi_tensor_lion(
         # |sign| is 1 where a coordinate moved and 0 elsewhere, so its L1 norm counts them
         moved.extend(torch._foreach_norm(updates, 1, dtype=acc_dtype(dtype)))
     return sum_to(moved, params[0].device)
+
+
+def _fused_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    maximize: bool,
+) -> Tensor:
+    check_fused_supported(params, "Lion")
+    moved: list[Tensor] = []
+    for (device, dtype), tensorlists in group_by_device_and_dtype([params, grads, exp_avgs]).items():
+        hyper = scalars(
+            device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
+            beta2, 1 - beta2, -lr,
+        )
+        moved.append(run_fused(_fused_lion_kernel, tensorlists, hyper, optimizer="Lion"))
+    return sum_to(moved, params[0].device)
+
+
+def _fused_lion_kernel(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    grad_sign: Tensor,
+    decay: Tensor,
+    beta1: Tensor,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    one_minus_beta2: Tensor,
+    neg_lr: Tensor,
+) -> Tensor:
+    # Compiled by sophia._fused into one pass per parameter: reads p, g, m, writes p, m
+    # (20 bytes per fp32 coordinate); maximize arrives as grad_sign = -1 / +1 (exact).
+    moved = []
+    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+        grad = grad * grad_sign
+        param.mul_(decay)
+        update = (exp_avg * beta1 + grad * one_minus_beta1).sign()
+        param.add_(update * neg_lr)  # update is +-1 or 0: same as alpha=-lr
+        exp_avg.mul_(beta2).add_(grad * one_minus_beta2)
+        moved.append((update != 0).sum())
+    return torch.stack(moved).sum().float()

@@ -2,7 +2,8 @@
 
 Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
 Pre-training". This file reproduces the official implementation (PyPI `sophia-opt`) to float
-rounding, state-dict compatible in both directions, and adds a multi-tensor path and telemetry.
+rounding, state-dict compatible in both directions, and adds a multi-tensor path, a fused
+(compiled) path and telemetry.
 
 Per parameter with a gradient g, each `step(bs=B)`:
 
@@ -22,6 +23,7 @@ not AdamW's. `paper_to_code_lr` converts.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,6 +43,15 @@ from ._common import (
     l1_l2,
     sophia_telemetry,
     sum_to,
+)
+from ._fused import (
+    FusedCompileError,
+    check_fused_and_foreach,
+    check_fused_supported,
+    choose_path,
+    run_fused,
+    scalars,
+    warn_fallback,
 )
 
 __all__ = ["SophiaG", "sophiag", "paper_to_code_lr", "code_to_paper_lr"]
@@ -75,6 +86,11 @@ class SophiaG(Optimizer):
         maximize: ascend the objective instead of descending it.
         foreach: use the multi-tensor path; None picks it when all parameters sit on one
             accelerator type (torch.optim's rule).
+        fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
+            None picks it when every parameter is a float CUDA tensor and Triton is available,
+            and otherwise falls back to `foreach`'s rule; a compile failure then warns and falls
+            back too, while fused=True raises. Not chosen automatically on CPU, where compiling
+            costs more than short runs save (docs/benchmarks.md). Excludes foreach=True.
     """
 
     def __init__(
@@ -87,14 +103,17 @@ class SophiaG(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         _check_hyperparameters(lr, betas, rho, weight_decay)
+        check_fused_and_foreach(fused, foreach, None)
         defaults = dict(
             lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach,
+            maximize=maximize, foreach=foreach, fused=fused,
         )
         self._telemetry: dict[str, Tensor] = {}
         self._hessian_norms: tuple[Tensor, Tensor] | None = None
+        self._fused_failed = False  # fused=None saw a compile failure: stop trying
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -104,6 +123,9 @@ class SophiaG(Optimizer):
             group["lr"], group["betas"], group["rho"], group["weight_decay"],
             group_index=len(self.param_groups) - 1,
         )
+        check_fused_and_foreach(group["fused"], group["foreach"], len(self.param_groups) - 1)
+        if group["fused"]:
+            check_fused_supported(group["params"], "SophiaG")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by load_state_dict and unpickling; groups saved by the official code lack our keys.
@@ -111,11 +133,13 @@ class SophiaG(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
         for s in self.state.values():
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]))
         self._telemetry = {}
         self._hessian_norms = None  # h may have changed under us
+        self._fused_failed = getattr(self, "_fused_failed", False)
 
     def _init_group(
         self,
@@ -213,12 +237,24 @@ class SophiaG(Optimizer):
             if not params:
                 continue
             beta1, _ = group["betas"]
-            foreach = group["foreach"] if group["foreach"] is not None else default_foreach(params)
-            n_clipped, ratio_sq = sophiag(
+            foreach, fused = choose_path(group, params, allow_fused=not self._fused_failed)
+
+            update = functools.partial(
+                sophiag,
                 params, grads, exp_avgs, hessians, state_steps,
                 bs=bs, beta1=beta1, rho=group["rho"], lr=group["lr"],
-                weight_decay=group["weight_decay"], maximize=group["maximize"], foreach=foreach,
+                weight_decay=group["weight_decay"], maximize=group["maximize"],
             )
+
+            try:
+                n_clipped, ratio_sq = update(foreach=foreach, fused=fused)
+            except FusedCompileError as err:
+                if group["fused"]:  # asked for explicitly: the caller should know
+                    raise
+                warn_fallback("SophiaG", err)
+                self._fused_failed = True
+                foreach, _ = choose_path(group, params, allow_fused=False)
+                n_clipped, ratio_sq = update(foreach=foreach, fused=False)
             device = device or params[0].device
             clipped.append(n_clipped)
             update_sq.append(ratio_sq * group["lr"] ** 2)
@@ -281,13 +317,19 @@ def sophiag(
     weight_decay: float,
     maximize: bool,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Apply one SophiaG step to aligned tensor lists, in place.
 
     Returns (number of clipped coordinates, sum of ratio^2) as float32 0-d tensors on the device
-    of params[0]; the caller turns them into telemetry. A fused path slots in next to these two.
+    of params[0]; the caller turns them into telemetry. `fused` selects the compiled path (it
+    raises `FusedCompileError` if torch.compile fails, before touching any tensor).
     """
-    func = _multi_tensor_sophiag if foreach else _single_tensor_sophiag
+    check_fused_and_foreach(fused, foreach, None)
+    if fused:
+        func = _fused_sophiag
+    else:
+        func = _multi_tensor_sophiag if foreach else _single_tensor_sophiag
     return func(
         params, grads, exp_avgs, hessians, state_steps,
         bs=bs, beta1=beta1, rho=rho, lr=lr, weight_decay=weight_decay, maximize=maximize,
@@ -375,3 +417,64 @@ def _multi_tensor_sophiag(
         clipped.extend(torch._foreach_norm(ratio, 1, dtype=acc_dtype(dtype)))
     device = params[0].device
     return sum_to(clipped, device), sum_to(ratio_sq, device)
+
+
+def _fused_sophiag(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    bs: float,
+    beta1: float,
+    rho: float,
+    lr: float,
+    weight_decay: float,
+    maximize: bool,
+) -> tuple[Tensor, Tensor]:
+    check_fused_supported(params, "SophiaG")
+    clipped: list[Tensor] = []
+    ratio_sq: list[Tensor] = []
+    grouped = group_by_device_and_dtype([params, grads, exp_avgs, hessians])
+    for (device, dtype), tensorlists in grouped.items():
+        # the scalars the reference path hands its eager ops, computed the same way in Python
+        hyper = scalars(
+            device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
+            rho * bs, -lr,
+        )
+        n, sq = run_fused(_fused_sophiag_kernel, tensorlists, hyper, optimizer="SophiaG")
+        clipped.append(n)
+        ratio_sq.append(sq)
+    # after the kernels, so that a compile failure leaves every tensor as it was
+    torch._foreach_add_(state_steps, 1)
+    device = params[0].device
+    return sum_to(clipped, device), sum_to(ratio_sq, device)
+
+
+def _fused_sophiag_kernel(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    grad_sign: Tensor,
+    decay: Tensor,
+    beta1: Tensor,
+    one_minus_beta1: Tensor,
+    denom_scale: Tensor,
+    neg_lr: Tensor,
+) -> tuple[Tensor, Tensor]:
+    # Compiled by sophia._fused: inductor turns each parameter's chain, telemetry sums included,
+    # into one loop that reads p, g, m, h once and writes p, m once (24 bytes per fp32 coordinate).
+    # maximize arrives as grad_sign = -1 / +1 (exact), so groups differing only in maximize share
+    # one compiled kernel.
+    clipped = []
+    ratio_sq = []
+    for param, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):
+        param.mul_(decay)
+        exp_avg.mul_(beta1).add_(grad * grad_sign * one_minus_beta1)
+        ratio = (exp_avg.abs() / (hess * denom_scale + _DENOM_EPS)).clamp(max=1)
+        param.addcmul_(exp_avg.sign(), ratio * neg_lr)  # sign is +-1 or 0: same as value=-lr
+        clipped.append((ratio >= 1).sum())
+        ratio_sq.append(ratio.to(acc_dtype(ratio.dtype)).square().sum())
+    return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()

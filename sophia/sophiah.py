@@ -14,6 +14,7 @@ State keys (`step`, `exp_avg`, `hessian`) and layout are SophiaG's.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,15 @@ from ._common import (
     sophia_telemetry,
     sum_to,
 )
+from ._fused import (
+    FusedCompileError,
+    check_fused_and_foreach,
+    check_fused_supported,
+    choose_path,
+    run_fused,
+    scalars,
+    warn_fallback,
+)
 
 __all__ = ["SophiaH", "sophiah"]
 
@@ -51,6 +61,9 @@ class SophiaH(Optimizer):
         maximize: ascend the objective instead of descending it.
         foreach: use the multi-tensor path; None picks it when all parameters sit on one
             accelerator type (torch.optim's rule).
+        fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
+            None picks it on CUDA with Triton (see `sophia.SophiaG`); fused=True raises if it
+            cannot compile, None warns and falls back. Excludes foreach=True.
     """
 
     def __init__(
@@ -64,14 +77,17 @@ class SophiaH(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         _check_hyperparameters(lr, betas, rho, weight_decay, eps)
+        check_fused_and_foreach(fused, foreach, None)
         defaults = dict(
             lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-            maximize=maximize, foreach=foreach,
+            maximize=maximize, foreach=foreach, fused=fused,
         )
         self._telemetry: dict[str, Tensor] = {}
         self._hessian_norms: tuple[Tensor, Tensor] | None = None
+        self._fused_failed = False  # fused=None saw a compile failure: stop trying
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -81,18 +97,23 @@ class SophiaH(Optimizer):
             group["lr"], group["betas"], group["rho"], group["weight_decay"], group["eps"],
             group_index=len(self.param_groups) - 1,
         )
+        check_fused_and_foreach(group["fused"], group["foreach"], len(self.param_groups) - 1)
+        if group["fused"]:
+            check_fused_supported(group["params"], "SophiaH")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("eps", 1e-15)
         for s in self.state.values():
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]))
         self._telemetry = {}
         self._hessian_norms = None
+        self._fused_failed = getattr(self, "_fused_failed", False)
 
     @torch.no_grad()
     def update_hessian(
@@ -194,12 +215,25 @@ class SophiaH(Optimizer):
             if not params:
                 continue
             beta1, _ = group["betas"]
-            foreach = group["foreach"] if group["foreach"] is not None else default_foreach(params)
-            n_clipped, ratio_sq = sophiah(
+            foreach, fused = choose_path(group, params, allow_fused=not self._fused_failed)
+
+            update = functools.partial(
+                sophiah,
                 params, grads, exp_avgs, hessians, state_steps,
-                beta1=beta1, rho=group["rho"], lr=group["lr"], weight_decay=group["weight_decay"],
-                eps=group["eps"], maximize=group["maximize"], foreach=foreach,
+                beta1=beta1, rho=group["rho"], lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=group["maximize"],
             )
+
+            try:
+                n_clipped, ratio_sq = update(foreach=foreach, fused=fused)
+            except FusedCompileError as err:
+                if group["fused"]:  # asked for explicitly: the caller should know
+                    raise
+                warn_fallback("SophiaH", err)
+                self._fused_failed = True
+                foreach, _ = choose_path(group, params, allow_fused=False)
+                n_clipped, ratio_sq = update(foreach=foreach, fused=False)
             device = device or params[0].device
             clipped.append(n_clipped)
             update_sq.append(ratio_sq * group["lr"] ** 2)
@@ -262,13 +296,19 @@ def sophiah(
     eps: float,
     maximize: bool,
     foreach: bool,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Apply one SophiaH step to aligned tensor lists, in place.
 
     Returns (number of clipped coordinates, sum of ratio^2) as float32 0-d tensors on the device
-    of params[0]; the caller turns them into telemetry.
+    of params[0]; the caller turns them into telemetry. `fused` selects the compiled path (it
+    raises `FusedCompileError` if torch.compile fails, before touching any tensor).
     """
-    func = _multi_tensor_sophiah if foreach else _single_tensor_sophiah
+    check_fused_and_foreach(fused, foreach, None)
+    if fused:
+        func = _fused_sophiah
+    else:
+        func = _multi_tensor_sophiah if foreach else _single_tensor_sophiah
     return func(
         params, grads, exp_avgs, hessians, state_steps,
         beta1=beta1, rho=rho, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
@@ -355,3 +395,60 @@ def _multi_tensor_sophiah(
         clipped.extend(torch._foreach_norm(ratio, 1, dtype=acc_dtype(dtype)))
     device = params[0].device
     return sum_to(clipped, device), sum_to(ratio_sq, device)
+
+
+def _fused_sophiah(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    beta1: float,
+    rho: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> tuple[Tensor, Tensor]:
+    check_fused_supported(params, "SophiaH")
+    clipped: list[Tensor] = []
+    ratio_sq: list[Tensor] = []
+    grouped = group_by_device_and_dtype([params, grads, exp_avgs, hessians])
+    for (device, dtype), tensorlists in grouped.items():
+        hyper = scalars(
+            device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
+            rho, eps, -lr,
+        )
+        n, sq = run_fused(_fused_sophiah_kernel, tensorlists, hyper, optimizer="SophiaH")
+        clipped.append(n)
+        ratio_sq.append(sq)
+    torch._foreach_add_(state_steps, 1)  # after the kernels: a compile failure changes nothing
+    device = params[0].device
+    return sum_to(clipped, device), sum_to(ratio_sq, device)
+
+
+def _fused_sophiah_kernel(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    grad_sign: Tensor,
+    decay: Tensor,
+    beta1: Tensor,
+    one_minus_beta1: Tensor,
+    rho: Tensor,
+    eps: Tensor,
+    neg_lr: Tensor,
+) -> tuple[Tensor, Tensor]:
+    # Compiled by sophia._fused into one pass per parameter (see _fused_sophiag_kernel).
+    clipped = []
+    ratio_sq = []
+    for param, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):
+        param.mul_(decay)
+        exp_avg.mul_(beta1).add_(grad * grad_sign * one_minus_beta1)
+        ratio = (exp_avg.abs() / (hess * rho).clamp(min=eps)).clamp(max=1)
+        param.addcmul_(exp_avg.sign(), ratio * neg_lr)
+        clipped.append((ratio >= 1).sum())
+        ratio_sq.append(ratio.to(acc_dtype(ratio.dtype)).square().sum())
+    return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()

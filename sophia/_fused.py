@@ -1,0 +1,195 @@
+"""Plumbing of the fused step path: one compiled, multi-tensor kernel per optimizer step.
+
+Nothing here is public API. Each optimizer file keeps its own fused maths (`_fused_*_kernel`, a
+plain function over lists of tensors written like the reference path); this module compiles it
+with `torch.compile` (inductor: fused Triton kernels on CUDA, vectorised C++/OpenMP loops on CPU),
+feeds it hyperparameters as device tensors and guards compile failures.
+
+Why each piece is the way it is:
+
+- One compiled function per *group structure* (device, dtype, shapes, strides, maximize): a fresh
+  code object each, because dynamo keeps its cache and its recompile limit (8) per code object.
+  Shared by all optimizers in the process, so a second optimizer over the same shapes reuses it.
+- Hyperparameters (lr, betas, rho * bs, weight decay) enter as 0-d tensors on the parameters'
+  device. A Python float would be baked into the graph, so an LR schedule would recompile every
+  step; a tensor is just another kernel argument. They are immutable and cached by value, so a
+  constant costs nothing after the first step and a scheduled lr costs one tiny fill per step,
+  with no host-device synchronisation.
+- `fullgraph=True`: the whole step is one graph or an error, never a half-executed step, which is
+  what makes falling back to another path after a compile failure safe.
+"""
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import default_foreach
+
+# Device types inductor generates kernels for, and the dtypes the fused maths is written for.
+FUSED_DEVICE_TYPES = ("cuda", "cpu")
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class FusedCompileError(RuntimeError):
+    """torch.compile could not build the fused step (no C++ compiler, no Triton, ...)."""
+
+
+def check_fused_and_foreach(fused: bool | None, foreach: bool | None, group_index: int | None) -> None:
+    """torch.optim's rule: the two explicit choices exclude each other."""
+    if fused and foreach:
+        where = "" if group_index is None else f" (param group {group_index})"
+        raise ValueError(
+            f"fused=True and foreach=True were both given{where}: they name two different "
+            "implementation paths. Pass only one of them (fused=True for the compiled kernel, "
+            "foreach=True for the torch._foreach_* path)."
+        )
+
+
+def check_fused_supported(params: Iterable[Tensor], optimizer: str) -> None:
+    """Raise a ValueError naming the first parameter the fused path cannot handle."""
+    for i, p in enumerate(params):
+        if p.device.type not in FUSED_DEVICE_TYPES:
+            raise ValueError(
+                f"{optimizer}(fused=True) supports parameters on {', '.join(FUSED_DEVICE_TYPES)} "
+                f"devices; parameter {i} is on '{p.device}'. Move the model to a supported device "
+                "or pass fused=False."
+            )
+        if p.dtype not in FUSED_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in FUSED_DTYPES)
+            raise ValueError(
+                f"{optimizer}(fused=True) supports {names} parameters; parameter {i} is "
+                f"{str(p.dtype).removeprefix('torch.')}. Pass fused=False (the reference and "
+                "foreach paths also handle complex parameters)."
+            )
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(has_triton())
+
+
+def default_fused(params: Sequence[Tensor]) -> bool:
+    """Whether `fused=None` should pick the fused path for these tensors.
+
+    On CUDA (with Triton, which inductor needs there) it is the fastest path: one pass over memory
+    instead of one per elementwise op. On CPU it is not chosen automatically: compiling costs tens
+    of seconds at the first step and needs a C++ toolchain, which short CPU runs never win back
+    (docs/benchmarks.md has the measurements); pass fused=True for long CPU runs.
+    """
+    if not params:
+        return False
+    if any(p.device.type != "cuda" or p.dtype not in FUSED_DTYPES for p in params):
+        return False
+    return _triton_available()
+
+
+def choose_path(group: dict, params: Sequence[Tensor], allow_fused: bool = True) -> tuple[bool, bool]:
+    """(foreach, fused) for one param group: explicit choices win, None picks as documented.
+
+    An explicit foreach=True keeps fused=None off the fused path (torch.optim does the same).
+    """
+    fused = group["fused"]
+    if fused is None:
+        fused = allow_fused and group["foreach"] is not True and default_fused(params)
+    if fused:
+        return False, True
+    foreach = group["foreach"]
+    return (default_foreach(params) if foreach is None else bool(foreach)), False
+
+
+# --------------------------------------------------------------------------------------------
+# scalars as tensors
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype eager kernels compute a Python scalar in (the op math type): float32 for the
+    half types, so the fused path rounds its hyperparameters exactly as the reference does."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scalars(device: torch.device, dtype: torch.dtype, *values: float) -> list[Tensor]:
+    """0-d tensors holding `values` (computed in Python double, rounded once, like eager ops)."""
+    sdtype = scalar_dtype(dtype)
+    return [_scalar(float(v), device, sdtype) for v in values]
+
+
+# --------------------------------------------------------------------------------------------
+# compiling and running
+
+_COMPILED: dict[tuple, Callable] = {}
+# structures whose compiled step has run at least once: past the first call, errors are real
+_WARMED: set[tuple] = set()
+
+
+def _compile(kernel: Callable) -> Callable:
+    # A copy of the function with its own code object gets its own dynamo cache (see module doc).
+    fresh = types.FunctionType(
+        kernel.__code__.replace(), kernel.__globals__, kernel.__name__,
+        kernel.__defaults__, kernel.__closure__,
+    )
+    return torch.compile(fresh, dynamic=False, fullgraph=True)
+
+
+def _structure(tensorlists: Sequence[list[Tensor]], flags: tuple) -> tuple:
+    return (
+        tuple((t.device, t.dtype, tuple(t.shape), t.stride()) for tl in tensorlists for t in tl),
+        flags,
+    )
+
+
+def run_fused(
+    kernel: Callable,
+    tensorlists: Sequence[list[Tensor]],
+    scalar_args: Sequence[Tensor],
+    flags: tuple = (),
+    optimizer: str = "optimizer",
+):
+    """Call the compiled `kernel(*tensorlists, *scalar_args, *flags)`.
+
+    `flags` are Python constants the kernel branches on (e.g. maximize): part of the structure key.
+    A failure of the first call for a structure is a compile failure and raises
+    FusedCompileError; nothing has been written to any tensor at that point.
+    """
+    key = (kernel, _structure(tensorlists, flags))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = _compile(kernel)
+    if key in _WARMED:
+        return fn(*tensorlists, *scalar_args, *flags)
+    try:
+        out = fn(*tensorlists, *scalar_args, *flags)
+    except Exception as err:  # noqa: BLE001 -- any failure here happened while compiling
+        del _COMPILED[key]
+        device = tensorlists[0][0].device.type
+        need = "a working C++ compiler (gcc/clang)" if device == "cpu" else "Triton"
+        raise FusedCompileError(
+            f"{optimizer}: torch.compile could not build the fused step on {device} "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). "
+            f"The fused path needs {need}; install it, or pass fused=False to use the foreach "
+            "or reference path."
+        ) from err
+    _WARMED.add(key)
+    return out
+
+
+def warn_fallback(optimizer: str, err: Exception) -> None:
+    """fused=None found the fused path unusable: say so once per optimizer, then carry on."""
+    warnings.warn(
+        f"{err} Falling back to the non-fused path for this {optimizer} (fused=None).",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,326 @@
+"""The fused (compiled) step path of SophiaG, SophiaH and Lion.
+
+fused == reference (values, state, telemetry) over many steps with two param groups that differ
+in every hyperparameter including maximize, plus Hessian refreshes; the automatic choice; the
+validation errors; the compile-failure guard; no recompiles under a changing lr / bs; and a tiny
+run of scripts/bench_optim.py.
+
+Compiling on CPU takes seconds, so every compiled test uses the same parameter structure
+(SHAPES, one per group, groups sharing it): the whole file compiles three kernels, one per
+optimizer, and the bench test reuses two of them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sophia._fused as fused_mod
+from sophia import Lion, SophiaG, SophiaH
+from sophia.sophiag import sophiag
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = [(8, 6), (5,)]  # the structure of each group below, and of the bench test's parameter set
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES + SHAPES]
+
+
+def _groups(params: list[nn.Parameter], cls: type) -> list[dict]:
+    first = {"params": params[:2]}
+    second = {"params": params[2:], "lr": 3e-2, "weight_decay": 0.3, "maximize": True,
+              "betas": (0.9, 0.95)}
+    if cls is not Lion:
+        second["rho"] = 0.1
+    return [first, second]
+
+
+def _make(cls: type, fused: bool, seed: int = 0, **kwargs):
+    params = _params(seed)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1, **kwargs}
+    return params, cls(_groups(params, cls), fused=fused, **kwargs)
+
+
+def _set_grads(params: list[nn.Parameter], seed: int, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+def _step(cls: type, params, opt, t: int) -> None:
+    """One training step at index t with a Hessian refresh every third step."""
+    _set_grads(params, 1000 + t)
+    if cls is SophiaG:
+        opt.step(bs=16 + t)
+    else:
+        opt.step()
+    if t % 3 == 2 and cls is SophiaG:
+        _set_grads(params, 5000 + t, scale=0.1)  # the sampled-label gradient
+        opt.update_hessian()
+    elif t % 3 == 2 and cls is SophiaH:
+        g = torch.Generator().manual_seed(5000 + t)
+        # Hutchinson estimates are signed; these are mostly positive, some negative
+        opt.update_hessian([(torch.randn(p.shape, generator=g) + 1) * 30 for p in params])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_fused_matches_reference(cls: type) -> None:
+    ref_params, ref = _make(cls, fused=False, foreach=False)
+    fus_params, fus = _make(cls, fused=True)
+    for t in range(24):
+        _step(cls, ref_params, ref, t)
+        _step(cls, fus_params, fus, t)
+        ref_tel, fus_tel = ref.telemetry(), fus.telemetry()
+        assert set(ref_tel) == set(fus_tel)
+        for k in ref_tel:
+            torch.testing.assert_close(fus_tel[k], ref_tel[k], rtol=1e-5, atol=1e-7)
+    start = _params()
+    for p, q, p0 in zip(fus_params, ref_params, start):
+        _close(p, q)
+        assert not torch.equal(p, p0)  # it moved
+    for p, q in zip(fus_params, ref_params):
+        s, r = fus.state[p], ref.state[q]
+        assert set(s) == set(r)
+        for key in s:
+            if key == "step":
+                assert s[key].item() == r[key].item() == 24 and s[key].device.type == "cpu"
+            else:
+                _close(s[key], r[key])
+    if cls is not Lion:  # the comparison of clip_frac is not trivially all or nothing
+        assert 0.0 < fus.telemetry()["clip_frac"].item() < 1.0
+
+
+@pytest.mark.slow
+def test_fused_sophiag_telemetry_matches_state() -> None:
+    params, opt = _make(SophiaG, fused=True, lr=2e-2, rho=0.05)
+    for t in range(5):
+        _step(SophiaG, params, opt, t)
+    bs = 40
+    _set_grads(params, 77)
+    opt.step(bs=bs)
+    tel = opt.telemetry()
+    clipped, ratio_sq, numel = 0.0, 0.0, 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            m, h = opt.state[p]["exp_avg"], opt.state[p]["hessian"]
+            ratio = (m.abs() / (group["rho"] * bs * h + 1e-15)).clamp(max=1)
+            clipped += (m.abs() >= group["rho"] * bs * h).sum().item()
+            ratio_sq += (group["lr"] * ratio).square().sum().item()
+            numel += p.numel()
+    assert 0 < clipped < numel
+    torch.testing.assert_close(tel["clip_frac"].item(), clipped / numel)
+    torch.testing.assert_close(tel["update_rms"].item(), (ratio_sq / numel) ** 0.5, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [SophiaG, Lion])
+def test_changing_lr_and_bs_do_not_recompile(cls: type) -> None:
+    from torch._dynamo.utils import counters
+
+    params, opt = _make(cls, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    _step(cls, params, opt, 0)  # compiles (or reuses) the kernel for this structure
+    sched.step()
+    graphs = counters["stats"]["unique_graphs"]
+    lrs = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(1, 6):
+            _step(cls, params, opt, t)  # SophiaG: bs changes every step too
+            lrs.add(opt.param_groups[0]["lr"])
+            sched.step()
+    assert len(lrs) == 5
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+# ------------------------------------------------------------------------------ path choice
+
+
+def test_automatic_choice_on_cpu_keeps_the_eager_paths(monkeypatch) -> None:
+    def no_compile(*args, **kwargs):
+        raise AssertionError("fused=None compiled on CPU")
+
+    monkeypatch.setattr("sophia.sophiag.run_fused", no_compile)
+    p = nn.Parameter(torch.ones(3))
+    opt = SophiaG([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["fused"] is None
+    assert not fused_mod.default_fused([p])
+    assert fused_mod.choose_path(opt.param_groups[0], [p]) == (False, False)
+
+
+def test_choose_path_rules(monkeypatch) -> None:
+    p = [torch.zeros(2)]
+    monkeypatch.setattr(fused_mod, "default_fused", lambda params: True)  # as on CUDA
+    choose = fused_mod.choose_path
+    assert choose({"fused": None, "foreach": None}, p) == (False, True)
+    assert choose({"fused": None, "foreach": True}, p) == (True, False)  # explicit foreach wins
+    assert choose({"fused": None, "foreach": None}, p, allow_fused=False) == (False, False)
+    assert choose({"fused": False, "foreach": None}, p) == (False, False)
+    assert choose({"fused": True, "foreach": None}, p) == (False, True)
+    assert choose({"fused": True, "foreach": False}, p) == (False, True)
+
+
+def test_default_fused_wants_cuda_and_float() -> None:
+    assert not fused_mod.default_fused([])
+    assert not fused_mod.default_fused([torch.zeros(2)])  # CPU
+    assert not fused_mod.default_fused([torch.zeros(2, device="meta")])
+
+
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_fused_and_foreach_together_is_an_error(cls: type) -> None:
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"fused=True and foreach=True.*Pass only one"):
+        cls([p], fused=True, foreach=True)
+    with pytest.raises(ValueError, match=r"fused=True and foreach=True.*param group 0"):
+        cls([{"params": [p], "foreach": True}], fused=True)
+    cls([p], fused=False, foreach=True)  # fine
+
+
+def test_functional_api_rejects_fused_with_foreach() -> None:
+    p = torch.zeros(2)
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        sophiag([p], [p], [p], [p], [torch.tensor(0.0)], bs=1, beta1=0.9, rho=0.1, lr=0.1,
+                weight_decay=0.0, maximize=False, foreach=True, fused=True)
+
+
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_fused_rejects_unsupported_dtypes_and_devices(cls: type) -> None:
+    with pytest.raises(ValueError, match=r"parameter 1 is complex64.*fused=False"):
+        cls([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.complex64))],
+            fused=True)
+    with pytest.raises(ValueError, match=r"parameter 0 is on 'meta'.*fused=False"):
+        cls([nn.Parameter(torch.zeros(2, device="meta"))], fused=True)
+    # fused=None is not an error: those parameters take the other paths
+    cls([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
+
+
+def _broken_compiler(monkeypatch) -> None:
+    def compile_that_fails(kernel):
+        def run(*args):
+            raise RuntimeError("CppCompileError: no working C++ compiler")
+        return run
+
+    monkeypatch.setattr(fused_mod, "_compile", compile_that_fails)
+    monkeypatch.setattr(fused_mod, "_COMPILED", {})
+    monkeypatch.setattr(fused_mod, "_WARMED", set())
+
+
+def test_compile_failure_with_fused_true_raises_and_changes_nothing(monkeypatch) -> None:
+    _broken_compiler(monkeypatch)
+    p = nn.Parameter(torch.ones(3))
+    opt = SophiaG([p], lr=0.1, fused=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"could not build the fused step.*C\+\+ compiler.*fused=False"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3))
+    assert opt.state[p]["step"].item() == 0 and torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))
+
+
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_compile_failure_with_fused_none_falls_back(cls: type, monkeypatch) -> None:
+    _broken_compiler(monkeypatch)
+    monkeypatch.setattr(fused_mod, "default_fused", lambda params: True)  # as on CUDA
+    params, opt = _make(cls, fused=None)
+    ref_params, ref = _make(cls, fused=False)
+    with pytest.warns(RuntimeWarning, match="Falling back to the non-fused path"):
+        _step(cls, params, opt, 0)
+    _step(cls, ref_params, ref, 0)
+    for t in range(1, 3):  # no second warning, and the same numbers as the reference
+        _step(cls, params, opt, t)
+        _step(cls, ref_params, ref, t)
+    for p, q in zip(params, ref_params):
+        _close(p, q)
+    for k, v in ref.telemetry().items():
+        torch.testing.assert_close(opt.telemetry()[k], v)
+
+
+def test_state_dict_keeps_and_defaults_fused() -> None:
+    params, opt = _make(SophiaG, fused=False)
+    _step(SophiaG, params, opt, 0)
+    sd = opt.state_dict()
+    assert all(g["fused"] is False for g in sd["param_groups"])
+    for g in sd["param_groups"]:
+        del g["fused"]  # as saved by the official code or before the fused path existed
+    opt.load_state_dict(sd)
+    assert all(g["fused"] is None for g in opt.param_groups)
+
+
+# ------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_fused_matches_reference_on_cuda(cls: type) -> None:
+    def to_cuda(params):
+        return [nn.Parameter(p.detach().cuda()) for p in params]
+
+    ref_params, fus_params = to_cuda(_params()), to_cuda(_params())
+    ref = cls(_groups(ref_params, cls), lr=1e-2, weight_decay=0.1, fused=False, foreach=False)
+    fus = cls(_groups(fus_params, cls), lr=1e-2, weight_decay=0.1)  # fused=None: picks fused
+    assert fused_mod.choose_path(fus.param_groups[0], fus_params) == (False, True)
+    for t in range(12):
+        for params, opt in ((ref_params, ref), (fus_params, fus)):
+            g = torch.Generator().manual_seed(1000 + t)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).cuda()
+            opt.step(**({"bs": 16 + t} if cls is SophiaG else {}))
+            if t % 3 == 2 and cls is SophiaG:
+                opt.update_hessian()
+            elif t % 3 == 2 and cls is SophiaH:
+                opt.update_hessian([p.grad * 0.5 for p in params])
+    for p, q in zip(fus_params, ref_params):
+        _close(p, q)
+    for k, v in ref.telemetry().items():
+        torch.testing.assert_close(fus.telemetry()[k], v, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- bench_optim.py
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_optim", REPO / "scripts" / "bench_optim.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_optim"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
+    bench = _load_bench()
+    out = tmp_path / "bench.json"
+    shapes = ",".join("x".join(map(str, s)) for s in SHAPES)
+    rc = bench.main(["--shapes", shapes, "--device", "cpu", "--repeats", "3", "--warmup", "1",
+                     "--copy-mb", "4", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["device"] and result["torch"] == torch.__version__ and result["command"]
+    [model] = result["models"]
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    assert model["params"] == n
+    assert result["copy_gbps"] > 0
+    got = {(r["optimizer"], r["path"]) for r in model["rows"]}
+    assert got >= {("adamw", "foreach"), ("adamw", "fused"), ("lion", "reference"),
+                   ("lion", "foreach"), ("lion", "fused"), ("sophiag", "reference"),
+                   ("sophiag", "foreach"), ("sophiag", "fused")}
+    floor = {"adamw": 28, "lion": 20, "sophiag": 24}
+    for r in model["rows"]:
+        assert r["ms_per_step"] > 0 and r["gbps"] > 0 and r["copy_fraction"] > 0
+        assert r["bytes_per_step"] == floor[r["optimizer"]] * n
+        assert r["gbps"] == pytest.approx(r["bytes_per_step"] / (r["ms_per_step"] * 1e-3) / 1e9)
+        assert r["vs_adamw_foreach"] > 0 and r["vs_adamw_fused"] > 0
+    table = capsys.readouterr().out
+    assert "sophiag" in table and "ms/step" in table
