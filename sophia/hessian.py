@@ -73,13 +73,14 @@ def _draw_rows(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         labels (int64 [n]) and logsumexp (float32, or float64 for float64 logits, [n]) of each row.
     """
     n, vocab = logits.shape
-    blocks = -(-vocab // _BLOCK)
+    width = min(_BLOCK, vocab)  # small vocabularies: one block, no padding
+    blocks = -(-vocab // width)
     dtype = _work_dtype(logits.dtype)
     m = logits.amax(-1, keepdim=True).to(dtype)  # exact in any dtype; the stabiliser of exp
-    work = torch.empty(n, blocks * _BLOCK, dtype=dtype, device=logits.device)
+    work = torch.empty(n, blocks * width, dtype=dtype, device=logits.device)
     torch.sub(logits, m, out=work[:, :vocab])
     work[:, vocab:] = float("-inf")  # padding: probability exactly 0, never drawn
-    e = work.exp_().view(n, blocks, _BLOCK)  # unnormalised probabilities
+    e = work.exp_().view(n, blocks, width)  # unnormalised probabilities
     mass = e.sum(-1).double()  # [n, blocks]; a float32 sum of 256 terms is accurate and fast
     cdf = mass.cumsum(-1)
     total = cdf[:, -1]
@@ -89,14 +90,14 @@ def _draw_rows(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     j = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
     j = torch.minimum(j, _last_positive(mass))
     before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-    inner = e.gather(1, j[:, None, None].expand(n, 1, _BLOCK)).squeeze(1).double()  # [n, block]
+    inner = e.gather(1, j[:, None, None].expand(n, 1, width)).squeeze(1).double()  # [n, block]
     inner_cdf = inner.cumsum(-1)
     # rescale the residual to the block's own float64 cumsum, which sums in another order than
     # the block mass did, so the two levels partition [0, 1) consistently
     residual = (target - before) * (inner_cdf[:, -1] / mass.gather(1, j[:, None]).squeeze(1))
     k = torch.searchsorted(inner_cdf, residual[:, None], right=True).squeeze(1)
     k = torch.minimum(k, _last_positive(inner))
-    labels = (j * _BLOCK + k).clamp_(max=vocab - 1)
+    labels = (j * width + k).clamp_(max=vocab - 1)
     lse = (m.squeeze(1).double() + total.log()).to(dtype)
     return labels, lse
 

@@ -8,13 +8,26 @@ Expectations checked, precisely:
   E[B * g_hat^2] = (1/B) sum_i GN_diag_i (cross terms vanish: the score p - onehot(y) has mean 0),
   i.e. the GN diagonal of the mean loss, which is what SophiaG's rho * bs * h divides by.
 - Hutchinson: E_u[u * (H u)] = diag(H) for Rademacher u, with or without off-diagonal terms.
+
+The fused `gnb_loss` (the default) is checked against the plain reference (`fused=False`:
+`sample_labels` then `F.cross_entropy`): same labels from the same generator state, gradients
+equal to float rounding in every dtype, results independent of the chunking; and the label draw
+itself against an exact float64 inverse CDF.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
-from sophia.hessian import gnb_loss, hutchinson, sample_labels
+from sophia.hessian import _draw_rows, gnb_loss, hutchinson, sample_labels
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sample_labels_shape_and_distribution() -> None:
@@ -127,3 +140,153 @@ def test_hutchinson_unbiased_with_off_diagonal_terms() -> None:
         mean, se = s.mean(0), s.std(0) / n**0.5
         assert (s.std(0) > 0).all()  # genuinely noisy: off-diagonal terms are present
         assert ((mean - target).abs() < 5 * se).all(), (mean, target, se)
+
+
+# ------------------------------------------------------------------ fused path vs the reference
+def _grad(logits: torch.Tensor, seed: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.detach().clone().requires_grad_()
+    loss = gnb_loss(x, generator=torch.Generator().manual_seed(seed), **kw)
+    (grad,) = torch.autograd.grad(loss * 3.0, x)  # a non-unit upstream gradient
+    return loss.detach(), grad
+
+
+def _labels_of(grad: torch.Tensor) -> torch.Tensor:
+    """The label of each row, read off the gradient (p - onehot(y)) * c: its only negative entry."""
+    return grad.argmin(-1)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol",
+    [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)],
+)
+def test_fused_gradient_equals_reference(dtype: torch.dtype, tol: float) -> None:
+    # vocab 700: three 256-column blocks, the last one padded; logits spread like an LM's
+    logits = (4 * torch.randn(3, 11, 700, generator=torch.Generator().manual_seed(0))).to(dtype)
+    loss, grad = _grad(logits, seed=5)
+    ref_loss, ref_grad = _grad(logits, seed=5, fused=False)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert torch.equal(_labels_of(grad), _labels_of(ref_grad))  # the same draw
+    assert torch.equal(_labels_of(grad), sample_labels(logits, torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(loss, ref_loss.to(loss.dtype), rtol=tol, atol=tol)
+    # relative to the largest entry (1/N * 3): bf16/fp16 round the gradient itself
+    scale = ref_grad.abs().max().double()
+    assert ((grad.double() - ref_grad.double()).abs().max() / scale) < tol
+    if dtype == torch.float64:  # and both equal CE against those labels, computed in float64
+        y = _labels_of(grad).reshape(-1)
+        x = logits.detach().clone().requires_grad_()
+        exact = nn.functional.cross_entropy(x.reshape(-1, 700), y)
+        torch.testing.assert_close(loss, exact.detach(), rtol=1e-13, atol=0)
+        torch.testing.assert_close(grad, torch.autograd.grad(3 * exact, x)[0], rtol=1e-12, atol=1e-15)
+
+
+def test_fused_and_reference_consume_the_generator_alike() -> None:
+    logits = torch.randn(4, 300)
+    states = []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(9)
+        gnb_loss(logits, generator=gen, fused=fused)
+        states.append(gen.get_state())
+    assert torch.equal(states[0], states[1])
+    # and the draws genuinely depend on the generator state
+    a = sample_labels(torch.zeros(64, 300), torch.Generator().manual_seed(0))
+    b = sample_labels(torch.zeros(64, 300), torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(700,), (5, 700), (2, 3, 4, 700)])
+def test_fused_any_leading_shape(shape: tuple[int, ...]) -> None:
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    loss, grad = _grad(logits, seed=2)
+    ref_loss, ref_grad = _grad(logits, seed=2, fused=False)
+    assert loss.shape == () and grad.shape == shape
+    assert sample_labels(logits).shape == shape[:-1]
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunking_does_not_change_the_result(dtype: torch.dtype) -> None:
+    logits = (3 * torch.randn(37, 600, generator=torch.Generator().manual_seed(4))).to(dtype)
+    whole_loss, whole_grad = _grad(logits, seed=8, chunk_rows=10**6)  # one chunk
+    for rows in (1, 5, 36):  # 5 and 36 leave a ragged last chunk
+        loss, grad = _grad(logits, seed=8, chunk_rows=rows)
+        assert torch.equal(_labels_of(grad), _labels_of(whole_grad))
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, whole_grad, rtol=1e-6, atol=1e-9)
+        labels = sample_labels(logits, torch.Generator().manual_seed(8), chunk_rows=rows)
+        assert torch.equal(labels, _labels_of(whole_grad))
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        gnb_loss(logits, chunk_rows=0)
+
+
+def test_label_draw_is_the_exact_inverse_cdf() -> None:
+    """Against searchsorted on a float64 CDF: same label unless u sits on a float32 rounding tie."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, n = 600, 4000  # two full blocks and a padded one
+    row = 5 * torch.randn(vocab, generator=gen)
+    row[[0, 17, 255, 256, 599]] = float("-inf")  # impossible tokens, at block edges too
+    logits = row.expand(n, vocab)
+    u = torch.rand(n, dtype=torch.float64, generator=gen)
+    labels, lse = _draw_rows(logits, u)
+    cdf = torch.softmax(row.double(), -1).cumsum(-1)
+    exact = torch.searchsorted(cdf, u, right=True).clamp(max=vocab - 1)
+    near_tie = (cdf[None, :] - u[:, None]).abs().min(-1).values < 1e-6
+    assert (labels == exact)[~near_tie].all()
+    assert not torch.isin(labels, torch.tensor([0, 17, 255, 256, 599])).any()
+    torch.testing.assert_close(lse, torch.logsumexp(row, -1).expand(n))
+    # the extremes of u map to the first and the last possible token
+    lo_hi, _ = _draw_rows(logits[:2], torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64))
+    possible = torch.isfinite(row).nonzero().squeeze(1)
+    assert lo_hi.tolist() == [possible[0].item(), possible[-1].item()]
+
+
+def test_non_finite_logits_give_a_non_finite_loss_not_a_crash() -> None:
+    logits = torch.randn(4, 300)
+    logits[1, 7] = float("nan")
+    labels = sample_labels(logits, torch.Generator().manual_seed(0))
+    assert ((labels >= 0) & (labels < 300)).all()
+    assert gnb_loss(logits, torch.Generator().manual_seed(0)).isnan()
+
+
+def test_fused_under_autocast_matches_reference() -> None:
+    lin = nn.Linear(16, 300)
+    x = torch.randn(2, 6, 16)
+    grads = []
+    for fused in (True, False):
+        lin.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = lin(x)
+        assert logits.dtype == torch.bfloat16
+        gnb_loss(logits, generator=torch.Generator().manual_seed(3), fused=fused).backward()
+        grads.append(lin.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ scripts/bench_hessian.py
+def test_bench_hessian_runs_and_reports(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_hessian", REPO / "scripts" / "bench_hessian.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_hessian"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--batch", "2", "--seq", "8", "--vocab", "1000", "--repeats", "1",
+                     "--no-cpu-memory", "--data", "random", "--mb-rows", "2", "--mb-seq", "8",
+                     "--train-steps", "2", "--micro-batches", "1,2", "--accum", "4",
+                     "--ref-micro-batches", "4", "--trials", "2", "--threads", "1",
+                     "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["loss"]] == list(bench.VARIANTS)
+    assert all(r["ms"] > 0 and r["peak_extra_bytes"] is None for r in result["loss"])
+    rows = result["micro_batches"]["rows"]
+    assert {(r["estimator"], r["micro_batches"]) for r in rows} == {
+        (e, m) for e in ("squared-mean", "mean-of-squares") for m in (1, 2)}
+    for r in rows:
+        assert r["cost_vs_all"] == r["micro_batches"] / 4 and r["tokens"] == r["micro_batches"] * 16
+        assert 0 < r["rel_l2_err"] < float("inf") and r["rel_l2_err_denoised"] <= r["rel_l2_err"]
+    # with one micro-batch the two estimators are the same number
+    one = [r["rel_l2_err"] for r in rows if r["micro_batches"] == 1]
+    assert one[0] == pytest.approx(one[1])
+    with pytest.raises(SystemExit):
+        bench.main(["--micro-batches", "16", "--accum", "8"])
