@@ -71,6 +71,8 @@ class HessianRefresher:
     def refresh(self, step: int, model: torch.nn.Module, raw_model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, get_batch: Callable, autocast) -> None:
         """Estimate the diagonal Hessian on fresh batches and fold it into the optimizer's EMA."""
+        if self.env.device.type == "cuda":  # do not bill queued optimizer-step work to the Hessian
+            torch.cuda.synchronize(self.env.device)
         t0 = time.perf_counter()
         if self.estimator == "gnb":
             self._gnb(step, model, optimizer, get_batch, autocast)
