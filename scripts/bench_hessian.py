@@ -2,7 +2,8 @@
 
     python scripts/bench_hessian.py                                   # CPU, offline, ~1 minute
     python scripts/bench_hessian.py --device cuda --dtype bfloat16 --batch 16 --seq 1024 \\
-        --model gpt2-small --mb-rows 16 --mb-seq 1024 --train-steps 0 --json results/bench_hessian.json
+        --model gpt2-small --mb-rows 16 --mb-seq 1024 --train-steps 200 \\
+        --json results/bench_hessian_h100.json
 
 Part 1, ``loss``: forward + backward of ``gnb_loss`` on random logits [B, T, V] (default
 V = 50304, GPT-2's padded vocab), for
@@ -278,21 +279,30 @@ def bench_micro_batches(args, device: torch.device) -> dict[str, Any]:
         return _flat_grad(model)
 
     t0 = time.perf_counter()
-    ref_terms = torch.stack([tokens_per_mb * sampled_grad() ** 2 for _ in range(args.ref_micro_batches)])
-    h_ref = ref_terms.mean(0)
+    # running sums rather than stacked gradients: GPT-2-sized models on a GPU must fit
+    M = args.ref_micro_batches
+    s1 = s2 = 0.0
+    for _ in range(M):
+        term = tokens_per_mb * sampled_grad() ** 2
+        s1, s2 = s1 + term, s2 + term**2
+    h_ref = s1 / M
     ref_norm = h_ref.norm()
     # the reference's own error: its terms are i.i.d., so E||h_ref - E h||^2 = sum(var) / M
-    ref_noise = math.sqrt(float(ref_terms.var(0).sum()) / args.ref_micro_batches) / float(ref_norm)
-    del ref_terms
+    var_sum = float(((s2 - s1**2 / M) / (M - 1)).clamp(min=0).sum())
+    ref_noise = math.sqrt(var_sum / M) / float(ref_norm)
+    del s1, s2
     results = []
     for m in args.micro_batches:
         errs = {"squared-mean": [], "mean-of-squares": []}
         l1_errs = {"squared-mean": [], "mean-of-squares": []}
         for _ in range(args.trials):
-            gs = torch.stack([sampled_grad() for _ in range(m)])
+            g_sum = sq_sum = 0.0
+            for _ in range(m):
+                g = sampled_grad()
+                g_sum, sq_sum = g_sum + g, sq_sum + g**2
             estimates = {
-                "squared-mean": (m * tokens_per_mb) * gs.mean(0) ** 2,
-                "mean-of-squares": (tokens_per_mb * gs**2).mean(0),
+                "squared-mean": (m * tokens_per_mb) * (g_sum / m) ** 2,
+                "mean-of-squares": tokens_per_mb * sq_sum / m,
             }
             for name, h in estimates.items():
                 errs[name].append(float((h - h_ref).norm() / ref_norm))
@@ -332,8 +342,10 @@ def print_tables(result: dict[str, Any]) -> None:
               f"{result['device']}")
         print(f"{'variant':<15}{'ms (median)':>12}{'peak extra':>12}{'x logits':>10}")
         for r in result["loss"]:
-            ratio = "n/a" if r["peak_extra_over_logits"] is None else f"{r['peak_extra_over_logits']:.2f}"
-            print(f"{r['variant']:<15}{r['ms']:>12.1f}{_fmt_bytes(r['peak_extra_bytes']):>12}{ratio:>10}")
+            over = r["peak_extra_over_logits"]
+            ratio = "n/a" if over is None else f"{over:.2f}"
+            print(f"{r['variant']:<15}{r['ms']:>12.1f}{_fmt_bytes(r['peak_extra_bytes']):>12}"
+                  f"{ratio:>10}")
     mb = result.get("micro_batches")
     if mb:
         print(f"\nOne GNB estimate from m micro-batches of {mb['tokens_per_micro_batch']} tokens "
@@ -407,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: dict[str, Any] = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "python scripts/bench_hessian.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "command": "python scripts/bench_hessian.py "
+                       + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else platform.processor() or "cpu"),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "args": {k: v for k, v in vars(args).items()},
         }

@@ -6,6 +6,11 @@ E_y[(d/dtheta CE(z, y))^2] = diag(J^T (diag(p) - p p^T) J), the diagonal of the 
 matrix, because the score dCE/dz = p - onehot(y) has mean 0 and covariance diag(p) - p p^T under
 y ~ p. For a loss averaged over B tokens the estimate is B * g_hat^2 (SophiaG's `bs`).
 
+`gnb_loss` samples and forms the loss and its gradient in one chunked custom autograd function
+(`fused=True`, the default) with bounded float32 temporaries; `fused=False` is the plain reference
+(`sample_labels`, then `F.cross_entropy`). Both take their randomness from one float64 uniform per
+position, drawn first, so they sample the same labels from the same generator state.
+
 Hutchinson (for SophiaH): for Rademacher u, E[u * (H u)] = diag(H), computed with a double
 backward. The model must support double backward (math attention backend).
 """
@@ -33,7 +38,9 @@ def _chunk_rows(rows: int, vocab: int, device: torch.device, chunk_rows: int | N
     """
     if chunk_rows is not None:
         if chunk_rows < 1:
-            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1 (or None to choose automatically)")
+            raise ValueError(
+                f"chunk_rows={chunk_rows} must be >= 1 (or None to choose automatically)"
+            )
         return min(chunk_rows, max(rows, 1))
     budget = 1 << (22 if device.type == "cpu" else 26)
     return max(1, min(rows, budget // vocab))
@@ -66,8 +73,8 @@ def _draw_rows(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     Two levels instead of one cumsum over V: the masses of 256-column blocks pick the block (a
     float64 cumsum over V/256 entries), then a float64 cumsum of that block alone picks the token.
     This is exact to float32 rounding of each probability (a float32 cumsum over 50k entries
-    would blur every token's probability by about 6e-8 absolute) and cheaper (no [n, V] cumsum). One float32 [n, V] temporary, reused in
-    place: logits - max, exp, block sums.
+    would blur every token's probability by about 6e-8 absolute) and cheaper (no [n, V] cumsum).
+    One float32 [n, V] temporary, reused in place: logits - max, exp, block sums.
 
     Returns:
         labels (int64 [n]) and logsumexp (float32, or float64 for float64 logits, [n]) of each row.
@@ -198,8 +205,9 @@ def gnb_loss(
         fused: True (default) samples and forms the loss and its gradient in a custom autograd
             function that works on float32 chunks of rows: no float32 copy of the whole logits,
             no saved log-softmax. False is the plain reference: `sample_labels` then
-            `F.cross_entropy` on a float32 (float64 for float64 logits) copy. Both draw the same labels from the same
-            generator state, so their gradients agree to float rounding.
+            `F.cross_entropy` on a float32 (float64 for float64 logits) copy. Both draw the
+            same labels from the same generator state, so their gradients agree to float
+            rounding.
         chunk_rows: positions per chunk of the fused path (and of the sampling); None picks a
             bounded size. Results do not depend on it beyond float rounding.
     """
