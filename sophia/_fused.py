@@ -39,7 +39,9 @@ class FusedCompileError(RuntimeError):
     """torch.compile could not build the fused step (no C++ compiler, no Triton, ...)."""
 
 
-def check_fused_and_foreach(fused: bool | None, foreach: bool | None, group_index: int | None) -> None:
+def check_fused_and_foreach(
+    fused: bool | None, foreach: bool | None, group_index: int | None
+) -> None:
     """torch.optim's rule: the two explicit choices exclude each other."""
     if fused and foreach:
         where = "" if group_index is None else f" (param group {group_index})"
@@ -77,22 +79,33 @@ def _triton_available() -> bool:
     return bool(has_triton())
 
 
+# fused=None takes the fused path on CPU only for groups at least this large: compiling costs tens
+# of seconds (about 45 s for a GPT-2 small group on 2 cores) and each step saves about
+# 30 ns per parameter over the foreach path (docs/benchmarks.md), so only big groups repay it
+# within a few dozen steps. Tiny models (tests, the offline quickstart) never would.
+CPU_FUSED_MIN_NUMEL = 2**24
+
+
 def default_fused(params: Sequence[Tensor]) -> bool:
-    """Whether `fused=None` should pick the fused path for these tensors.
+    """Whether `fused=None` should pick the fused path for these tensors (one param group).
 
-    On CUDA (with Triton, which inductor needs there) it is the fastest path: one pass over memory
-    instead of one per elementwise op. On CPU it is not chosen automatically: compiling costs tens
-    of seconds at the first step and needs a C++ toolchain, which short CPU runs never win back
-    (docs/benchmarks.md has the measurements); pass fused=True for long CPU runs.
+    CUDA (with Triton, which inductor needs there): always; it is one pass over memory instead of
+    one per elementwise op. CPU: when the group holds at least CPU_FUSED_MIN_NUMEL parameters,
+    where the measured per-step saving repays the compile time quickly. Elsewhere: never.
     """
-    if not params:
+    if not params or any(p.dtype not in FUSED_DTYPES for p in params):
         return False
-    if any(p.device.type != "cuda" or p.dtype not in FUSED_DTYPES for p in params):
-        return False
-    return _triton_available()
+    device_types = {p.device.type for p in params}
+    if device_types == {"cuda"}:
+        return _triton_available()
+    if device_types == {"cpu"}:
+        return sum(p.numel() for p in params) >= CPU_FUSED_MIN_NUMEL
+    return False
 
 
-def choose_path(group: dict, params: Sequence[Tensor], allow_fused: bool = True) -> tuple[bool, bool]:
+def choose_path(
+    group: dict, params: Sequence[Tensor], allow_fused: bool = True
+) -> tuple[bool, bool]:
     """(foreach, fused) for one param group: explicit choices win, None picks as documented.
 
     An explicit foreach=True keeps fused=None off the fused path (torch.optim does the same).
@@ -104,6 +117,16 @@ def choose_path(group: dict, params: Sequence[Tensor], allow_fused: bool = True)
         return False, True
     foreach = group["foreach"]
     return (default_foreach(params) if foreach is None else bool(foreach)), False
+
+
+def count_true(mask: Tensor) -> Tensor:
+    """Number of True entries as an int64 0-d tensor, for use inside the compiled kernels.
+
+    Counting in int32 where it cannot overflow lets inductor's CPU code keep the count in one
+    vector register: an int64 count made the whole fused SophiaG step 2-3x slower on CPU.
+    """
+    dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
+    return mask.sum(dtype=dtype).to(torch.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +168,11 @@ def _compile(kernel: Callable) -> Callable:
 
 
 def _structure(tensorlists: Sequence[list[Tensor]], flags: tuple) -> tuple:
-    return (
-        tuple((t.device, t.dtype, tuple(t.shape), t.stride()) for tl in tensorlists for t in tl),
-        flags,
-    )
+    # Only picks the cache; dynamo's guards still check every tensor, so a mismatch elsewhere
+    # (strides, a state tensor's dtype) recompiles rather than misbehaves. Kept cheap: it runs
+    # every step.
+    params = tensorlists[0]
+    return (params[0].device, params[0].dtype, tuple(p.shape for p in params), flags)
 
 
 def run_fused(
@@ -176,9 +200,10 @@ def run_fused(
         del _COMPILED[key]
         device = tensorlists[0][0].device.type
         need = "a working C++ compiler (gcc/clang)" if device == "cpu" else "Triton"
+        first_line = (str(err).strip().splitlines() or [""])[0]
         raise FusedCompileError(
             f"{optimizer}: torch.compile could not build the fused step on {device} "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}). "
+            f"({type(err).__name__}: {first_line}). "
             f"The fused path needs {need}; install it, or pass fused=False to use the foreach "
             "or reference path."
         ) from err

@@ -26,7 +26,6 @@ from ._common import (
     as_real,
     check_betas,
     check_nonnegative,
-    default_foreach,
     group_by_device_and_dtype,
     sum_to,
 )
@@ -35,6 +34,7 @@ from ._fused import (
     check_fused_and_foreach,
     check_fused_supported,
     choose_path,
+    count_true,
     run_fused,
     scalars,
     warn_fallback,
@@ -55,8 +55,8 @@ class Lion(Optimizer):
         foreach: use the multi-tensor path; None picks it when all parameters sit on one
             accelerator type (torch.optim's rule).
         fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
-            None picks it on CUDA with Triton (see `sophia.SophiaG`); fused=True raises if it
-            cannot compile, None warns and falls back. Excludes foreach=True.
+            None picks it on CUDA and for big CPU groups (see `sophia.SophiaG`); fused=True
+            raises if it cannot compile, None warns and falls back. Excludes foreach=True.
     """
 
     def __init__(
@@ -280,7 +280,8 @@ def _fused_lion(
 ) -> Tensor:
     check_fused_supported(params, "Lion")
     moved: list[Tensor] = []
-    for (device, dtype), tensorlists in group_by_device_and_dtype([params, grads, exp_avgs]).items():
+    grouped = group_by_device_and_dtype([params, grads, exp_avgs])
+    for (device, dtype), tensorlists in grouped.items():
         hyper = scalars(
             device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
             beta2, 1 - beta2, -lr,
@@ -310,5 +311,5 @@ def _fused_lion_kernel(
         update = (exp_avg * beta1 + grad * one_minus_beta1).sign()
         param.add_(update * neg_lr)  # update is +-1 or 0: same as alpha=-lr
         exp_avg.mul_(beta2).add_(grad * one_minus_beta2)
-        moved.append((update != 0).sum())
+        moved.append(count_true(update != 0))
     return torch.stack(moved).sum().float()

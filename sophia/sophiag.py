@@ -49,6 +49,7 @@ from ._fused import (
     check_fused_and_foreach,
     check_fused_supported,
     choose_path,
+    count_true,
     run_fused,
     scalars,
     warn_fallback,
@@ -87,10 +88,10 @@ class SophiaG(Optimizer):
         foreach: use the multi-tensor path; None picks it when all parameters sit on one
             accelerator type (torch.optim's rule).
         fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
-            None picks it when every parameter is a float CUDA tensor and Triton is available,
-            and otherwise falls back to `foreach`'s rule; a compile failure then warns and falls
-            back too, while fused=True raises. Not chosen automatically on CPU, where compiling
-            costs more than short runs save (docs/benchmarks.md). Excludes foreach=True.
+            None picks it per param group on CUDA (with Triton), and on CPU for groups of at
+            least 2**24 parameters, where it repays its compile time (docs/benchmarks.md);
+            otherwise `foreach`'s rule applies. Under None a compile failure warns and falls
+            back; fused=True raises instead. Excludes foreach=True.
     """
 
     def __init__(
@@ -475,6 +476,6 @@ def _fused_sophiag_kernel(
         exp_avg.mul_(beta1).add_(grad * grad_sign * one_minus_beta1)
         ratio = (exp_avg.abs() / (hess * denom_scale + _DENOM_EPS)).clamp(max=1)
         param.addcmul_(exp_avg.sign(), ratio * neg_lr)  # sign is +-1 or 0: same as value=-lr
-        clipped.append((ratio >= 1).sum())
+        clipped.append(count_true(ratio >= 1))
         ratio_sq.append(ratio.to(acc_dtype(ratio.dtype)).square().sum())
     return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()

@@ -39,6 +39,7 @@ from ._fused import (
     check_fused_and_foreach,
     check_fused_supported,
     choose_path,
+    count_true,
     run_fused,
     scalars,
     warn_fallback,
@@ -62,8 +63,8 @@ class SophiaH(Optimizer):
         foreach: use the multi-tensor path; None picks it when all parameters sit on one
             accelerator type (torch.optim's rule).
         fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
-            None picks it on CUDA with Triton (see `sophia.SophiaG`); fused=True raises if it
-            cannot compile, None warns and falls back. Excludes foreach=True.
+            None picks it on CUDA and for big CPU groups (see `sophia.SophiaG`); fused=True
+            raises if it cannot compile, None warns and falls back. Excludes foreach=True.
     """
 
     def __init__(
@@ -449,6 +450,6 @@ def _fused_sophiah_kernel(
         exp_avg.mul_(beta1).add_(grad * grad_sign * one_minus_beta1)
         ratio = (exp_avg.abs() / (hess * rho).clamp(min=eps)).clamp(max=1)
         param.addcmul_(exp_avg.sign(), ratio * neg_lr)
-        clipped.append((ratio >= 1).sum())
+        clipped.append(count_true(ratio >= 1))
         ratio_sq.append(ratio.to(acc_dtype(ratio.dtype)).square().sum())
     return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()

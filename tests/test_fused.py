@@ -121,7 +121,8 @@ def test_fused_sophiag_telemetry_matches_state() -> None:
             numel += p.numel()
     assert 0 < clipped < numel
     torch.testing.assert_close(tel["clip_frac"].item(), clipped / numel)
-    torch.testing.assert_close(tel["update_rms"].item(), (ratio_sq / numel) ** 0.5, rtol=1e-5, atol=0)
+    rms = (ratio_sq / numel) ** 0.5
+    torch.testing.assert_close(tel["update_rms"].item(), rms, rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow
@@ -173,10 +174,14 @@ def test_choose_path_rules(monkeypatch) -> None:
     assert choose({"fused": True, "foreach": False}, p) == (False, True)
 
 
-def test_default_fused_wants_cuda_and_float() -> None:
+def test_default_fused_wants_cuda_or_a_big_cpu_group() -> None:
+    big = fused_mod.CPU_FUSED_MIN_NUMEL
     assert not fused_mod.default_fused([])
-    assert not fused_mod.default_fused([torch.zeros(2)])  # CPU
-    assert not fused_mod.default_fused([torch.zeros(2, device="meta")])
+    assert not fused_mod.default_fused([torch.zeros(2)])  # small CPU group: not worth compiling
+    assert fused_mod.default_fused([torch.zeros(1).expand(big - 5), torch.zeros(5)])
+    assert not fused_mod.default_fused([torch.zeros(1, dtype=torch.complex64).expand(big)])
+    assert not fused_mod.default_fused([torch.zeros(1).expand(big), torch.zeros(2, device="meta")])
+    assert not fused_mod.default_fused([torch.zeros(big, device="meta")])
 
 
 @pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
@@ -223,7 +228,8 @@ def test_compile_failure_with_fused_true_raises_and_changes_nothing(monkeypatch)
     p = nn.Parameter(torch.ones(3))
     opt = SophiaG([p], lr=0.1, fused=True)
     p.grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"could not build the fused step.*C\+\+ compiler.*fused=False"):
+    match = r"could not build the fused step.*C\+\+ compiler.*fused=False"
+    with pytest.raises(RuntimeError, match=match):
         opt.step()
     assert torch.equal(p, torch.ones(3))
     assert opt.state[p]["step"].item() == 0 and torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))
@@ -291,7 +297,8 @@ def test_fused_matches_reference_on_cuda(cls: type) -> None:
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_optim", REPO / "scripts" / "bench_optim.py")
+    path = REPO / "scripts" / "bench_optim.py"
+    spec = importlib.util.spec_from_file_location("bench_optim", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_optim"] = mod
     spec.loader.exec_module(mod)

@@ -1,0 +1,281 @@
+"""Optimizer step cost: ms per step and effective memory bandwidth, per optimizer and code path.
+
+    python scripts/bench_optim.py --model gpt2-small --device cpu --repeats 5 \\
+        --json bench_optim_cpu.json
+    python scripts/bench_optim.py --model gpt2-small,gpt2-medium --device cuda --repeats 50 \\
+        --json bench_optim_cuda.json
+    python scripts/bench_optim.py --shapes 768x768,768 --device cpu        # any parameter set
+
+An elementwise optimizer step is memory-bound: per fp32 parameter AdamW must read p, g, m, v and
+write p, m, v (28 bytes), SophiaG reads p, g, m, h and writes p, m (24 B), Lion reads p, g, m and
+writes p, m (20 B). So each row reports the time of one `optimizer.step()` and the effective
+bandwidth `bytes_floor / time`, next to the device's measured copy bandwidth
+(`dst.copy_(src)` of a large tensor: 2 * bytes / time), whose fraction says how close the path
+comes to the memory floor. A path that makes several passes over memory shows up as a small
+fraction.
+
+The parameter set is the model's: `model.GPT` is built on the meta device, grouped by the
+harness's weight-decay rule (linear weights decay, the rest do not: two param groups, as in
+training), and only its parameter tensors (plus a gradient for each) are materialised, in fp32.
+Every contender steps the same tensors; contenders take turns round-robin, the first one
+rotating each repeat, so drifting machine load hits them alike. A repeat times `--steps` steps
+between device synchronisations; the reported time is the median over `--repeats` after
+`--warmup` steps (which include torch.compile for fused paths: `first_step_s` records that).
+Sophia's Hessian is filled with positive values first so its clipping is not trivial; the step
+timed is `step()` alone (Hessian refreshes are every k steps and cost a backward pass, which
+`scripts/bench_train.py` measures).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+from model.param_groups import weight_decay_groups  # noqa: E402
+from sophia import Lion, SophiaG  # noqa: E402
+
+# bytes moved per fp32 parameter by an ideal single-pass step (reads + writes)
+BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "lion": 20}
+PATHS = {"adamw": ("foreach", "fused"), "lion": ("reference", "foreach", "fused"),
+         "sophiag": ("reference", "foreach", "fused")}
+
+
+@dataclass
+class Contender:
+    optimizer: str
+    path: str
+    step: Callable[[], None]
+    times: list[float]
+    first_step_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------- parameter sets
+def param_shapes(model: str) -> list[list[torch.Size]]:
+    """The parameter shapes of a model preset, as the harness groups them (decay, no decay)."""
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig.from_preset(model))
+    return [[p.shape for p in g["params"]] for g in weight_decay_groups(gpt, 0.1)]
+
+
+def parse_shapes(spec: str) -> list[list[torch.Size]]:
+    """`--shapes 768x768,768`: one param group of tensors with these shapes."""
+    try:
+        return [[torch.Size(int(d) for d in s.split("x")) for s in spec.split(",") if s]]
+    except ValueError:
+        raise SystemExit(f"--shapes {spec!r}: expected comma-separated shapes such as 64x32,32")
+
+
+def materialise(groups: list[list[torch.Size]], device: torch.device, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for shapes in groups:
+        params = []
+        for s in shapes:
+            p = torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02)
+            p.grad = torch.randn(s, device=device, generator=gen) * 1e-3
+            params.append(p)
+        out.append(params)
+    return out
+
+
+# -------------------------------------------------------------------------------- optimizers
+def build(optimizer: str, path: str, groups: list[list[torch.nn.Parameter]]):
+    pg = [{"params": ps, "weight_decay": 0.1 if i == 0 else 0.0} for i, ps in enumerate(groups)]
+    kw = {"foreach": path == "foreach", "fused": path == "fused"}
+    if optimizer == "adamw":
+        return torch.optim.AdamW(pg, lr=6e-4, betas=(0.9, 0.95), **kw)
+    if optimizer == "lion":
+        return Lion(pg, lr=1e-4, betas=(0.9, 0.99), **kw)
+    opt = SophiaG(pg, lr=6e-4, betas=(0.965, 0.99), rho=0.05, **kw)
+    gen = torch.Generator(device=groups[0][0].device).manual_seed(1)
+    for ps in groups:  # a plausible h (GNB estimates are squares of small gradients)
+        for p in ps:
+            opt.state[p]["hessian"] = torch.rand(p.shape, device=p.device, generator=gen) * 1e-8
+            opt.state[p]["exp_avg"] = torch.zeros_like(p)
+            opt.state[p]["step"] = torch.tensor(0.0)
+    return opt
+
+
+def copy_bandwidth(device: torch.device, mb: int, repeats: int, sync: Callable[[], None]) -> float:
+    """GB/s of `dst.copy_(src)`: 2 * bytes (one read, one write) over the median time."""
+    n = mb * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(max(repeats, 3)):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------------- running
+def bench_model(name: str, groups_shapes, args, device, sync, copy_gbps: float) -> dict:
+    groups = materialise(groups_shapes, device)
+    n_params = sum(p.numel() for ps in groups for p in ps)
+    contenders = []
+    for optimizer in args.optimizers:
+        for path in PATHS[optimizer]:
+            if path not in args.paths:
+                continue
+            opt = build(optimizer, path, groups)
+            kw = {"bs": 480 * 1024} if optimizer == "sophiag" else {}
+            contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: o.step(**kw), []))
+
+    for c in contenders:  # warmup; the first step of a fused path compiles
+        for i in range(args.warmup):
+            sync()
+            t0 = time.perf_counter()
+            c.step()
+            sync()
+            if i == 0:
+                c.first_step_s = time.perf_counter() - t0
+    for r in range(args.repeats):
+        k = r % len(contenders)
+        for c in contenders[k:] + contenders[:k]:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                c.step()
+            sync()
+            c.times.append((time.perf_counter() - t0) / args.steps)
+
+    rows = []
+    for c in contenders:
+        sec = statistics.median(c.times)
+        nbytes = BYTES_FLOOR[c.optimizer] * n_params
+        rows.append({
+            "optimizer": c.optimizer, "path": c.path,
+            "ms_per_step": sec * 1e3, "ms_min": min(c.times) * 1e3,
+            "first_step_s": c.first_step_s,
+            "bytes_per_step": nbytes, "gbps": nbytes / sec / 1e9,
+            "copy_fraction": nbytes / sec / 1e9 / copy_gbps,
+        })
+    base = {r["path"]: r["ms_per_step"] for r in rows if r["optimizer"] == "adamw"}
+    for r in rows:
+        for path in ("foreach", "fused"):
+            r[f"vs_adamw_{path}"] = r["ms_per_step"] / base[path] if path in base else None
+    del contenders, groups
+    gc.collect()
+    return {"name": name, "params": n_params, "tensors": sum(len(g) for g in groups_shapes),
+            "rows": rows}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_table(result: dict) -> None:
+    print(f"device: {result['device']} ({result['device_type']}, {result['threads']} threads), "
+          f"torch {result['torch']}, copy bandwidth {result['copy_gbps']:.1f} GB/s")
+    head = (f"{'optimizer':<9} {'path':<9} {'ms/step':>9} {'GB/s eff':>9} {'of copy':>8} "
+            f"{'vs AdamW foreach':>17} {'vs AdamW fused':>15} {'first step s':>13}")
+    for model in result["models"]:
+        print(f"\n{model['name']}: {model['params'] / 1e6:.2f}M parameters in "
+              f"{model['tensors']} tensors")
+        print(head)
+        for r in model["rows"]:
+            ratios = [f"{r[k]:.2f}x" if r[k] is not None else "n/a"
+                      for k in ("vs_adamw_foreach", "vs_adamw_fused")]
+            print(f"{r['optimizer']:<9} {r['path']:<9} {r['ms_per_step']:>9.2f} "
+                  f"{r['gbps']:>9.2f} {r['copy_fraction']:>7.0%} {ratios[0]:>17} "
+                  f"{ratios[1]:>15} {r['first_step_s']:>13.2f}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2-small",
+                    help="comma-separated model presets (gpt2-nano, gpt2-micro, gpt2-small, "
+                         "gpt2-medium, ...) whose parameter sets are benchmarked")
+    ap.add_argument("--shapes", default=None,
+                    help="instead of --model: one param group of these shapes, e.g. 64x32,32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--optimizers", default="adamw,lion,sophiag")
+    ap.add_argument("--paths", default="reference,foreach,fused")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (>= 1)")
+    ap.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
+    ap.add_argument("--copy-mb", type=int, default=1024, help="tensor size of the copy test")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [o for o in args.optimizers if o not in PATHS]
+    if bad:
+        ap.error(f"unknown optimizer(s) {bad}; choose from {', '.join(PATHS)}")
+    bad = [p for p in args.paths if p not in ("reference", "foreach", "fused")]
+    if bad:
+        ap.error(f"unknown path(s) {bad}; choose from reference, foreach, fused")
+    if args.repeats < 1 or args.warmup < 1 or args.steps < 1:
+        ap.error("--repeats, --warmup and --steps must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        copy_gbps = copy_bandwidth(device, args.copy_mb, args.repeats, sync)
+        if args.shapes:
+            sets = [("custom " + args.shapes, parse_shapes(args.shapes))]
+        else:
+            names = [m.strip() for m in args.model.split(",") if m.strip()]
+            sets = [(m, param_shapes(m)) for m in names]
+        models = [bench_model(name, shapes, args, device, sync, copy_gbps) for name, shapes in sets]
+        result = {
+            "device": device_name(device), "device_type": device.type,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "scripts/bench_optim.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
+            "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps,
+            "copy_mb": args.copy_mb, "copy_gbps": copy_gbps, "bytes_floor": BYTES_FLOOR,
+            "models": models,
+        }
+    finally:
+        torch.set_num_threads(threads)
+    print_table(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
