@@ -107,21 +107,27 @@ def test_prefetching_loader_gives_identical_training(tiny_data, tmp_path):
     assert [r.get("val/loss") for r in a] == [r.get("val/loss") for r in b]
 
 
-def test_nonfinite_loss_stops_without_overwriting_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+def _poison_training_loss(monkeypatch, bad_call, factor=float("nan")):
+    """Multiply the training loss of forward call number ``n`` (1-based) by ``factor`` whenever
+    ``bad_call(n)`` holds: a simulated numerical blow-up at a chosen micro-step."""
     from model import GPT
 
     real_forward = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, **kw):
+    def forward(self, idx, targets=None, **kw):
         logits, loss = real_forward(self, idx, targets, **kw)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] > 2 * 12:  # accum 2: poison from step 13 on
-                loss = loss * float("nan")
+            if bad_call(calls["n"]):
+                loss = loss * factor
         return logits, loss
 
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_nonfinite_loss_stops_without_overwriting_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    _poison_training_loss(monkeypatch, lambda n: n > 2 * 12)  # accum 2: from step 13 on
     cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"checkpoint.interval": 10}))
     with pytest.raises(HarnessError, match="non-finite"):
         run(cfg, tmp_path)
@@ -132,20 +138,7 @@ def test_nonfinite_loss_stops_without_overwriting_good_checkpoint(tiny_data, tmp
 
 
 def test_rollback_policy_retries_from_last_checkpoint(tiny_data, tmp_path, monkeypatch):
-    from model import GPT
-
-    real_forward = GPT.forward
-    calls = {"n": 0}
-
-    def flaky(self, idx, targets=None, **kw):
-        logits, loss = real_forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 2 * 13:  # one bad micro-batch at step 13
-                loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", flaky)
+    _poison_training_loss(monkeypatch, lambda n: n == 2 * 13)  # one bad micro-batch at step 13
     cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.on_nonfinite": "rollback"}))
     summary = run(cfg, tmp_path)
     assert summary["step"] == 30 and math.isfinite(summary["val_loss"])
@@ -154,20 +147,7 @@ def test_rollback_policy_retries_from_last_checkpoint(tiny_data, tmp_path, monke
 
 
 def test_skip_policy_skips_the_bad_step(tiny_data, tmp_path, monkeypatch):
-    from model import GPT
-
-    real_forward = GPT.forward
-    calls = {"n": 0}
-
-    def flaky(self, idx, targets=None, **kw):
-        logits, loss = real_forward(self, idx, targets, **kw)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] == 2 * 7:
-                loss = loss * float("inf")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", flaky)
+    _poison_training_loss(monkeypatch, lambda n: n == 2 * 7, factor=float("inf"))
     cfg = compose_cfg(tiny_overrides(tiny_data, "sophia", **{"train.on_nonfinite": "skip"}))
     summary = run(cfg, tmp_path)
     assert math.isfinite(summary["val_loss"])
