@@ -66,18 +66,20 @@ def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module,
         if name == "lion":
             from sophia import Lion
 
-            opt = Lion(groups, lr=lr, betas=_betas(cfg), foreach=cfg.get("foreach"))
+            opt = Lion(groups, lr=lr, betas=_betas(cfg), foreach=cfg.get("foreach"),
+                       fused=cfg.get("fused"))
             return OptimizerSetup(opt, name, None, 0)
         if name == "sophia":
             from sophia import SophiaG
 
             opt = SophiaG(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
-                          foreach=cfg.get("foreach"))
+                          foreach=cfg.get("foreach"), fused=cfg.get("fused"))
             return OptimizerSetup(opt, name, "gnb", _check_k(cfg))
         from sophia import SophiaH
 
         opt = SophiaH(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
-                      eps=float(cfg.get("eps", 1e-15)), foreach=cfg.get("foreach"))
+                      eps=float(cfg.get("eps", 1e-15)), foreach=cfg.get("foreach"),
+                      fused=cfg.get("fused"))
         return OptimizerSetup(opt, name, "hutchinson", _check_k(cfg))
     except ValueError as err:  # the constructors validate and name the bad value
         raise HarnessError(f"Invalid optimizer settings for optimizer={name}: {err}") from err
