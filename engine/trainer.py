@@ -104,7 +104,7 @@ class Trainer:
             stream = f"{stream}@{self.counters.data_epoch}"
         rows, rank = self.plan.micro_batch_size, self.env.rank
         batch = self.train_loader.get(step, self.plan.row_start(micro, rank), rows, stream=stream)
-        if self.prefetch:  # read the next micro-batch on a thread while this one computes
+        if self.prefetch and stream.startswith("train"):  # read the next one while this computes
             nxt_step, nxt_micro = (step, micro + 1) if micro + 1 < self.plan.accum_steps \
                 else (step + 1, 0)
             self.train_loader.prefetch(nxt_step, self.plan.row_start(nxt_micro, rank), rows, stream)
