@@ -189,3 +189,16 @@ def test_mismatched_checkpoint_is_refused(tiny_data, tmp_path):
         run(compose_cfg(tiny_overrides(tiny_data, "lion")), tmp_path)
     with pytest.raises(HarnessError, match="model differs"):
         run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"model.n_layer": 3})), tmp_path)
+
+
+def test_bfloat16_autocast_trains_on_cpu(tiny_data, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_data, "sophia", **{"dtype": "bfloat16",
+                                                            "train.max_steps": 20}))
+    run(cfg, tmp_path)
+    val = [r["val/loss"] for r in read_metrics(tmp_path) if "val/loss" in r]
+    assert all(math.isfinite(v) for v in val) and val[-1] < val[0] - 0.5
+
+
+def test_float16_without_cuda_is_refused(tiny_data, tmp_path):
+    with pytest.raises(HarnessError, match="float16 needs a CUDA device"):
+        run(compose_cfg(tiny_overrides(tiny_data, "adamw", dtype="float16")), tmp_path)
