@@ -486,6 +486,8 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
     for ax, (key, title) in zip((a for row in axes for a in row), DIAGNOSTICS):
         _draw(ax, groups, colors, "step", key, 1)
+        if key == "lr" and ax.lines:  # Muon's and Lion's lrs differ by ~100x: log scale shows both
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("optimizer steps")
         ax.grid(alpha=0.3)
