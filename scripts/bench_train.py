@@ -4,7 +4,7 @@
     python scripts/bench_train.py --model gpt2-small --device cuda --dtype bfloat16 --compile \\
         --batch-tokens 491520 --micro-batch-size 16 --steps 20 --repeats 5 \\
         --optimizers adamw,lion,sophia,sophiah,muon --hessian-micro-batches all,1/8 \\
-        --json results/bench_train_gpt2-small.json
+        --nanogpt-baseline --json results/bench_train_gpt2-small.json
 
 Every optimizer trains its own copy of the same initial model on the same batches (the same step
 indices of the same token stream) through the engine's own ``Trainer.train_step``, in this one
@@ -120,7 +120,7 @@ class Contender:
 
     label: str
     name: str
-    trainer: Trainer
+    trainer: Trainer | "NanoGPTLoop"  # anything with train_step(step), step, optimizer, raw_model
     hessian: HessianRefresher | None
     persistent_bytes: int = 0  # parameters + optimizer state: what stays allocated between turns
     clean: list[dict[str, float]] = field(default_factory=list)  # one entry per repeat
@@ -169,6 +169,47 @@ def build_contender(label: str, cfg: DictConfig, env: DistEnv, loader, plan: Bat
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
     )
     return Contender(label, setup.name, trainer, hessian)
+
+
+class NanoGPTLoop:
+    """The reference for the MFU comparison: nanoGPT's ``train.py`` inner loop, written plainly.
+
+    Same model, batches, dtype, compile and grad clip as the engine's AdamW contender, but none of
+    the engine's machinery: no LR schedule, no on-device metric counters, no non-finite checks, no
+    telemetry. torch's AdamW (fused on CUDA) over nanoGPT's decay rule (every >= 2-D tensor). If
+    the engine's AdamW row is not as fast as this one, the engine costs throughput.
+    """
+
+    def __init__(self, cfg: DictConfig, env: DistEnv, loader, plan: BatchPlan, vocab: int):
+        torch.manual_seed(cfg.seed)
+        self.raw_model = GPT(build_model_config(cfg, vocab)).to(env.device)
+        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = env.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=float(cfg.optimizer.lr), betas=(0.9, 0.95),
+                                           fused=fused, foreach=None if fused else True)
+        self.dtype = resolve_dtype(cfg.dtype, env.device)
+        self.ctx = (contextlib.nullcontext() if self.dtype == torch.float32
+                    else torch.autocast(device_type=env.device.type, dtype=self.dtype))
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
+        self.loader, self.plan, self.grad_clip = loader, plan, float(cfg.train.grad_clip)
+        self.step = 0
+
+    def train_step(self, step: int) -> None:
+        for micro in range(self.plan.accum_steps):
+            x, y = self.loader.get(step, self.plan.row_start(micro, 0), self.plan.micro_batch_size)
+            with self.ctx:
+                _, loss = self.model(x, y)
+                loss = loss / self.plan.accum_steps
+            self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -282,6 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="prepared token dir (default: stdlib corpus, "
                                                 "prepared once into prepared/stdlib-byte)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--nanogpt-baseline", action="store_true",
+                   help="also time a plain nanoGPT-style AdamW loop (needs adamw in --optimizers)")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--peak-flops", type=float, default=None,
                    help="device peak FLOP/s for MFU (default: looked up for known GPUs)")
@@ -361,6 +404,13 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
             label = name if spec is None or len(specs) == 1 else \
                 f"{name}[hess {hmb or plan.accum_steps}/{plan.accum_steps}]"
             contenders.append(build_contender(label, cfg, env, loader, plan, vocab, hmb))
+
+    if args.nanogpt_baseline:
+        if "adamw" not in cfgs:
+            raise HarnessError("--nanogpt-baseline compares against the engine's AdamW: add adamw "
+                               "to --optimizers.")
+        contenders.append(Contender("nanogpt-loop", "nanogpt-loop",
+                                    NanoGPTLoop(cfgs["adamw"], env, loader, plan, vocab), None))
 
     dtype = resolve_dtype(args.dtype, env.device)
     peak_flops = args.peak_flops or device_peak_flops(env.device, dtype)

@@ -110,3 +110,20 @@ def test_unknown_optimizer_is_skipped_with_a_note(tiny_data, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "optimizer 'nosuch' skipped" in out and "| adamw |" in out
+
+
+def test_nanogpt_baseline_row_trains_the_same_model_on_the_same_batches(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    rc = bench.main([*TINY, "--optimizers", "adamw", "--nanogpt-baseline",
+                     "--data", str(tiny_data), "--json", str(out)])
+    assert rc == 0
+    rows = {r["optimizer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"adamw", "nanogpt-loop"}
+    assert rows["nanogpt-loop"]["tokens_per_s"] > 0 and rows["nanogpt-loop"]["hessian_ms"] == 0
+    # Same parameter count and AdamW state (exp_avg + exp_avg_sq per parameter) as the engine's.
+    assert rows["nanogpt-loop"]["state_mb"] == pytest.approx(rows["adamw"]["state_mb"])
+
+
+def test_nanogpt_baseline_needs_adamw(tiny_data):
+    assert bench.main([*TINY, "--optimizers", "sophia", "--nanogpt-baseline",
+                       "--data", str(tiny_data)]) == 2
