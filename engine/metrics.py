@@ -26,15 +26,24 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 class JsonlSink:
     """Appends one JSON object per record; flushes each line so a crash loses at most one record."""
 
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
-            # On resume, drop lines logged after the checkpoint: they will be logged again.
+            # On resume, drop lines logged after the checkpoint (they will be logged again) and a
+            # half-written last line left by a killed process.
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= truncate_after_step]
+                    if (row := _parse(line)) is not None and row.get("step", -1) <= truncate_after_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", buffering=1)
 

@@ -170,9 +170,13 @@ def test_kill_during_checkpoint_save_leaves_previous_loadable(tiny_data, tmp_pat
     found = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in found] == ["ckpt_0000010.pt"]
     assert load_checkpoint(found[0])["step"] == 10
-    # Re-running the same command resumes from step 10 and finishes.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "train/lo')  # a line cut off by the kill
+    # Re-running the same command resumes from step 10 and finishes, with clean metrics.
     monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
     assert run(compose_cfg(tiny_overrides(tiny_data, "sophia")), tmp_path)["step"] == 30
+    steps = [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30]
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):
