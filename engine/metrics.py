@@ -85,8 +85,13 @@ class WandbSink:
 
     def __init__(self, mode: str, project: str, entity: str | None, group: str | None,
                  name: str | None, config: Mapping[str, Any], run_dir: Path, run_id: str | None):
-        import wandb
+        try:
+            import wandb
+        except ImportError as err:
+            from engine.errors import HarnessError
 
+            raise HarnessError(f"wandb.mode={mode} needs the wandb package: pip install -e "
+                               f"'.[wandb]', or run with wandb.mode=disabled.") from err
         self._wandb = wandb
         self.run = wandb.init(mode=mode, project=project, entity=entity, group=group, name=name,
                               config=dict(config), dir=str(run_dir), id=run_id, resume="allow",

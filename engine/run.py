@@ -140,6 +140,8 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) ->
     from data.loader import TokenLoader
 
     settings = train_settings(cfg)
+    if cfg.wandb.mode not in ("online", "offline", "disabled"):
+        raise HarnessError(f"wandb.mode={cfg.wandb.mode!r}; choose online, offline or disabled.")
     # Rank 0's run dir wins, so every rank reads and writes the same place whatever it composed.
     run_dir = Path(broadcast_object(str(run_dir), env))
     data_dir = prepare_data(cfg, env)

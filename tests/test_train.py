@@ -206,3 +206,8 @@ def test_bfloat16_autocast_trains_on_cpu(tiny_data, tmp_path):
 def test_float16_without_cuda_is_refused(tiny_data, tmp_path):
     with pytest.raises(HarnessError, match="float16 needs a CUDA device"):
         run(compose_cfg(tiny_overrides(tiny_data, "adamw", dtype="float16")), tmp_path)
+
+
+def test_unknown_wandb_mode_is_refused(tiny_data, tmp_path):
+    with pytest.raises(HarnessError, match="choose online, offline or disabled"):
+        run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"wandb.mode": "onlin"})), tmp_path)
