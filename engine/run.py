@@ -137,6 +137,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) -> dict[str, Any]:
+    from data.bins import read_meta
     from data.loader import TokenLoader
 
     settings = train_settings(cfg)
@@ -145,8 +146,7 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) ->
     # Rank 0's run dir wins, so every rank reads and writes the same place whatever it composed.
     run_dir = Path(broadcast_object(str(run_dir), env))
     data_dir = prepare_data(cfg, env)
-    train_loader = TokenLoader(data_dir, "train", 1, seed=cfg.seed, device=env.device)
-    meta = train_loader.meta
+    meta = read_meta(data_dir)
     model_cfg = build_model_config(cfg, int(meta["vocab_size"]))
     block = cfg.train.block_size or model_cfg.block_size
     if block > model_cfg.block_size:
@@ -187,36 +187,37 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) ->
         settings.peak_flops = device_peak_flops(env.device, dtype)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resume_path = find_resume_checkpoint(cfg.checkpoint.resume, run_dir)
-    state = load_checkpoint(resume_path) if resume_path else None
-
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger.sinks.append(JsonlSink(run_dir / "metrics.jsonl",
-                                      truncate_after_step=state["step"] if state else None))
-        logger.sinks.append(ConsoleSink())
-    wandb_id = state.get("wandb_id") if state else None
-    if env.is_main and cfg.wandb.mode != "disabled":
-        sink = WandbSink(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.entity, _sweep_group(cfg),
-                         cfg.wandb.name or run_dir.name, resolved, run_dir, wandb_id)
-        wandb_id = sink.run_id
-        logger.sinks.append(sink)
-
     trainer = Trainer(
         env=env, model=model, raw_model=raw_model, optim=setup, plan=plan, settings=settings,
         train_loader=train_loader, val_loader=val_loader, logger=logger, run_dir=run_dir,
         flops_per_token=flops_per_token, autocast=autocast,
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
-        checkpoint_extra={"config": resolved, "data_meta": meta, "wandb_id": wandb_id},
+        checkpoint_extra={"config": resolved, "data_meta": meta, "wandb_id": None},
         prefetch=(env.device.type == "cuda" if cfg.train.get("prefetch") is None
                   else bool(cfg.train.prefetch)),
     )
+    # Resume before touching the run dir's files: a refused (mismatched) checkpoint must leave
+    # its run's config and metrics as they were.
+    resume_path = find_resume_checkpoint(cfg.checkpoint.resume, run_dir)
+    state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         trainer.load_state_dict(state)
+        trainer.checkpoint_extra["wandb_id"] = state.get("wandb_id")
         if env.is_main:
             print(f"resumed from {resume_path} at step {trainer.step}", flush=True)
+
     if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger.sinks.append(JsonlSink(run_dir / "metrics.jsonl",
+                                      truncate_after_step=trainer.step if state else None))
+        logger.sinks.append(ConsoleSink())
+        if cfg.wandb.mode != "disabled":
+            sink = WandbSink(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.entity,
+                             _sweep_group(cfg), cfg.wandb.name or run_dir.name, resolved, run_dir,
+                             trainer.checkpoint_extra["wandb_id"])
+            trainer.checkpoint_extra["wandb_id"] = sink.run_id
+            logger.sinks.append(sink)
         print(f"run dir {run_dir} | {setup.name} | {raw_model.num_params() / 1e6:.2f}M params | "
               f"{plan.global_batch_tokens} tokens/step = {plan.micro_batch_size} x {block} x "
               f"{plan.accum_steps} accum x {env.world_size} ranks | {dtype} on {env.device}",

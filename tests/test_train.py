@@ -189,10 +189,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):
 
 def test_mismatched_checkpoint_is_refused(tiny_data, tmp_path):
     run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 10})), tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "metrics.jsonl", tmp_path / "config.yaml")}
     with pytest.raises(HarnessError, match="optimizer=adamw, this run uses optimizer=lion"):
         run(compose_cfg(tiny_overrides(tiny_data, "lion")), tmp_path)
     with pytest.raises(HarnessError, match="model differs"):
         run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"model.n_layer": 3})), tmp_path)
+    # A refused resume leaves the run's records untouched.
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
 
 
 def test_bfloat16_autocast_trains_on_cpu(tiny_data, tmp_path):
