@@ -41,6 +41,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast_factory(dtype: torch.dtype, device: torch.device):
+    """A zero-argument callable returning the mixed-precision context for ``dtype`` (none for fp32)."""
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast
+
+
 def prepare_data(cfg: DictConfig, env: DistEnv) -> Path:
     """The data directory, prepared by rank 0 first when allowed and missing."""
     from data.bins import read_meta
@@ -170,11 +179,7 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) ->
         model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     setup = build_optimizer(OmegaConf.to_container(cfg.optimizer), raw_model, env.device)
 
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=env.device.type, dtype=dtype)
-
+    autocast = autocast_factory(dtype, env.device)
     flops_per_token = float(raw_model.flops_per_token())
     hessian = None
     if setup.hessian_estimator:

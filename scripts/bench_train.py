@@ -56,7 +56,8 @@ from engine.errors import HarnessError  # noqa: E402
 from engine.hessian import HessianRefresher  # noqa: E402
 from engine.metrics import MetricsLogger  # noqa: E402
 from engine.optimizers import build_optimizer  # noqa: E402
-from engine.run import build_model_config, resolve_dtype, train_settings  # noqa: E402
+from engine.run import (autocast_factory, build_model_config, resolve_dtype,  # noqa: E402
+                        train_settings)
 from engine.trainer import Trainer  # noqa: E402
 from model import GPT  # noqa: E402
 from model.flops import device_peak_flops  # noqa: E402
@@ -157,11 +158,7 @@ def build_contender(label: str, cfg: DictConfig, env: DistEnv, loader, plan: Bat
         hessian = HessianRefresher(setup.hessian_estimator, setup.hessian_interval, plan, hmb,
                                    env, cfg.seed, flops_per_token, grad_clip=settings.grad_clip)
 
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=env.device.type, dtype=dtype)
-
+    autocast = autocast_factory(dtype, env.device)
     trainer = Trainer(
         env=env, model=model, raw_model=raw_model, optim=setup, plan=plan, settings=settings,
         train_loader=loader, val_loader=None, logger=MetricsLogger([]),
@@ -191,8 +188,7 @@ class NanoGPTLoop:
         self.optimizer = torch.optim.AdamW(groups, lr=float(cfg.optimizer.lr), betas=(0.9, 0.95),
                                            fused=fused, foreach=None if fused else True)
         self.dtype = resolve_dtype(cfg.dtype, env.device)
-        self.ctx = (contextlib.nullcontext() if self.dtype == torch.float32
-                    else torch.autocast(device_type=env.device.type, dtype=self.dtype))
+        self.autocast = autocast_factory(self.dtype, env.device)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype == torch.float16)
         self.loader, self.plan, self.grad_clip = loader, plan, float(cfg.train.grad_clip)
         self.step = 0
@@ -200,7 +196,7 @@ class NanoGPTLoop:
     def train_step(self, step: int) -> None:
         for micro in range(self.plan.accum_steps):
             x, y = self.loader.get(step, self.plan.row_start(micro, 0), self.plan.micro_batch_size)
-            with self.ctx:
+            with self.autocast():
                 _, loss = self.model(x, y)
                 loss = loss / self.plan.accum_steps
             self.scaler.scale(loss).backward()

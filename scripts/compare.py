@@ -442,6 +442,19 @@ def _loss_ylim(ax, groups: dict[str, list[Run]], x_key: str, y_key: str) -> None
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
 
 
+def _save(fig, axes, path: Path, top: float) -> Path:
+    """Shared legend above the panels, tight layout below ``top``, PNG at 100 dpi; closes ``fig``."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = _legend_entries(axes)
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _legend_entries(axes):
     # One legend for the figure: a run may be missing from some panels, so merge them all.
     handles, labels = [], []
@@ -475,13 +488,7 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
             ax.set_xlabel(x_labels[x_key])
             ax.set_ylabel(y_key)
             ax.grid(alpha=0.3)
-    handles, labels = _legend_entries(axes)
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    paths.append(out / "loss.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, axes, out / "loss.png", top=0.93))
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
     for ax, (key, title) in zip((a for row in axes for a in row), DIAGNOSTICS):
@@ -491,13 +498,7 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("optimizer steps")
         ax.grid(alpha=0.3)
-    handles, labels = _legend_entries(axes)
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    paths.append(out / "diagnostics.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, axes, out / "diagnostics.png", top=0.92))
     return paths
 
 
