@@ -1,76 +1,107 @@
 """Toy problems: how GD, Adam, Lion and Sophia cope with one sharp and one flat direction.
 
-    python scripts/toy.py                       # both problems: tables + figures under results/toy/
-    python scripts/toy.py --problem quadratic   # one problem only
-    python scripts/toy.py --schedule cosine     # every optimizer gets a cosine-decayed lr
-    python scripts/toy.py --quick               # small version (used by the test suite)
+    python scripts/toy.py                           # all four problems: tables + figures in results/toy/
+    python scripts/toy.py --problem exact           # the two exact-gradient problems only (or: noisy)
+    python scripts/toy.py --problem noisy-heterogeneous --noise-batch 1000 --noisy-target 1e-4
+    python scripts/toy.py --schedule cosine         # every optimizer gets a cosine-decayed lr
+    python scripts/toy.py --quick                   # small version (used by the test suite)
 
 The loss is always the quadratic with one sharp and one flat direction,
 
     f(x, y) = 0.5 * (kappa * x^2 + y^2),     condition number kappa,
 
-and the two problems differ only in where the optimizers start:
+and the four problems differ in where the optimizers start and in the gradients they see:
 
-- `heterogeneous` (default; the case Section 2 / Figure 2 of the Sophia paper argues about) starts
-  at (x0 / kappa, y0): the sharp coordinate is kappa times closer to its minimum than the flat one,
+- `heterogeneous` (the case Section 2 / Figure 2 of the Sophia paper argues about) starts at
+  (x0 / kappa, y0): the sharp coordinate is kappa times closer to its minimum than the flat one,
   so both gradients have the same size (kappa * x0 / kappa = x0 ~ y0) although the distances to the
-  optimum differ by kappa. The gradient magnitude does not track the distance, so a sign-like step
-  that moves every coordinate by ~lr is wrong in both directions at once (too big for the sharp
-  coordinate, too small for the far flat one), while Newton's step g / h is right in both.
+  optimum differ by kappa. A sign-like step that moves every coordinate by ~lr is wrong in both
+  directions at once, while Newton's step g / h is right in both.
 - `quadratic` starts at (x0, y0) for every kappa: equal distances, so the sharp coordinate's
-  gradient is kappa times larger. On this axis-aligned problem Adam's per-coordinate
-  normalisation undoes the diagonal rescaling, so Adam is almost kappa-independent too.
+  gradient is kappa times larger.
+- `noisy-heterogeneous` and `noisy-quadratic` start at the same points but see mini-batch
+  gradients. f is, up to a constant, the population loss of a Gaussian model o = sqrt(H) theta
+  against data y ~ N(0, I), so a batch of B examples gives the exact gradient plus noise of
+  covariance diag(H) / B: noise shaped like the curvature, as for any well-specified model whose
+  per-example gradient covariance is the Fisher. B = 100 by default; the loss that must reach the
+  target is the mean f over 32 independent runs, and the target (1e-3 by default) sits near the
+  noise floor, where steps must be small to hold it. The exact problems are the B -> infinity limit.
 
-The two problems coincide at kappa = 1. The paper's own Figure 2 example (as we recall it, a
-non-convex sharp 1-D term plus a flat 1-D quadratic; its exact formula is not checked here) also
-shows plain Newton failing on the non-convexity; that part is about Newton, not Adam, and is not
-reproduced here.
+The starts coincide at kappa = 1. The paper's own Figure 2 example (as we recall it, a non-convex
+sharp 1-D term plus a flat 1-D quadratic; its exact formula is not checked here) also shows plain
+Newton failing on the non-convexity; that part is about Newton, not Adam, and is not reproduced.
 
 (a) `trajectories.png` draws the paths of GD, Adam, Lion, SophiaG and SophiaH on the contours of
-each problem; (b) `steps_vs_condition.png` and the printed tables give the steps each optimizer
-needs to bring f below an absolute target (default 1e-6) as kappa goes from 1 to 1e4.
+each problem (one run of a noisy problem); (b) `steps_vs_condition.png` and the printed tables give
+the steps each optimizer needs to bring the loss below the target AND keep it there for 50 steps
+(a lucky dip does not count) as kappa goes from 1 to 1e4.
 
 Protocol (printed with every table): each optimizer's lr is tuned per problem and per kappa over a
-fixed grid of the same density for every optimizer (about two points per decade, spanning the
-range where that optimizer's best lies; GD's grid is c / kappa, c in (0.5, 1, 1.9), because its
-stable range scales with the sharpest curvature), and each cell reports that optimizer's best grid
-point. With `--schedule cosine` every optimizer, Sophia included, also gets the same cosine decay
-to 0 over a horizon T tuned from (1/8, 1/4, 1/2, 1) of the step cap; a cell then reports its best
-(lr, T). Everything else is fixed at the usual defaults: Adam betas (0.9, 0.999) (torch's), Lion
-betas (0.9, 0.99), Sophia betas (0.965, 0.99) and rho = 0.04 (official), no weight decay, Hessian
-refreshed every k = 10 steps after the step (official timing, h starts at 0). A miss prints
-`>cap` with the grid lr that got lowest.
+fixed grid of the same density for every optimizer (about two points per decade, spanning 3
+decades around where that optimizer's best lies; GD's grid is c / kappa because its stable range
+scales with the sharpest curvature), and each cell reports that optimizer's best grid point (`*`
+marks a best at a grid end; for GD, c = 1.9 sits just under its stability limit c = 2). With `--schedule cosine` every optimizer, Sophia included, also gets
+the same cosine decay to 0 over a horizon T tuned from (1/8, 1/4, 1/2, 1) of the step cap; a cell
+then reports its best (lr, T). Everything else is fixed at the usual defaults: Adam betas
+(0.9, 0.999) (torch's), Lion betas (0.9, 0.99), Sophia betas (0.965, 0.99) and rho = 0.04
+(official), no weight decay, Hessian refreshed every k = 10 steps after the step (official timing,
+h starts at 0). SophiaG's GNB estimate samples labels (one per refresh with exact gradients, B with
+noisy ones, `bs` to match), so its cells are also averaged over 32 runs. A miss prints `>cap` with
+the grid lr that got lowest.
 
-What a full run measured (steps to f <= 1e-6, cap 4000; constant lr, `--schedule cosine` in []):
+What a full run measured (2026-11-25, constant lr, cap 4000; steps to reach and hold the target):
 
-    kappa = 1e3       GD            Adam       Lion          SophiaG     SophiaH
-    heterogeneous     3475 [>4000]  114 [114]  3487 [852]    191 [191]   191 [159]
-    quadratic         3475 [>4000]  131 [131]  >4000 [848]   447 [394]   425 [363]
+    kappa = 1e3             GD      Adam    Lion    SophiaG  SophiaH
+    heterogeneous           3475    128     >4000   403      414        f <= 1e-6
+    quadratic               3475    186     >4000   576      588        f <= 1e-6
+    noisy-heterogeneous     >4000   2289    3403    453      453        mean f <= 1e-3, B = 100
+    noisy-quadratic         >4000   131     3404    631      622        mean f <= 1e-3, B = 100
 
-Over kappa = 1 .. 1e4 Sophia's count stays within ~150-450 steps on both problems, GD's grows
-like kappa, and constant-lr Lion, whose step never shrinks, needs a tiny lr and misses at large
-kappa. Tuned Adam, however, needs fewer steps than SophiaG at every kappa on both problems, the
-heterogeneous one included (the only cell where a Sophia beats Adam is SophiaH at kappa = 10 with
-cosine decay, 79 vs 84). The paper's argument does hold for signGD: a fixed ~lr step cannot reach
-the target on the heterogeneous problem at any lr (tests/test_toy.py checks this). Adam escapes it
-for two reasons. (1) Its second moment remembers the large gradient its first sign-like overshoot
-in the sharp coordinate produces (|g_x| ~ kappa * lr), so its effective step there drops to
-~1 / kappa at once: Adam learns the curvature scale from its own oscillation. (2) Near the
-optimum every method here is limited by its momentum: the ringing decays like beta1^t, so
-reaching 1e-6 costs about log(1e-6) / log(beta1) steps, ~130 for Adam's 0.9 against ~390 for
-Sophia's 0.965, and Sophia's Hessian EMA, started at 0 without bias correction, underestimates h
-for hundreds of steps. The toy therefore shows Sophia's curvature-independence, not a win over
-tuned Adam.
+Counts on the noisy problems move by up to ~15% with the random stream (an earlier run of the same
+protocol: 2181 and 529 where this one has 2289 and 453). In some exact cells Adam's best lr is
+the top of its grid (0.3): a wider grid could only make Adam faster.
+
+Over kappa = 1 .. 1e4 Sophia's count stays within ~400-650 steps on every problem and GD's grows
+like kappa. Whether Sophia beats tuned Adam depends on the gradients:
+
+- With exact gradients Adam needs fewer steps at every kappa on both starts. Its second moment
+  remembers the large gradient its first sign-like overshoot in the sharp coordinate produces
+  (|g_x| ~ kappa * lr), so its effective step there drops to ~1 / kappa at once: Adam learns the
+  curvature scale from its own oscillation (tests/test_toy.py checks this; plain signGD, which
+  cannot, fails the heterogeneous problem at every lr). Near the optimum every method here is then
+  limited by its momentum: the ringing decays like beta1^t, ~130 steps to 1e-6 for Adam's 0.9
+  against ~390 for Sophia's 0.965, and Sophia's Hessian EMA, started at 0 without bias correction,
+  underestimates h for hundreds of steps.
+- With noisy gradients on the heterogeneous start SophiaG wins from kappa = 100 on (453 vs 2289
+  steps at 1e3; Adam misses the cap at 1e4), and Adam's count grows like sqrt(kappa). Adam divides
+  the sharp coordinate's gradient by its noise scale sqrt(kappa / B), so its jitter there stays ~lr
+  whatever the curvature and costs ~lr * sqrt(kappa / B) of loss; holding a target near the noise
+  floor forces lr ~ 1 / sqrt(kappa), and the flat coordinate, which has far to go, crawls. Sophia
+  divides by the curvature, so its jitter costs ~(lr / rho) / B whatever kappa.
+- From the equal-distance start the flat coordinate's large early gradients keep Adam's steps
+  cautious there and the sharp one's huge early gradients give it a Newton-like step, so Adam wins
+  even with noise.
+
+The noisy-heterogeneous result depends on how close the target is to the noise floor. At kappa =
+1e3 (Adam vs SophiaG steps, cap 4000): B = 10: 653 vs 326 (target 1e-2), >4000 vs 2051 (1e-3);
+B = 100: 172 vs 179 (1e-2), 2251 vs 529 (1e-3), >4000 vs 3486 (1e-4); B = 1000: 40 vs 166 (1e-2),
+732 vs 264 (1e-3), >4000 vs 541 (1e-4). Sophia wins where the target forces Adam's lr below
+~4 * target * sqrt(B / kappa), i.e. where gradient noise, not curvature, limits the step; with
+little noise relative to the target Adam wins as on the exact problems. On noisy-quadratic the same
+sweep gives Adam fewer steps in every cell where either reaches the target (e.g. B = 100: 100 vs
+361, 136 vs 575, 991 vs 3487). The toy therefore shows
+Sophia's curvature-independence everywhere, and a win over tuned Adam only in that noisy regime.
 
 Hessian estimates, consistent with each optimizer's semantics:
-- SophiaG uses the GNB estimator. f is the negative log-likelihood (up to a constant) of a
-  Gaussian model o = sqrt(diag(kappa, 1)) * theta with targets 0, so the "sampled-label" loss is
-  0.5 * ||o - t||^2 with t ~ N(o, I); its squared gradient diag(kappa, 1) * eps^2 has expectation
-  exactly diag(H). One sample per refresh, so bs = 1.
-- SophiaH uses `sophia.hessian.hutchinson` on f itself (exact here: H is diagonal).
+- SophiaG uses the GNB estimator. f is the negative log-likelihood (up to a constant) of the
+  Gaussian model above, so the "sampled-label" loss is mean_b 0.5 * ||o - t_b||^2 with
+  t_b ~ N(o, I); bs times its squared gradient has expectation exactly diag(H).
+- SophiaH uses `sophia.hessian.hutchinson` on f itself (exact here: H is diagonal and constant, the
+  same for every mini-batch loss).
 
-All optimizers here are elementwise, so the script runs every (lr, kappa) cell of a grid at once:
-one parameter group per (lr, horizon), each holding one row per kappa. The cells never interact.
+All optimizers here are elementwise, so the script runs every (lr, kappa, replicate) cell of a grid
+at once: one parameter group per (lr, horizon), holding one row per kappa and replicate. The cells
+never interact.
 """
 from __future__ import annotations
 
@@ -93,28 +124,37 @@ from sophia.hessian import hutchinson
 
 OPTIMIZERS = ("gd", "adam", "lion", "sophiag", "sophiah")
 LABELS = {"gd": "GD", "adam": "Adam", "lion": "Lion", "sophiag": "SophiaG", "sophiah": "SophiaH"}
-PROBLEMS = ("heterogeneous", "quadratic")
+PROBLEMS = ("heterogeneous", "quadratic", "noisy-heterogeneous", "noisy-quadratic")
+NOISY_PREFIX = "noisy-"
 SCHEDULES = ("constant", "cosine")
+NOISE_BATCH = 100  # B of the noisy problems: gradient noise covariance diag(H) / B
+REPLICATES = 32  # independent noisy runs per cell; their mean loss is what must reach the target
+EXACT_TARGET = 1e-6
+NOISY_TARGET = 1e-3
+HOLD_STEPS = 50  # a cell reaches the target only if its loss then stays there this many steps
+STOCHASTIC_HESSIAN = ("sophiag",)  # GNB samples labels; Hutchinson is exact on a diagonal H
 START = (math.e / 3, math.pi / 3)  # generic: sign steps of a round lr never land on 0
 HESSIAN_EVERY = 10
 RHO = 0.04
 HORIZON_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # cosine horizons, as fractions of the step cap
 
-# lr grids: GD's entries multiply 1 / kappa (its stability limit is 2 / kappa)
+# lr grids: GD's entries multiply 1 / kappa (its stability limit is 2 / kappa). They reach down
+# far enough for the noisy problems, whose noise floor favours small steps.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "gd": (0.5, 1.0, 1.9),
-    "adam": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    "lion": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "sophiag": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    "sophiah": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "gd": (0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 1.9),
+    "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "lion": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "sophiag": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "sophiah": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
 }
+QUICK_MAX_STEPS = 700
 # the quick grids keep, for every optimizer, the points that win somewhere in the full run
 QUICK_LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "gd": (1.9,),
-    "adam": (3e-2, 1e-1),
-    "lion": (1e-3, 3e-3),
-    "sophiag": (1e-2, 1e-1),
-    "sophiah": (1e-2, 1e-1),
+    "gd": (0.1, 1.0, 1.9),
+    "adam": (1e-3, 3e-2, 1e-1),
+    "lion": (3e-4, 3e-3),
+    "sophiag": (3e-3, 3e-2),
+    "sophiah": (3e-3, 3e-2),
 }
 
 
@@ -124,6 +164,7 @@ class Best(NamedTuple):
     lr: float
     steps: int | None
     horizon: int | None = None
+    edge: bool = False  # the chosen lr is the smallest or largest of its grid: widen the grid
 
 
 class Run(NamedTuple):
@@ -134,13 +175,24 @@ class Run(NamedTuple):
     horizon: int | None = None
 
 
+def is_noisy(problem: str) -> bool:
+    """Whether `problem` uses mini-batch gradients (the `noisy-` variants) instead of exact ones."""
+    return problem.startswith(NOISY_PREFIX)
+
+
 def start_point(problem: str, kappa: float) -> tuple[float, float]:
     """Where `problem` starts at condition number kappa (see the module docstring)."""
-    if problem == "quadratic":
+    if problem not in PROBLEMS:
+        raise ValueError(f"unknown problem {problem!r}; choose from {', '.join(PROBLEMS)}")
+    if problem.removeprefix(NOISY_PREFIX) == "quadratic":
         return START
-    if problem == "heterogeneous":
-        return (START[0] / kappa, START[1])
-    raise ValueError(f"unknown problem {problem!r}; choose from {', '.join(PROBLEMS)}")
+    return (START[0] / kappa, START[1])
+
+
+def curvature(kappa: float | torch.Tensor) -> torch.Tensor:
+    """diag(H) = (kappa, 1) over a new last dim (float64)."""
+    k = torch.as_tensor(kappa, dtype=torch.float64)
+    return torch.stack((k, torch.ones_like(k)), dim=-1)
 
 
 def loss_fn(theta: torch.Tensor, kappa: float | torch.Tensor) -> torch.Tensor:
@@ -153,21 +205,37 @@ def grad_fn(theta: torch.Tensor, kappa: float | torch.Tensor) -> torch.Tensor:
     return torch.stack((kappa * theta[..., 0], theta[..., 1]), dim=-1)
 
 
-def gnb_gradient(
-    theta: torch.Tensor, kappa: float | torch.Tensor, generator: torch.Generator
+def noisy_gradient(
+    theta: torch.Tensor, kappa: float | torch.Tensor, batch: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Gradient of the sampled-label loss 0.5 * ||o - t||^2 with t ~ N(o, I), o = sqrt(H) theta.
+    """Mini-batch gradient of the Gaussian model behind f: mean, the exact gradient; covariance
+    diag(H) / batch.
+
+    f is, up to a constant, the population loss of o = sqrt(H) theta against data y ~ N(0, I);
+    a batch of B such y gives the loss mean_b 0.5 * ||o - y_b||^2, whose gradient is
+    H theta - sqrt(H) * mean_b y_b. Sampling the batch mean directly (N(0, I / B)) is equivalent.
+    The noise thus has the shape of the curvature, as for a well-specified model's per-example
+    gradients (their covariance is the Fisher), which is what Adam's second moment then measures.
+    """
+    noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype)
+    return grad_fn(theta, kappa) + (curvature(kappa) / batch).sqrt() * noise
+
+
+def gnb_gradient(
+    theta: torch.Tensor, kappa: float | torch.Tensor, generator: torch.Generator, batch: int = 1
+) -> torch.Tensor:
+    """Gradient of the sampled-label loss mean_b 0.5 * ||o - t_b||^2, t_b ~ N(o, I), o = sqrt(H) theta.
 
     f is the Gaussian negative log-likelihood of o against targets 0, so this is SophiaG's GNB
-    recipe for that model: its square has expectation diag(H) = (kappa, 1) for bs = 1. Rows of a
-    batched theta ([..., 2], kappa of shape [...]) get independent samples.
+    recipe for that model over `batch` sampled labels: batch * grad^2 has expectation
+    diag(H) = (kappa, 1), matching `SophiaG.step(bs=batch)`. Rows of a batched theta
+    ([..., 2], kappa of shape [...]) get independent samples.
     """
     theta = theta.detach().requires_grad_(True)
-    root = torch.as_tensor(kappa, dtype=theta.dtype).sqrt()
-    scale = torch.stack(torch.broadcast_tensors(root, torch.ones_like(root)), dim=-1)
-    o = scale * theta
-    t = o.detach() + torch.randn(o.shape, generator=generator, dtype=o.dtype)
-    (grad,) = torch.autograd.grad(0.5 * ((o - t) ** 2).sum(), [theta])
+    o = curvature(kappa).sqrt() * theta
+    t_mean = o.detach() + torch.randn(o.shape, generator=generator, dtype=o.dtype) / batch**0.5
+    # the mean of `batch` sampled losses has the same gradient as one loss against their mean label
+    (grad,) = torch.autograd.grad(0.5 * ((o - t_mean) ** 2).sum(), [theta])
     return grad
 
 
@@ -201,27 +269,37 @@ def simulate(
     target: float | None = None,
     seed: int = 0,
     record: bool = False,
+    noise_batch: int = NOISE_BATCH,
+    replicates: int = REPLICATES,
 ) -> tuple[list[list[int | None]], list[list[float]], list[torch.Tensor] | None]:
     """Optimise f with one optimizer for every (run, kappa) cell at once.
 
-    Returns, per run and kappa, the number of steps after which f first dropped to `target`
-    (None if it never did or no target was given) and the final loss; with `record`, also each
-    run's path as a [steps + 1, len(kappas), 2] tensor (it then never stops early).
+    A cell's loss is f at its iterate; where anything is random (a noisy problem, SophiaG's
+    sampled Hessian estimate) it is the mean of f over `replicates` independent runs from the same
+    start. Returns, per run and kappa, the steps to target: the first step from which that loss
+    stays <= `target` for HOLD_STEPS steps in a row (None if that never happens within `steps` or
+    no target was given; a lucky dip does not count), and the final loss (inf if the run
+    diverged); with `record`, also each run's path (first replicate) as a [steps + 1,
+    len(kappas), 2] tensor (it then never stops early).
     """
-    params = [
-        torch.tensor([start_point(problem, k) for k in run.kappas], dtype=torch.float64,
+    noisy = is_noisy(problem)
+    reps = replicates if noisy or name in STOCHASTIC_HESSIAN else 1
+    batch = noise_batch if noisy else 1  # exact gradients: one GNB label sample per refresh
+    params = [  # [kappas, replicates, 2]: every coordinate is independent for these optimizers
+        torch.tensor([[start_point(problem, k)] * reps for k in run.kappas], dtype=torch.float64,
                      requires_grad=True)
         for run in runs
     ]
-    kvecs = [torch.tensor(run.kappas, dtype=torch.float64) for run in runs]
+    kvecs = [torch.tensor(run.kappas, dtype=torch.float64)[:, None] for run in runs]
     opt = make_optimizer(name, [{"params": [p], "lr": run.lr} for p, run in zip(params, runs)])
     gen = torch.Generator().manual_seed(seed)
     hits: list[list[int | None]] = [[None] * len(run.kappas) for run in runs]
-    paths = [[p.detach().clone()] for p in params] if record else None
+    below_since: list[list[int | None]] = [[None] * len(run.kappas) for run in runs]
+    paths = [[p.detach()[:, 0].clone()] for p in params] if record else None
     scheduled = any(run.horizon is not None for run in runs)
 
-    def losses() -> list[torch.Tensor]:
-        return [loss_fn(p, kv) for p, kv in zip(params, kvecs)]
+    def losses() -> list[torch.Tensor]:  # per run: [kappas], replicates averaged
+        return [loss_fn(p, kv).mean(dim=1) for p, kv in zip(params, kvecs)]
 
     for t in range(steps):
         if scheduled:
@@ -229,37 +307,46 @@ def simulate(
                 group["lr"] = run.lr * cosine_factor(t, run.horizon)
         with torch.no_grad():
             for p, kv in zip(params, kvecs):
-                p.grad = grad_fn(p, kv)
+                p.grad = noisy_gradient(p, kv, batch, gen) if noisy else grad_fn(p, kv)
         if name == "sophiag":
-            opt.step(bs=1)
+            opt.step(bs=batch)
         else:
             opt.step()
 
         if t % HESSIAN_EVERY == HESSIAN_EVERY - 1:
             if name == "sophiag":
                 for p, kv in zip(params, kvecs):
-                    p.grad = gnb_gradient(p, kv, gen)
+                    p.grad = gnb_gradient(p, kv, gen, batch)
                 opt.update_hessian()
-            elif name == "sophiah":
-                total = sum(loss.sum() for loss in losses())
+            elif name == "sophiah":  # a mini-batch loss has the same (constant) Hessian as f
+                # a sum, not the replicate mean: each row must see its own f's Hessian
+                total = sum(loss_fn(p, kv).sum() for p, kv in zip(params, kvecs))
                 opt.update_hessian(hutchinson(total, params, generator=gen))
 
         if record:
             for path, p in zip(paths, params):
-                path.append(p.detach().clone())
+                path.append(p.detach()[:, 0].clone())
         if target is not None:
             with torch.no_grad():
                 now = [loss.tolist() for loss in losses()]
             done = True
-            for row_hits, row_now in zip(hits, now):
+            for row_hits, row_since, row_now in zip(hits, below_since, now):
                 for i, value in enumerate(row_now):
-                    if row_hits[i] is None and value <= target:
-                        row_hits[i] = t + 1
+                    if row_hits[i] is not None:
+                        continue
+                    if value > target or not math.isfinite(value):
+                        row_since[i] = None
+                        continue
+                    if row_since[i] is None:
+                        row_since[i] = t + 1
+                    if t + 1 - row_since[i] + 1 >= HOLD_STEPS:
+                        row_hits[i] = row_since[i]
                 done = done and all(h is not None for h in row_hits)
             if done and not record:
                 break
     with torch.no_grad():
-        final = [loss.tolist() for loss in losses()]
+        final = [[v if math.isfinite(v) else math.inf for v in loss.tolist()]
+                 for loss in losses()]
     return hits, final, [torch.stack(path) for path in paths] if record else None
 
 
@@ -271,11 +358,14 @@ def tune(
     steps: int,
     target: float,
     schedule: str = "constant",
+    noise_batch: int = NOISE_BATCH,
+    replicates: int = REPLICATES,
 ) -> list[Best]:
     """Per kappa, the best cell over the lr grid (and, for `cosine`, the horizon grid).
 
     Fewest steps to target wins, ties go to the earlier grid entry; if no cell reaches the target,
-    the one with the lowest final loss is reported with steps None.
+    the one with the lowest final loss is reported with steps None. A winner at either end of a
+    grid of 3 or more points is flagged `edge` (the optimum may lie outside the grid).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
@@ -290,7 +380,8 @@ def tune(
                 runs.extend(Run(g / k, (k,), horizon) for k in kappas)
             else:
                 runs.append(Run(g, tuple(kappas), horizon))
-    hits, final, _ = simulate(name, problem, runs, steps, target)
+    hits, final, _ = simulate(name, problem, runs, steps, target, noise_batch=noise_batch,
+                              replicates=replicates)
 
     best: list[Best] = []
     for kappa in kappas:
@@ -300,7 +391,9 @@ def tune(
             for run, h, f in zip(runs, hits, final) if kappa in run.kappas
         ]
         n, _, run = min(cells, key=lambda c: (c[0], c[1] if c[0] == math.inf else 0.0))
-        best.append(Best(run.lr, None if n == math.inf else int(n), run.horizon))
+        g = run.lr * kappa if name == "gd" else run.lr
+        edge = len(grid) >= 3 and any(math.isclose(g, e) for e in (min(grid), max(grid)))
+        best.append(Best(run.lr, None if n == math.inf else int(n), run.horizon, edge))
     return best
 
 
@@ -313,29 +406,45 @@ def steps_vs_condition(
     schedule: str = "constant",
     names: Sequence[str] = OPTIMIZERS,
     log: Callable[[str], None] | None = print,
+    noise_batch: int = NOISE_BATCH,
+    replicates: int = REPLICATES,
 ) -> dict[str, list[Best]]:
     """For each optimizer: its best cell per kappa (see `tune`)."""
     results: dict[str, list[Best]] = {}
     for name in names:
-        results[name] = tune(name, problem, kappas, grids[name], max_steps, target, schedule)
+        results[name] = tune(name, problem, kappas, grids[name], max_steps, target, schedule,
+                             noise_batch, replicates)
         if log:
             log(f"  tuned {LABELS[name]} on {problem}")
     return results
 
 
-def protocol(problem: str, target: float, max_steps: int, schedule: str) -> str:
+def protocol(
+    problem: str,
+    target: float,
+    max_steps: int,
+    schedule: str,
+    noise_batch: int = NOISE_BATCH,
+    replicates: int = REPLICATES,
+) -> str:
     """One paragraph stating what the table measures and how it was tuned."""
-    start = "(x0 / kappa, y0)" if problem == "heterogeneous" else "(x0, y0)"
+    start = "(x0, y0)" if problem.removeprefix(NOISY_PREFIX) == "quadratic" else "(x0 / kappa, y0)"
     sched = (
         "constant lr" if schedule == "constant"
         else "cosine decay to 0 over a tuned horizon T in "
         + "/".join(f"{f:g}" for f in HORIZON_FRACTIONS) + " of the cap (same for all)"
     )
+    gradients = (
+        f"mini-batch gradients, noise covariance diag(kappa, 1) / B with B={noise_batch}; "
+        f"loss = mean f over {replicates} independent runs"
+        if is_noisy(problem) else "exact gradients"
+    )
     return (
         f"problem={problem}: f = 0.5 (kappa x^2 + y^2) from {start}, "
-        f"(x0, y0) = ({START[0]:.4f}, {START[1]:.4f}); steps to f <= {target:g}, cap {max_steps}.\n"
-        f"lr tuned per optimizer and kappa over its grid (GD: c / kappa), {sched}; "
-        f"Sophia rho={RHO}, k={HESSIAN_EVERY}, official betas; Adam/Lion default betas."
+        f"(x0, y0) = ({START[0]:.4f}, {START[1]:.4f}), {gradients}; "
+        f"steps to loss <= {target:g}, cap {max_steps}.\n"
+        f"lr tuned per optimizer and kappa over its grid (GD: c / kappa; * = best at a grid end), "
+        f"{sched}; Sophia rho={RHO}, k={HESSIAN_EVERY}, official betas; Adam/Lion default betas."
     )
 
 
@@ -349,7 +458,8 @@ def format_table(kappas: Sequence[float], results: dict[str, list[Best]], max_st
         for b in row:
             steps = f">{max_steps}" if b.steps is None else str(b.steps)
             extra = "" if b.horizon is None else f",T={b.horizon}"
-            cells.append(f"{steps} (lr={b.lr:.2g}{extra})".rjust(width))
+            edge = "*" if b.edge else ""
+            cells.append(f"{steps} (lr={b.lr:.2g}{extra}){edge}".rjust(width))
         lines.append(f"{LABELS[name]:<10}" + "".join(cells))
     return "\n".join(lines)
 
@@ -367,23 +477,42 @@ def compare(
     return f"fewer steps, {LABELS[a]} vs {LABELS[b]}: " + ", ".join(cells)
 
 
-def plot_trajectories(
-    problems: Sequence[str], kappa: float, best: dict[str, dict[str, Best]], steps: int, out: Path
-) -> dict[str, dict[str, torch.Tensor]]:
-    """One contour panel per problem with each optimizer's path; returns the [steps+1, 2] paths."""
+def _panel_grid(n: int, width: float = 7.0, height: float = 5.0):
+    """A figure with n panels, two per row; returns (figure, flat list of the n axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_trajectories(
+    problems: Sequence[str],
+    kappa: float,
+    best: dict[str, dict[str, Best]],
+    steps: int,
+    out: Path,
+    noise_batch: int = NOISE_BATCH,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """One contour panel per problem with each optimizer's path (on a noisy problem, of one run);
+    returns the [steps+1, 2] paths."""
+    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(problems), figsize=(7 * len(problems), 5), squeeze=False)
+    fig, axes = _panel_grid(len(problems))
     all_paths: dict[str, dict[str, torch.Tensor]] = {}
-    for ax, problem in zip(axes[0], problems):
+    for ax, problem in zip(axes, problems):
         paths = {}
         for name, b in best[problem].items():
             _, _, recorded = simulate(name, problem, [Run(b.lr, (kappa,), b.horizon)], steps,
-                                      record=True)
+                                      record=True, noise_batch=noise_batch, replicates=1)
             paths[name] = recorded[0][:, 0, :]
         all_paths[problem] = paths
         x0, y0 = start_point(problem, kappa)
@@ -408,8 +537,9 @@ def plot_trajectories(
         ax.set_ylim(ylo, yhi)
         ax.set_xlabel("x (sharp direction)")
         ax.set_ylabel("y (flat direction)")
-        ax.set_title(f"{problem}: f = 0.5 (kappa x^2 + y^2), kappa={kappa:g}, {steps} steps",
-                     fontsize=10)
+        noise = f", one run, B={noise_batch}" if is_noisy(problem) else ""
+        ax.set_title(f"{problem}: f = 0.5 (kappa x^2 + y^2), kappa={kappa:g}, {steps} steps"
+                     + noise, fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -421,17 +551,14 @@ def plot_steps(
     kappas: Sequence[float],
     results: dict[str, dict[str, list[Best]]],
     max_steps: int,
-    target: float,
+    targets: dict[str, float],
     out: Path,
 ) -> None:
-    """Steps to reach the target versus condition number (log-log), one panel per problem."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Steps to reach each problem's target versus condition number (log-log), a panel each."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
-    for ax, (problem, res) in zip(axes[0], results.items()):
+    fig, axes = _panel_grid(len(results))
+    for ax, (problem, res) in zip(axes, results.items()):
         for name, row in res.items():
             ax.plot(kappas, [max_steps if b.steps is None else b.steps for b in row], "o-",
                     label=LABELS[name])
@@ -439,7 +566,7 @@ def plot_steps(
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("condition number kappa")
-        ax.set_ylabel(f"steps to f <= {target:g}")
+        ax.set_ylabel(("mean " if is_noisy(problem) else "") + f"f <= {targets[problem]:g}: steps")
         ax.set_title(f"{problem}: steps to target vs kappa (lr tuned per cell)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -447,36 +574,56 @@ def plot_steps(
     plt.close(fig)
 
 
+PROBLEM_SETS = {
+    "all": PROBLEMS,
+    "exact": tuple(p for p in PROBLEMS if not is_noisy(p)),
+    "noisy": tuple(p for p in PROBLEMS if is_noisy(p)),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Best]]]:
     """Run the study; returns {problem: {optimizer: [Best per kappa]}}."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/toy"), help="output folder")
-    parser.add_argument("--problem", choices=(*PROBLEMS, "both"), default="both",
-                        help="which start to study (default: both, heterogeneous first)")
+    parser.add_argument("--problem", choices=(*PROBLEMS, *PROBLEM_SETS), default="all",
+                        help="one problem, or a set of them (default: all four)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="lr schedule given to every optimizer alike")
     parser.add_argument("--quick", action="store_true", help="small grid and few steps (tests)")
-    parser.add_argument("--target", type=float, default=1e-6, help="loss to reach")
+    parser.add_argument("--target", type=float, default=EXACT_TARGET,
+                        help="loss to reach on the exact-gradient problems")
+    parser.add_argument("--noisy-target", type=float, default=NOISY_TARGET,
+                        help="mean loss to reach on the noisy problems")
+    parser.add_argument("--noise-batch", type=int, default=NOISE_BATCH,
+                        help="batch size B of the noisy problems (noise covariance diag(H) / B)")
+    parser.add_argument("--replicates", type=int, default=REPLICATES,
+                        help="independent runs averaged per cell on the noisy problems")
     parser.add_argument("--max-steps", type=int, default=None, help="step cap per run")
     parser.add_argument("--plot-kappa", type=float, default=30.0, help="kappa of the contour plot")
     args = parser.parse_args(argv)
+    for flag in ("target", "noisy_target", "noise_batch", "replicates"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 
-    problems = PROBLEMS if args.problem == "both" else (args.problem,)
+    problems = PROBLEM_SETS.get(args.problem, (args.problem,))
+    targets = {p: args.noisy_target if is_noisy(p) else args.target for p in problems}
     if args.quick:
-        kappas, grids, max_steps = [1.0, 1e3], QUICK_LR_GRIDS, args.max_steps or 700
+        kappas, grids, max_steps = [1.0, 1e3], QUICK_LR_GRIDS, args.max_steps or QUICK_MAX_STEPS
     else:
         kappas, grids, max_steps = [1.0, 1e1, 1e2, 1e3, 1e4], LR_GRIDS, args.max_steps or 4000
     args.out.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, dict[str, list[Best]]] = {}
     for problem in problems:
-        results[problem] = steps_vs_condition(problem, kappas, grids, max_steps, args.target,
-                                              args.schedule)
-        print(protocol(problem, args.target, max_steps, args.schedule))
+        results[problem] = steps_vs_condition(problem, kappas, grids, max_steps, targets[problem],
+                                              args.schedule, noise_batch=args.noise_batch,
+                                              replicates=args.replicates)
+        print(protocol(problem, targets[problem], max_steps, args.schedule, args.noise_batch,
+                       args.replicates))
         print(format_table(kappas, results[problem], max_steps))
         print(compare(kappas, results[problem]))
         print()
-    plot_steps(kappas, results, max_steps, args.target, args.out / "steps_vs_condition.png")
+    plot_steps(kappas, results, max_steps, targets, args.out / "steps_vs_condition.png")
 
     # the contour plot reuses the cells tuned at the table's kappa nearest to plot_kappa
     near = min(range(len(kappas)), key=lambda i: abs(math.log(kappas[i] / args.plot_kappa)))
@@ -485,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Best]]]:
     for best in plot_best.values():  # GD's lr is tuned as c / kappa
         best["gd"] = best["gd"]._replace(lr=best["gd"].lr * kappas[near] / args.plot_kappa)
     plot_trajectories(problems, args.plot_kappa, plot_best, 100 if args.quick else 200,
-                      args.out / "trajectories.png")
+                      args.out / "trajectories.png", args.noise_batch)
     print(f"wrote {args.out / 'trajectories.png'} and {args.out / 'steps_vs_condition.png'}")
     return results
 
