@@ -54,7 +54,11 @@ def estimate_mfu(config: GPTConfig, tokens_per_s: float, peak_flops: float) -> f
 
 # Dense (no sparsity) peak FLOP/s per GPU from the vendor data sheets. "tf32" is the tensor-core
 # TF32 rate, "fp32" the plain CUDA-core rate. Keys are regexes on torch.cuda.get_device_name();
-# order matters: the first match wins, so variants come before the generic entry.
+# order matters: the first match wins, so variants come before the generic entry. The H100 SXM row
+# (the one MFU is reported against here) was checked on 2026-11-25 against the H100 table at
+# glennklockwood.com/garden/processors/h100 (989.4 bf16/fp16, 494.7 tf32, 66.9 fp32 TFLOPS); the
+# PCIe and NVL rows are half the data sheets' with-sparsity figures. Pass `train.peak_flops` to
+# override for a clock-limited or unlisted part.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     r"H100.*(PCIe|PCIE)": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12},
     r"H100.*NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},
