@@ -334,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+GPT2_SIZES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")  # real sizes: GPT-2's vocab
+
+
 def _overrides(args: argparse.Namespace, optimizer: str, block: int | None) -> list[str]:
     ov = [f"optimizer={optimizer}", f"model={args.model}", f"device={args.device}",
           f"dtype={args.dtype}", f"compile={str(args.compile).lower()}", f"seed={args.seed}",
@@ -375,6 +378,13 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
     any_cfg = next(iter(cfgs.values()))
     probe = TokenLoader(data_dir, "train", 1, seed=any_cfg.seed)
     vocab = int(probe.meta["vocab_size"])
+    if args.model in GPT2_SIZES and vocab < 50257:
+        note = (f"{data_dir} has a {vocab}-token vocabulary, so {args.model} gets a small "
+                f"embedding and LM head: its throughput and MFU are not GPT-2's. For GPT-2 "
+                f"numbers prepare GPT-2 tokens (python -m data.prepare stdlib --tokenizer gpt2) "
+                f"and pass --data prepared/stdlib-gpt2.")
+        notes.append(note)
+        print_fn(f"note: {note}")
     model_block = build_model_config(any_cfg, vocab).block_size
     block = args.block_size or model_block
     if block > model_block:

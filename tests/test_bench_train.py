@@ -127,3 +127,15 @@ def test_nanogpt_baseline_row_trains_the_same_model_on_the_same_batches(tiny_dat
 def test_nanogpt_baseline_needs_adamw(tiny_data):
     assert bench.main([*TINY, "--optimizers", "sophia", "--nanogpt-baseline",
                        "--data", str(tiny_data)]) == 2
+
+
+def test_a_gpt2_size_on_byte_tokens_is_flagged_as_not_gpt2(tiny_data, capsys):
+    # The note comes before any model is built; the over-long block then stops the run cheaply.
+    rc = bench.main(["--model", "gpt2-small", "--block-size", "4096", "--optimizers", "adamw",
+                     "--data", str(tiny_data)])
+    captured = capsys.readouterr()
+    assert rc == 2 and "longer than gpt2-small's block size" in captured.err
+    assert "throughput and MFU are not GPT-2's" in captured.out
+    assert "--tokenizer gpt2" in captured.out
+    rc = bench.main([*TINY, "--optimizers", "adamw", "--data", str(tiny_data)])
+    assert rc == 0 and "not GPT-2's" not in capsys.readouterr().out  # tiny presets: no note
