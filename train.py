@@ -55,5 +55,30 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
+def entry() -> None:
+    """`main()`, then exit; a worker of a multi-process torchrun job exits without interpreter
+    finalization.
+
+    After an elastic restart, a gloo worker on torch 2.13 sometimes aborts *after* the run has
+    finished and written everything ("terminate called without an active exception" from a C++
+    destructor during interpreter shutdown), and torchrun then reports the whole job as failed.
+    By this point the engine has flushed metrics, checkpoints and W&B and destroyed the process
+    group, so skipping finalization loses nothing.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:  # Hydra and our error path exit through SystemExit
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

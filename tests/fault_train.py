@@ -25,4 +25,4 @@ import train  # noqa: E402
 
 if __name__ == "__main__":
     sys.argv[0] = str(Path(train.__file__))
-    train.main()
+    train.entry()

@@ -188,3 +188,32 @@ def test_optuna_sweep_minimises_final_val_loss(tiny_data, tmp_path):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     finals = [read_metrics(sweep / str(i))[-1]["val/loss"] for i in range(2)]
     assert result["best_value"] == pytest.approx(min(finals), rel=1e-6)
+
+
+def test_entry_keeps_exit_codes_and_skips_finalization_only_in_multi_rank_workers(monkeypatch):
+    """entry() maps main()'s outcome to the exit status; only a worker of a multi-process job
+    leaves through os._exit (see train.entry for the abort-at-shutdown it avoids)."""
+    import train
+
+    exits: list[int] = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    for outcome, code in ((None, 0), (SystemExit(2), 2), (SystemExit(None), 0),
+                          (SystemExit("message"), 1)):
+        def fake_main(outcome=outcome):
+            if outcome is not None:
+                raise outcome
+        monkeypatch.setattr(train, "main", fake_main)
+        monkeypatch.delenv("RANK", raising=False)
+        with pytest.raises(SystemExit) as stop:
+            train.entry()
+        assert stop.value.code == code and exits == []
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit):  # os._exit is patched, so entry() goes on to sys.exit
+            train.entry()
+        assert exits == [code]
+        exits.clear()
+        monkeypatch.setenv("WORLD_SIZE", "1")  # a single-process torchrun: normal exit
+        with pytest.raises(SystemExit):
+            train.entry()
+        assert exits == []
