@@ -5,16 +5,16 @@ The script only runs on a GPU machine, so the suite checks what can drift on a C
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from train_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_gpu.sh"
@@ -33,23 +33,15 @@ def _commands() -> list[tuple[str, list[str]]]:
     return found
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_benchmark_command_in_the_script_parses() -> None:
     commands = _commands()
     names = [name for name, _ in commands]
     assert names == ["bench_optim", "bench_train", "bench_train", "bench_hessian"], names
     for name, argv in commands:
-        args = _load(name).parse_args(argv)  # argparse exits on an unknown or malformed flag
+        args = load_script(name).parse_args(argv)  # argparse exits on an unknown or malformed flag
         assert args.device == "cuda", (name, argv)
         assert str(args.json).startswith("OUT/"), (name, args.json)
-    small = _load("bench_train").parse_args(commands[1][1])
+    small = load_script("bench_train").parse_args(commands[1][1])
     assert small.model == "gpt2-small" and small.compile and small.nanogpt_baseline
     assert small.data == "prepared/stdlib-gpt2"  # GPT-2 tokens, not the byte corpus
 

@@ -1,28 +1,16 @@
 """scripts/bench_train.py: one tiny round-robin run of AdamW and Sophia, its JSON and table."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.errors import HarnessError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+from train_helpers import load_script
 
 
-bench = _load_bench()
+bench = load_script("bench_train")
 
 # 2 micro-batches of 4 x 32 tokens per step; k=2 so a 4-step pass holds exactly 2 refreshes.
 TINY = ["--model", "gpt2-nano", "--block-size", "32", "--micro-batch-size", "4",

@@ -1,7 +1,6 @@
 """scripts/compare.py: speed-up maths on known curves, run discovery, labels, plots and the CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,15 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from train_helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("compare")
 
 
 compare = _load_compare()

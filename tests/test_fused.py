@@ -11,10 +11,7 @@ optimizer, and the bench test reuses two of them.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +20,8 @@ from torch import nn
 import sophia._fused as fused_mod
 from sophia import Lion, SophiaG, SophiaH
 from sophia.sophiag import sophiag
+from train_helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(8, 6), (5,)]  # the structure of each group below, and of the bench test's parameter set
 
 
@@ -297,12 +294,7 @@ def test_fused_matches_reference_on_cuda(cls: type) -> None:
 
 
 def _load_bench():
-    path = REPO / "scripts" / "bench_optim.py"
-    spec = importlib.util.spec_from_file_location("bench_optim", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_optim"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_optim")
 
 
 @pytest.mark.slow

@@ -16,9 +16,7 @@ itself against an exact float64 inverse CDF.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +24,7 @@ import torch
 from torch import nn
 
 from sophia.hessian import _draw_rows, gnb_loss, hutchinson, sample_labels
-
-REPO = Path(__file__).resolve().parents[1]
+from train_helpers import load_script
 
 
 def test_sample_labels_shape_and_distribution() -> None:
@@ -266,11 +263,7 @@ def test_fused_under_autocast_matches_reference() -> None:
 
 # ------------------------------------------------------------------------ scripts/bench_hessian.py
 def test_bench_hessian_runs_and_reports(tmp_path: Path) -> None:
-    path = REPO / "scripts" / "bench_hessian.py"
-    spec = importlib.util.spec_from_file_location("bench_hessian", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_hessian"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_hessian")
     out = tmp_path / "bench.json"
     rc = bench.main(["--batch", "2", "--seq", "8", "--vocab", "1000", "--repeats", "1",
                      "--no-cpu-memory", "--data", "random", "--mb-rows", "2", "--mb-seq", "8",

@@ -1,7 +1,6 @@
 """scripts/sample.py: text from a tiny trained checkpoint, determinism, and clear refusals."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 
 from data.tokenizers import get_tokenizer
 from model import GPT, GPTConfig
+from train_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "sample.py"
@@ -19,10 +19,7 @@ TEXT = "hello world! " * 8
 
 
 def _load_sample():
-    spec = importlib.util.spec_from_file_location("sample_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("sample", "sample_script")
 
 
 sample_script = _load_sample()

@@ -11,20 +11,16 @@ its noise, so at a fixed lr its noise floor grows like sqrt(kappa) and Sophia's 
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from train_helpers import load_script
 
 
 def _load_toy():
-    spec = importlib.util.spec_from_file_location("toy", REPO / "scripts" / "toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("toy")
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""Helpers for the training-engine tests: a tiny prepared corpus and config composition."""
+"""Helpers for the tests: a tiny prepared corpus, config composition, loading a script."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,17 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402,F401  (registers the run_name resolver)
+
+
+def load_script(name: str, module_name: str | None = None):
+    """scripts/<name>.py as a fresh module, registered in sys.modules under `module_name` (default
+    `name`): dataclasses look their module up there."""
+    module_name = module_name or name
+    spec = importlib.util.spec_from_file_location(module_name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_overrides(data_dir: Path, optimizer: str = "adamw", **extra) -> list[str]:
