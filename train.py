@@ -70,7 +70,9 @@ def entry() -> None:
         code = 0
     except SystemExit as stop:  # Hydra and our error path exit through SystemExit
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         import logging
 
         logging.shutdown()

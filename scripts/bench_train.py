@@ -349,6 +349,7 @@ def _overrides(args: argparse.Namespace, optimizer: str, block: int | None) -> l
 
 def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -> dict[str, Any]:
     """Build every contender, time them round-robin, and return the results as a dict."""
+    from data.bins import read_meta
     from data.loader import TokenLoader
 
     if launched_by_torchrun():
@@ -376,8 +377,7 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
         raise HarnessError(f"no optimizer of --optimizers={args.optimizers!r} could be built.")
 
     any_cfg = next(iter(cfgs.values()))
-    probe = TokenLoader(data_dir, "train", 1, seed=any_cfg.seed)
-    vocab = int(probe.meta["vocab_size"])
+    vocab = int(read_meta(data_dir)["vocab_size"])
     if args.model in GPT2_SIZES and vocab < 50257:
         note = (f"{data_dir} has a {vocab}-token vocabulary, so {args.model} gets a small "
                 f"embedding and LM head: its throughput and MFU are not GPT-2's. For GPT-2 "
