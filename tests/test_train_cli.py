@@ -120,14 +120,52 @@ def test_torchrun_two_ranks_match_one_process(optimizer, tiny_data, tmp_path):
     ca = load_checkpoint(list_checkpoints(ddp_dir / "checkpoints")[-1])
     cb = load_checkpoint(list_checkpoints(single / "checkpoints")[-1])
     assert ca["rank_divergence"] == 0.0  # parameters and h identical on both ranks
+    muon_atol = _muon_bf16_atol(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra)))
     for name, t in cb["model"].items():
-        torch.testing.assert_close(ca["model"][name], t, rtol=1e-4, atol=1e-5)
+        atol = muon_atol(name, t) if optimizer == "muon" else None
+        if atol is None:
+            torch.testing.assert_close(ca["model"][name], t, rtol=1e-4, atol=1e-5)
+        else:
+            diff = (ca["model"][name] - t).abs().max().item()
+            assert diff <= atol, (name, diff, atol)
     if optimizer == "sophia":
         ha = [s["hessian"] for s in ca["optimizer"]["state"].values()]
         hb = [s["hessian"] for s in cb["optimizer"]["state"].values()]
         assert len(ha) == len(hb) > 0
         for x, y in zip(ha, hb):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
+
+
+def _muon_bf16_atol(cfg):
+    """Per-parameter bound on how far 1 and 2 processes may drift apart on Muon's side.
+
+    torch.optim.Muon runs Newton-Schulz in bfloat16 (hard-coded), so the float32 rounding
+    difference between one all-reduce and a local accumulation can flip a bf16 rounding of the
+    orthogonalised update, and which elements flip depends on the CPU's bf16 matmul kernels
+    (AMD and Intel differ). Each step moves an element by lr_t * sqrt(max(1, rows/cols)) * O_ij
+    with |O_ij| <= ~1.5, and a flip changes O_ij by a few bf16 ulps (2**-8 relative), so the gap
+    after T steps is at most ~ 4 * 2**-8 * sum_t lr_t * scale. A real DDP bug (wrong rows on a
+    rank, gradients not averaged before Newton-Schulz) changes O by order 1, i.e. the whole
+    movement of the matrix, far above this bound. Parameters Muon does not own keep the tight
+    float32 tolerance (None).
+    """
+    import fnmatch
+
+    from engine.lr_schedule import lr_multiplier
+
+    t = cfg.train
+    lr_sum = sum(cfg.optimizer.lr * lr_multiplier(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+                 for s in range(t.max_steps))
+
+    def atol(name, tensor):
+        owned = tensor.dim() == 2 and any(fnmatch.fnmatch(name, pat)
+                                          for pat in cfg.optimizer.muon_include)
+        if not owned:
+            return None
+        rows, cols = tensor.shape
+        return 4 * 2.0 ** -8 * lr_sum * max(1.0, rows / cols) ** 0.5
+
+    return atol
 
 
 @pytest.mark.distributed
