@@ -15,6 +15,20 @@ from model import weight_decay_groups
 
 OPTIMIZERS = ("adamw", "lion", "sophia", "sophiah", "muon")
 
+# The keys build_optimizer reads for each optimizer; configs/optimizer/<name>.yaml declares exactly
+# these (a config test holds them together), and any other key is refused as a likely typo.
+_SOPHIA_KEYS = {"name", "lr", "betas", "rho", "weight_decay", "k", "hessian_micro_batches",
+                "hessian_warm_start", "decay_rule", "foreach", "fused"}
+OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
+    "adamw": frozenset({"name", "lr", "betas", "eps", "weight_decay", "decay_rule", "fused"}),
+    "lion": frozenset({"name", "lr", "betas", "weight_decay", "decay_rule", "foreach", "fused"}),
+    "sophia": frozenset(_SOPHIA_KEYS),
+    "sophiah": frozenset(_SOPHIA_KEYS | {"eps"}),
+    "muon": frozenset({"name", "lr", "adamw_lr", "momentum", "nesterov", "ns_steps",
+                       "adjust_lr_fn", "weight_decay", "adamw_betas", "adamw_weight_decay",
+                       "decay_rule", "muon_include", "muon_exclude"}),
+}
+
 
 @dataclass(frozen=True)
 class OptimizerSetup:
