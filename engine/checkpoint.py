@@ -11,7 +11,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -66,6 +66,10 @@ def save_checkpoint(state: dict[str, Any], directory: Path, step: int, keep_last
     return final
 
 
+class UnreadableCheckpoint(HarnessError):
+    """A checkpoint file that cannot be deserialised (truncated, corrupt, not a checkpoint)."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and sanity-check a checkpoint; any problem becomes a HarnessError naming the file."""
     path = Path(path)
@@ -75,7 +79,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle with foreign objects, not a checkpoint at all
-        raise HarnessError(
+        raise UnreadableCheckpoint(
             f"Checkpoint {path} cannot be read ({type(err).__name__}: {err}). It is corrupt or not "
             f"a checkpoint of this harness; resume from an earlier one in the same directory or "
             f"start a fresh run."
@@ -107,6 +111,37 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
             raise HarnessError(f"checkpoint.resume={resume}: no ckpt_*.pt in {sub}.")
         return found[-1]
     return path
+
+
+def load_resume_checkpoint(resume: str | None, run_dir: Path,
+                           warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its state, or ``None`` for a fresh start.
+
+    With ``auto`` or a run directory the newest *readable* checkpoint wins: a newest file that
+    cannot be read (a disk filled up or a copy cut short after the atomic save) is skipped with a
+    loud warning naming it, rather than refusing a resume that an older checkpoint can serve. A file
+    named explicitly must load, or the resume is refused.
+    """
+    path = find_resume_checkpoint(resume, run_dir)
+    if path is None:
+        return None
+    if resume == "auto" or Path(resume).is_dir():
+        candidates = list_checkpoints(path.parent)[::-1]
+    else:
+        candidates = [path]
+    skipped: list[tuple[Path, UnreadableCheckpoint]] = []
+    for candidate in candidates:
+        try:
+            state = load_checkpoint(candidate)
+        except UnreadableCheckpoint as err:
+            skipped.append((candidate, err))
+            continue
+        for bad, err in skipped:
+            warn(f"WARNING: skipping unreadable checkpoint {bad} ({err.__cause__!r}); resuming "
+                 f"from the older {candidate.name} instead. Steps after {state['step']} will be "
+                 f"trained again.")
+        return candidate, state
+    raise skipped[0][1]
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:

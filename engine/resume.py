@@ -1,0 +1,94 @@
+"""Resuming continues a run as it was configured, or refuses to say why it cannot.
+
+A run's identity (model, optimizer, batch, schedule, data) cannot change mid-run without the
+results silently meaning something else. So when a checkpoint is resumed:
+
+1. :func:`merge_overrides` rebuilds the command line the run was started with (its saved
+   overrides) with this invocation's overrides on top, and ``train.py`` composes the config from
+   that: ``python train.py hydra.run.dir=RUN`` continues RUN with *its* settings, not the defaults.
+2. :func:`check_resume_config` compares that config with the one saved in the checkpoint and
+   refuses every difference, listed, unless ``checkpoint.allow_config_change=true`` says the change
+   is intended (then it is printed as a warning and recorded in the run's ``config.yaml``).
+
+Keys in :data:`FREE_KEYS` change how a run is operated, not what it computes, and may differ.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable, Mapping
+
+from engine.errors import HarnessError
+
+FREE_KEYS = ("train.stop_at_step", "train.log_interval", "train.prefetch", "compile",
+             "checkpoint.resume", "checkpoint.interval", "checkpoint.keep_last",
+             "checkpoint.allow_config_change", "data.prepare_if_missing", "wandb.*")
+
+
+# Settings of one invocation only: a saved one is not carried into the next.
+INVOCATION_KEYS = ("train.stop_at_step", "checkpoint.resume", "checkpoint.allow_config_change")
+
+
+def _free(key: str) -> bool:
+    return any(fnmatch.fnmatch(key, pat) for pat in FREE_KEYS)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every key outside :data:`FREE_KEYS` that differs
+    (a key present on one side only counts as a difference, with ``<unset>`` on the other)."""
+    a, b = flatten(saved), flatten(current)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if key == "hydra" or key.startswith("hydra.") or _free(key):
+            continue
+        old, new = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if old != new:
+            changes.append((key, old, new))
+    return changes
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow: bool,
+                        source: str) -> list[tuple[str, Any, Any]]:
+    """Refuse (``HarnessError``) a resume whose config differs from the checkpoint's, unless
+    ``allow``; returns the differences (empty when none)."""
+    changes = config_changes(saved, current)
+    if changes and not allow:
+        listed = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise HarnessError(
+            f"Resuming {source} with a different config (checkpoint -> this command):\n{listed}\n"
+            f"A run's model, optimizer, batch, schedule and data cannot change mid-run. Resume "
+            f"with the run's own settings (leave these overrides out: the saved ones are reused), "
+            f"start a fresh run in another directory (hydra.run.dir=...), or, if the change is "
+            f"intended, add checkpoint.allow_config_change=true."
+        )
+    return changes
+
+
+def override_key(override: str) -> str:
+    """The config key or group an override sets: ``+optimizer.rho=0.1`` -> ``optimizer.rho``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(saved: Iterable[str], new: Iterable[str]) -> list[str]:
+    """The saved command line with this invocation's overrides replacing those of the same key.
+
+    Saved overrides of :data:`INVOCATION_KEYS` are dropped: they applied to the earlier
+    invocation only (a ``train.stop_at_step`` or ``checkpoint.resume`` carried over would stop or
+    restart the continued run in the wrong place).
+    """
+    new = list(new)
+    by_key = {override_key(o): o for o in new}
+    merged = [by_key.pop(override_key(o), o) for o in saved
+              if override_key(o) in by_key or override_key(o) not in INVOCATION_KEYS]
+    return merged + [o for o in new if override_key(o) in by_key]
