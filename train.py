@@ -27,7 +27,10 @@ def run_name(prefix: str) -> str:
     return f"{datetime.datetime.now():%H-%M-%S}_{prefix}"
 
 
-OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+# Cached like Hydra's own `now`: Hydra copies the resolver cache from the sweep's config into each
+# job's, so every job of a multirun resolves the one sweep dir the launcher created (uncached,
+# each job computed its own timestamp and the sweep was split across several dirs).
+OmegaConf.register_new_resolver("run_name", run_name, replace=True, use_cache=True)
 
 if int(os.environ.get("RANK", "0")) != 0:
     # Only rank 0 writes: no .hydra/ copy and no log file from the other ranks.
@@ -40,18 +43,68 @@ if int(os.environ.get("RANK", "0")) != 0:
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
+def resume_base(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[DictConfig, list[str]]:
+    """The config to run when a checkpoint will be resumed: the resumed run's own command line
+    with this invocation's overrides on top (see engine/resume.py), composed afresh."""
+    from hydra import compose
+
+    from engine.checkpoint import find_resume_checkpoint
+    from engine.resume import merge_overrides
+
+    path = find_resume_checkpoint(cfg.checkpoint.resume, run_dir)
+    saved = path.parent.parent / ".hydra" / "overrides.yaml" if path is not None else None
+    if saved is None or not saved.is_file():
+        return cfg, overrides
+    merged = merge_overrides(OmegaConf.to_container(OmegaConf.load(saved)), overrides)
+    if merged == overrides:
+        return cfg, overrides
+    return compose(config_name="config", overrides=merged), merged
+
+
+def write_hydra_dir(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """``.hydra/`` as Hydra writes it (config, hydra, overrides), but only for a run that passed its
+    checks (Hydra's own copy is switched off in configs/config.yaml: it is written before them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": HydraConfig.get()}), out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Drop the empty run dir Hydra made for a refused run, and its parents (``outputs/<date>``)
+    up to the working directory as long as they are empty too."""
+    cwd = Path.cwd().resolve()
+    folder = run_dir.resolve()
+    while folder != cwd and cwd in folder.parents:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        folder = folder.parent
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import MissingMandatoryValue
 
     from data.errors import DataError
     from engine.errors import HarnessError
     from engine.run import run
 
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir)["val_loss"]
-    except (HarnessError, DataError) as err:
-        print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
+        cfg, overrides = resume_base(cfg, list(hc.overrides.task), run_dir)
+        return run(cfg, run_dir, on_start=lambda d: write_hydra_dir(d, cfg, overrides))["val_loss"]
+    except (HarnessError, DataError, MissingMandatoryValue) as err:
+        # Every rank of a torchrun job meets the same error: one copy is enough.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
+            remove_if_empty(run_dir)
         sys.exit(2)
 
 

@@ -9,19 +9,21 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from engine.batching import plan_batches
-from engine.checkpoint import find_resume_checkpoint, load_checkpoint
+from engine.checkpoint import load_resume_checkpoint
+from engine.config_check import check_config
 from engine.distributed import DistEnv, broadcast_object, setup_distributed, teardown_distributed
 from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
 from engine.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink
 from engine.optimizers import build_optimizer
+from engine.resume import check_resume_config
 from engine.trainer import NONFINITE_POLICIES, Trainer, TrainSettings
 from model import GPT, GPTConfig
 from model.flops import device_peak_flops
@@ -134,18 +136,25 @@ def _sweep_group(cfg: DictConfig) -> str | None:
     return None
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train as configured; returns ``{"val_loss": ..., "train_loss": ..., "run_dir": ...}``."""
+def run(cfg: DictConfig, run_dir: str | os.PathLike,
+        on_start: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Train as configured; returns the run's summary (``val_loss``, ``step``, ``run_dir``, ...).
+
+    ``on_start(run_dir)`` is called on rank 0 once every check has passed, just before the run
+    dir's files are written: a refused run writes nothing.
+    """
+    check_config(cfg)
     env = setup_distributed(cfg.device)
     logger = MetricsLogger([])
     try:
-        return _run(cfg, Path(run_dir), env, logger)
+        return _run(cfg, Path(run_dir), env, logger, on_start)
     finally:
         logger.close()
         teardown_distributed()
 
 
-def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
+         on_start: Callable[[Path], None] | None) -> dict[str, Any]:
     from data.bins import read_meta
     from data.loader import TokenLoader
 
@@ -203,16 +212,24 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger) ->
     )
     # Resume before touching the run dir's files: a refused (mismatched) checkpoint must leave
     # its run's config and metrics as they were.
-    resume_path = find_resume_checkpoint(cfg.checkpoint.resume, run_dir)
-    state = load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
+    warn = print if env.is_main else (lambda message: None)
+    resumed = load_resume_checkpoint(cfg.checkpoint.resume, run_dir, warn=warn)
+    state = None
+    if resumed is not None:
+        resume_path, state = resumed
         trainer.load_state_dict(state)
+        changes = check_resume_config(state.get("config", {}), resolved, source=str(resume_path),
+                                      allow=bool(cfg.checkpoint.get("allow_config_change")))
+        for key, old, new in changes:
+            warn(f"WARNING: resuming with {key} changed from {old!r} to {new!r} "
+                 f"(checkpoint.allow_config_change=true)")
         trainer.checkpoint_extra["wandb_id"] = state.get("wandb_id")
-        if env.is_main:
-            print(f"resumed from {resume_path} at step {trainer.step}", flush=True)
+        warn(f"resumed from {resume_path} at step {trainer.step}")
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if on_start is not None:
+            on_start(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         logger.sinks.append(JsonlSink(run_dir / "metrics.jsonl",
                                       truncate_after_step=trainer.step if state else None))

@@ -187,6 +187,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_data, tmp_path):
         run(compose_cfg(tiny_overrides(tiny_data, "adamw")), tmp_path)
 
 
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_with_a_warning(
+        tiny_data, tmp_path, capsys):
+    cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 20}))
+    run(cfg, tmp_path)
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert newest.name == "ckpt_0000020.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short
+    capsys.readouterr()
+    assert run(cfg, tmp_path)["step"] == 20
+    out = capsys.readouterr().out
+    assert f"WARNING: skipping unreadable checkpoint {newest}" in out
+    assert "resumed from" in out and "ckpt_0000010.pt at step 10" in out
+    assert [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r] == [5, 10, 15, 20]
+
+
 def test_mismatched_checkpoint_is_refused(tiny_data, tmp_path):
     run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 10})), tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "metrics.jsonl", tmp_path / "config.yaml")}

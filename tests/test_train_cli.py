@@ -255,3 +255,54 @@ def test_entry_keeps_exit_codes_and_skips_finalization_only_in_multi_rank_worker
         with pytest.raises(SystemExit):
             train.entry()
         assert exits == []
+
+
+def test_resume_continues_the_run_as_configured_and_refuses_changes(tiny_data, tmp_path):
+    """The README's resume command names only the optimizer and the run dir: the run continues
+    with its own settings; a changed setting is refused without touching the run's files, unless
+    checkpoint.allow_config_change=true."""
+    run_dir = tmp_path / "run"
+    first = tiny_overrides(tiny_data, "sophia", **{"train.max_steps": 8, "checkpoint.interval": 4,
+                                                  "train.eval_interval": 4, "train.log_interval": 2})
+    res = run_train_cli(first + ["train.stop_at_step=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert read_metrics(run_dir)[-1]["step"] == 4
+
+    res = run_train_cli(["optimizer=sophia", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6, 8]
+    # the run's 256-token batch, not the default 65,536
+    assert rows[-1]["tokens"] - rows[-1]["tokens_hessian"] == 8 * 256
+    kept = {p: p.read_bytes() for p in [run_dir / "config.yaml", run_dir / "metrics.jsonl",
+                                        *sorted((run_dir / ".hydra").iterdir())]}
+
+    res = run_train_cli(["train.max_steps=12", "optimizer.lr=1e-3", f"hydra.run.dir={run_dir}"],
+                        cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "train.max_steps: 8 -> 12" in res.stderr and "optimizer.lr: 0.0006 -> 0.001" in res.stderr
+    assert "checkpoint.allow_config_change=true" in res.stderr
+    assert kept == {p: p.read_bytes() for p in kept}  # a refused resume changes nothing
+
+    res = run_train_cli(["train.max_steps=12", "checkpoint.allow_config_change=true",
+                         f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train.max_steps changed from 8 to 12" in res.stdout
+    assert read_metrics(run_dir)[-1]["step"] == 12
+    assert compose_cfg([]).train.max_steps != 12  # the change came from the override, not a default
+    assert "max_steps: 12" in (run_dir / "config.yaml").read_text()
+    assert "train.max_steps=12" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_refused_run_leaves_no_trace_and_torchrun_prints_the_error_once(tmp_path):
+    res = run_train_cli(["data=local"], cwd=tmp_path)  # default output dirs, as a user runs it
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "data.source is not set" in res.stderr and "data.source=PATH" in res.stderr
+    assert list(tmp_path.iterdir()) == []  # no stub outputs/<date>/<time>_adamw left behind
+
+    res = run_train_cli(["experiment=quickstart", "optimizer.lr=-1"], cwd=tmp_path,
+                        torchrun_nproc=2)
+    assert res.returncode != 0
+    assert res.stderr.count("optimizer.lr=-1 must be a positive number") == 1
+    assert not (tmp_path / "outputs").exists()
