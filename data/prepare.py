@@ -1,4 +1,4 @@
-"""Tokenize a corpus into ``train.bin`` / ``val.bin`` / ``meta.json`` (DESIGN section 6).
+"""Tokenize a corpus into ``train.bin`` / ``val.bin`` / ``meta.json``.
 
     python -m data.prepare openwebtext                       # -> prepared/openwebtext-gpt2
     python -m data.prepare stdlib --tokenizer byte           # offline corpus, no download
@@ -10,10 +10,41 @@ a bounded window of chunks is ever in flight, so memory stays bounded. Each docu
 ``val`` with probability ``val_fraction`` through a hash of (seed, document index): the split is
 deterministic and needs no pass over the data to decide.
 
+Defaults follow the training configs (configs/data/*.yaml), so a prepare by hand and a training
+run that prepares on its own agree on one split: ``--val-fraction`` depends on the source (stdlib
+0.02, openwebtext 0.0005, anything else 0.01; ``data.sources.DEFAULT_VAL_FRACTIONS``), the seed is
+2357 and the output folder ``prepared/<source name>-<tokenizer>``.
+
+Settings: meta.json records under ``settings`` everything that decides the prepared bytes: the
+identity of the source (a local file or folder's resolved path and a fingerprint of its files'
+names, sizes and mtimes; the stdlib's Python version and file sizes; a Hugging Face id,
+revision, split, config, data_dir and data_files), the tokenizer, val_fraction, seed, max_docs
+and, where they matter for the source, text_column and split_blank_lines. Preparing into a folder
+that already holds a complete prepare:
+
+* same settings: skipped; checking costs a ``stat`` of the source files, nothing is read;
+* different settings, a different source, or source files edited since: refused with a
+  ``DataError`` listing each difference as ``name: existing -> requested``, because overwriting
+  would silently re-split data that runs and checkpoints may already depend on. ``--force``
+  (``force=True``) replaces it; ``--out`` picks another folder;
+* a meta.json written before settings were recorded: compared on the settings it does record
+  (source, tokenizer, val_fraction, seed, max_docs, source details); a difference refuses as
+  above. Its source fingerprint survives only inside its ``settings_hash``: if that still matches
+  the folder is reused as is, otherwise it is reused with a warning that the source could not be
+  verified (``--force`` re-prepares it and records the full settings). Such a folder is neither
+  refused nor overwritten on a guess.
+
+``ensure_prepared`` makes the same check for the training engine, in its terms: it returns the
+meta of a matching prepare, refuses a different one naming the ``data.<key>`` settings that
+differ, and prepares a missing folder when allowed, or else names the exact ``python -m
+data.prepare`` command to run.
+
 Interruptions: the bins are written under temporary names and meta.json only appears once they are
 complete. A state file records, after each fsync, how many documents are safely on disk, so
-re-running the same command resumes from there instead of starting over. A complete prepare with
-the same settings is detected and skipped (``--force`` redoes it).
+re-running the same command resumes from there instead of starting over. An unfinished prepare
+whose settings differ from the requested ones is not resumed but restarted from scratch, with a
+warning that lists the differences: its partial bins never had a meta.json, so nothing could have
+trained on them.
 """
 from __future__ import annotations
 
@@ -24,18 +55,22 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shlex
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from data.bins import (FORMAT_VERSION, LOCK_NAME, META_NAME, SPLITS, STATE_NAME, atomic_write_json,
-                       bin_path, check_bin, fsync_dir, read_meta, tmp_bin_path)
+from data.bins import (FORMAT_VERSION, LOCK_NAME, META_NAME, SPLITS, STATE_NAME,
+                       atomic_write_json, bin_path, check_bin, fsync_dir, read_meta, tmp_bin_path)
 from data.errors import DataError
-from data.sources import Source, _digest, resolve_source
+from data.sources import (DEFAULT_VAL_FRACTION, DEFAULT_VAL_FRACTIONS, OPENWEBTEXT_ID,
+                          OPENWEBTEXT_REVISION, Source, _digest, default_val_fraction,
+                          resolve_source)
 from data.tokenizers import TOKENIZERS, get_tokenizer
 
 log = logging.getLogger("data.prepare")
@@ -45,6 +80,26 @@ CHUNK_CHARS = 1 << 20  # characters per chunk of documents sent to a worker
 CHUNK_DOCS = 1024  # ... or this many documents, whichever comes first
 CHECKPOINT_SECONDS = 30.0  # how often the resume state is made durable
 CHECKPOINT_CHUNKS = 256  # ... or every this many chunks
+
+# Keyword arguments of ``resolve_source``: the options that shape what a source yields.
+_SOURCE_OPTIONS = ("text_column", "revision", "split", "split_blank_lines", "hf_id", "hf_name",
+                   "hf_data_dir", "hf_data_files")
+# What ``ensure_prepared`` passes on to ``prepare``. ``force`` is deliberately absent: training
+# must never overwrite prepared data; that takes an explicit `python -m data.prepare ... --force`.
+_ENSURE_OPTIONS = frozenset(_SOURCE_OPTIONS + ("max_docs", "workers", "progress"))
+# Recorded settings that are prepare() parameters, hence also keys of the training config's data
+# group; the others (source_fingerprint, python) are facts about the source.
+_PARAMETER_KEYS = frozenset(("source", "tokenizer", "val_fraction", "seed", "max_docs")
+                            + _SOURCE_OPTIONS)
+# Order of the lines that list differences: the source first, as it explains most of the rest.
+_KEY_ORDER = ("source", "source_fingerprint", "python", "hf_id", "revision", "hf_name",
+              "hf_data_dir", "hf_data_files", "split", "text_column", "split_blank_lines",
+              "tokenizer", "val_fraction", "seed", "max_docs")
+_NOTES = {
+    "source_fingerprint": "the source files' names, sizes or modification times changed since "
+                          "they were prepared",
+    "python": "the stdlib corpus is the running Python's standard library",
+}
 
 
 def default_workers() -> int:
@@ -57,7 +112,7 @@ def prepare(
     out_dir: str | os.PathLike | None = None,
     tokenizer: str = "gpt2",
     *,
-    val_fraction: float = 0.0005,
+    val_fraction: float | None = None,
     seed: int = 2357,
     workers: int | None = None,
     text_column: str = "text",
@@ -74,50 +129,46 @@ def prepare(
 ) -> dict[str, Any]:
     """Prepare ``source`` into ``out_dir`` and return its meta (see the module docstring).
 
-    ``out_dir`` defaults to ``prepared/<source name>-<tokenizer>`` under the current directory.
-    Returns immediately with the existing meta when ``out_dir`` already holds a complete prepare
-    of the same settings, unless ``force``.
+    ``out_dir`` defaults to ``prepared/<source name>-<tokenizer>`` under the current directory and
+    ``val_fraction`` to the source's default (``data.sources.default_val_fraction``). When
+    ``out_dir`` already holds a complete prepare, returns its meta if the settings match and
+    raises ``DataError`` listing the differences if they do not; ``force`` redoes it either way.
     """
-    if tokenizer not in TOKENIZERS:
-        raise DataError(f"Unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}.")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise DataError(f"val_fraction={val_fraction} must be in [0, 1); nanoGPT uses 0.0005 for "
-                        "OpenWebText, small corpora want 0.01-0.1.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DataError(f"seed={seed!r} must be a non-negative integer.")
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DataError(f"workers={workers} must be at least 1.")
-    if max_docs is not None and int(max_docs) < 1:
-        raise DataError(f"max_docs={max_docs} must be a positive number of documents (or unset).")
-
-    src = resolve_source(
-        source, text_column=text_column, revision=revision, split=split,
-        split_blank_lines=split_blank_lines, hf_id=hf_id, hf_name=hf_name,
-        hf_data_dir=hf_data_dir, hf_data_files=hf_data_files,
+    src, settings = _resolve(
+        source, tokenizer, val_fraction, seed, max_docs, text_column=text_column,
+        revision=revision, split=split, split_blank_lines=split_blank_lines, hf_id=hf_id,
+        hf_name=hf_name, hf_data_dir=hf_data_dir, hf_data_files=hf_data_files,
     )
     tok = get_tokenizer(tokenizer)  # fail here, in the main process, if tiktoken files are missing
     out = Path(out_dir) if out_dir is not None else Path("prepared") / f"{src.name}-{tok.name}"
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "source": src.spec,
-        "source_info": src.info,
-        "source_fingerprint": src.fingerprint,
-        "tokenizer": tok.name,
-        "val_fraction": float(val_fraction),
-        "seed": int(seed),
-        "max_docs": None if max_docs is None else int(max_docs),
-    }
-    settings_hash = _digest(settings)
+    settings_hash = _settings_hash(settings)
 
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(out):
         if not force:
-            meta = _current_meta(out, settings_hash)
-            if meta is not None:
+            found = _inspect(out, src, settings)
+            if found.status == "same":
                 log.info("%s already holds this prepare (settings %s); skipping. Use --force to "
                          "redo it.", out, settings_hash)
-                return meta
+                return found.meta
+            if found.status == "unverified":
+                _warn_unverified(out, "--force")
+                return found.meta
+            if found.status == "different":
+                raise DataError(
+                    f"{out} already holds a complete prepare with different settings "
+                    "(name: existing -> requested):\n"
+                    f"{_difference_lines(found.differences, prefix='')}\n"
+                    "Refusing to overwrite it: that would silently re-split data that runs may "
+                    "already use. Re-run with --force (prepare(..., force=True)) to replace it, "
+                    "or write to another folder with --out."
+                )
+            if found.status == "broken":
+                log.warning("%s: %s Preparing it again with the same settings.", out,
+                            found.problem)
         # From here on the folder is being rewritten: drop any old meta first so that a crash
         # can never leave an old meta.json next to new, partial bins.
         with contextlib.suppress(FileNotFoundError):
@@ -127,16 +178,263 @@ def prepare(
                     max_docs=max_docs, force=force, progress=progress)
 
 
-def _current_meta(out: Path, settings_hash: str) -> dict[str, Any] | None:
+def ensure_prepared(
+    source: str,
+    out_dir: str | os.PathLike,
+    *,
+    prepare_if_missing: bool,
+    tokenizer: str,
+    val_fraction: float | None,
+    seed: int,
+    **options: Any,
+) -> dict[str, Any]:
+    """The meta of ``out_dir`` once it holds ``source`` prepared with these settings.
+
+    For the training engine, whose ``data`` config keys name the settings in its errors:
+
+    * ``out_dir`` holds a complete prepare of the same source and settings: its meta is returned
+      after a ``stat`` of the source files (nothing is tokenized or read);
+    * it holds one of a different source or settings: ``DataError`` listing each difference as
+      ``data.<key>: existing -> requested``, with the fixes (another ``data.dir``, or deleting the
+      folder / re-preparing it with ``python -m data.prepare ... --force``);
+    * it holds none (missing, unfinished or unusable): prepared here with a progress bar when
+      ``prepare_if_missing``, else ``DataError`` naming the exact ``python -m data.prepare``
+      command.
+
+    ``options`` are ``prepare``'s keyword arguments text_column, revision, split, max_docs,
+    split_blank_lines, hf_id, hf_name, hf_data_dir, hf_data_files, workers and progress; a
+    ``None`` value means "not set". ``val_fraction=None`` takes the source's default.
+    """
+    unknown = sorted(set(options) - _ENSURE_OPTIONS)
+    if unknown:
+        raise DataError(f"ensure_prepared() got unknown option(s) {', '.join(unknown)}; it accepts "
+                        f"{', '.join(sorted(_ENSURE_OPTIONS))}. (It never overwrites data, so "
+                        "there is no force: use `python -m data.prepare ... --force`.)")
+    options = {k: v for k, v in options.items() if v is not None}
+    src, settings = _resolve(source, tokenizer, val_fraction, seed, options.get("max_docs"),
+                             **{k: options[k] for k in _SOURCE_OPTIONS if k in options})
+    out = Path(out_dir)
+    found = _inspect(out, src, settings)
+    if found.status == "same":
+        return found.meta
+    if found.status == "unverified":
+        _warn_unverified(out, "`python -m data.prepare ... --force`")
+        return found.meta
+    if found.status == "different":
+        raise DataError(
+            f"data.dir={out} holds data prepared from a different source or with different "
+            "settings than this run asks for (existing -> requested):\n"
+            f"{_difference_lines(found.differences, prefix='data.')}\n"
+            "Training on it would silently use the wrong data. Point data.dir at another folder, "
+            f"or replace this one: delete {out} (data.prepare_if_missing=true then prepares it "
+            f"again) or run `{_prepare_command(src, out, settings, force=True)}`."
+        )
+    if not prepare_if_missing:
+        reason, needs_force = _why_unusable(out, found)
+        command = _prepare_command(src, out, settings, force=needs_force)
+        raise DataError(f"data.dir={out} {reason}. Prepare it first with:\n  {command}\n"
+                        "(or set data.prepare_if_missing=true to let training prepare it).")
+    if options.get("progress", True):
+        print(f"preparing {src.spec} into {out} (once)", file=sys.stderr, flush=True)
+    return prepare(source, out, tokenizer, val_fraction=val_fraction, seed=seed, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: what decides the prepared bytes, and how an existing folder compares
+
+
+def _resolve(source, tokenizer, val_fraction, seed, max_docs, **source_options):
+    """Validate the arguments and resolve the source: (Source, the settings meta.json records)."""
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"Unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}.")
+    if val_fraction is None:
+        val_fraction = default_val_fraction(source)
+    try:
+        val_fraction = float(val_fraction)
+    except (TypeError, ValueError):
+        raise DataError(f"val_fraction={val_fraction!r} is not a number; give a fraction in "
+                        "[0, 1) such as 0.01.") from None
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1); nanoGPT uses 0.0005 for "
+                        "OpenWebText, small corpora want 0.01-0.1.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"seed={seed!r} must be a non-negative integer.")
+    if max_docs is not None and int(max_docs) < 1:
+        raise DataError(f"max_docs={max_docs} must be a positive number of documents (or unset).")
+    src = resolve_source(source, **source_options)
+    settings = {
+        "source": src.spec,
+        **src.settings,
+        "tokenizer": tokenizer,
+        "val_fraction": val_fraction,
+        "seed": int(seed),
+        "max_docs": None if max_docs is None else int(max_docs),
+    }
+    return src, _as_json(settings)
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from meta.json (tuples become lists, ...), so that requested and
+    recorded settings compare equal exactly when they are."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return _digest({"format_version": FORMAT_VERSION, "settings": settings})
+
+
+def _legacy_settings_hash(src: Source, settings: dict[str, Any]) -> str:
+    """The ``settings_hash`` a meta.json written before ``settings`` existed holds when its source
+    is unchanged: the one place such a meta kept the source's fingerprint."""
+    return _digest({
+        "format_version": FORMAT_VERSION, "source": src.spec, "source_info": src.info,
+        "source_fingerprint": src.fingerprint, "tokenizer": settings["tokenizer"],
+        "val_fraction": settings["val_fraction"], "seed": settings["seed"],
+        "max_docs": settings["max_docs"],
+    })
+
+
+def _legacy_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The settings an old meta.json does record, under today's names."""
+    known = {k: meta[k] for k in ("source", "tokenizer", "val_fraction", "seed", "max_docs")
+             if k in meta}
+    info = meta.get("source_info")
+    info = info if isinstance(info, dict) else {}
+    for k in ("python",) + _SOURCE_OPTIONS:
+        if k in info:
+            known[k] = info[k]
+    if meta.get("source_kind") == "hf":  # these were recorded only when set
+        for k in ("hf_name", "hf_data_dir", "hf_data_files"):
+            known.setdefault(k, None)
+    if isinstance(known.get("hf_data_files"), str):
+        known["hf_data_files"] = [known["hf_data_files"]]
+    return _as_json(known)
+
+
+_ABSENT = object()  # a setting that one side does not have (it does not apply to its source)
+
+
+def _differences(recorded: dict[str, Any], requested: dict[str, Any], *,
+                 common_only: bool = False) -> list[tuple[str, Any, Any]]:
+    keys = set(recorded) & set(requested) if common_only else set(recorded) | set(requested)
+    order = {k: i for i, k in enumerate(_KEY_ORDER)}
+    diffs = []
+    for k in sorted(keys, key=lambda k: (order.get(k, len(order)), k)):
+        old, new = recorded.get(k, _ABSENT), requested.get(k, _ABSENT)
+        if old != new:
+            diffs.append((k, old, new))
+    if any(k == "source" for k, _, _ in diffs):
+        # Facts about another source, and options that apply to only one of the two, are implied
+        # by the source line and would only bury the settings that really differ.
+        diffs = [d for d in diffs if d[0] in _PARAMETER_KEYS and _ABSENT not in (d[1], d[2])]
+    return diffs
+
+
+def _format_value(value: Any) -> str:
+    if value is _ABSENT:
+        return "(does not apply)"
+    if value is None:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _difference_lines(diffs: list[tuple[str, Any, Any]], *, prefix: str) -> str:
+    lines = []
+    for key, old, new in diffs:
+        name = prefix + key if key in _PARAMETER_KEYS else key
+        note = f" ({_NOTES[key]})" if key in _NOTES else ""
+        lines.append(f"  {name}: {_format_value(old)} -> {_format_value(new)}{note}")
+    return "\n".join(lines)
+
+
+@dataclass
+class _Existing:
+    """What ``out`` holds, compared with the requested settings."""
+
+    status: str  # "none" | "same" | "unverified" | "different" | "broken"
+    meta: dict[str, Any] | None = None
+    differences: list[tuple[str, Any, Any]] = field(default_factory=list)
+    problem: DataError | None = None
+
+
+def _inspect(out: Path, src: Source, settings: dict[str, Any]) -> _Existing:
     try:
         meta = read_meta(out)
-        if meta.get("settings_hash") != settings_hash:
-            return None
+    except DataError as e:
+        return _Existing("none", problem=e)
+    recorded = meta.get("settings")
+    if isinstance(recorded, dict):
+        diffs = _differences(recorded, settings)
+        status = "different" if diffs else "same"
+    else:
+        diffs = _differences(_legacy_settings(meta), settings, common_only=True)
+        if diffs:
+            status = "different"
+        elif meta.get("settings_hash") == _legacy_settings_hash(src, settings):
+            status = "same"
+        else:
+            status = "unverified"
+    if status == "different":
+        return _Existing(status, meta, diffs)
+    try:
         for s in SPLITS:
             check_bin(out, s, meta)
-        return meta
-    except DataError:
-        return None
+    except DataError as e:
+        return _Existing("broken", meta, problem=e)
+    return _Existing(status, meta)
+
+
+def _warn_unverified(out: Path, fix: str) -> None:
+    log.warning("%s was prepared before meta.json recorded its source's fingerprint: the settings "
+                "it does record match, but its source files cannot be verified to be unchanged. "
+                "Using it as is; re-prepare it with %s to record the full settings.", out, fix)
+
+
+def _why_unusable(out: Path, found: _Existing) -> tuple[str, bool]:
+    """Why ``out`` holds no usable prepare, and whether preparing it again needs ``--force``."""
+    if not out.is_dir():
+        return "does not exist", False
+    if not (out / META_NAME).exists():
+        unfinished = (out / STATE_NAME).exists() or any(
+            tmp_bin_path(out, s).exists() for s in SPLITS)
+        if unfinished:
+            return ("holds an unfinished prepare (interrupted before it wrote meta.json; the "
+                    "command below resumes it)"), False
+        return f"has no {META_NAME}, so it holds no prepared data", False
+    return f"holds no usable prepared data: {found.problem}", True
+
+
+def _prepare_command(src: Source, out: Path, settings: dict[str, Any], *,
+                     force: bool = False) -> str:
+    """The ``python -m data.prepare`` command line that prepares exactly these settings."""
+    args = ["python", "-m", "data.prepare", src.spec, "--out", str(out),
+            "--tokenizer", settings["tokenizer"], "--val-fraction", repr(settings["val_fraction"]),
+            "--seed", str(settings["seed"])]
+    if settings.get("max_docs") is not None:
+        args += ["--max-docs", str(settings["max_docs"])]
+    if settings.get("split_blank_lines") is False:
+        args.append("--no-split-blank-lines")
+    if settings.get("text_column", "text") != "text":
+        args += ["--text-column", settings["text_column"]]
+    if src.kind == "hf":
+        if src.spec == "openwebtext":
+            if settings["hf_id"] != OPENWEBTEXT_ID:
+                args += ["--hf-id", settings["hf_id"]]
+            if settings["revision"] != OPENWEBTEXT_REVISION:
+                args += ["--revision", settings["revision"]]
+        elif settings["revision"] is not None:
+            args += ["--revision", settings["revision"]]
+        if settings["split"] != "train":
+            args += ["--split", settings["split"]]
+        if settings["hf_name"]:
+            args += ["--hf-name", settings["hf_name"]]
+        if settings["hf_data_dir"]:
+            args += ["--hf-data-dir", settings["hf_data_dir"]]
+        if settings["hf_data_files"]:
+            args += ["--data-files", *settings["hf_data_files"]]
+    if force:
+        args.append("--force")
+    return shlex.join(args)
 
 
 @contextlib.contextmanager
@@ -197,24 +495,40 @@ class _SplitWriter:
             self.f.close()
 
 
-def _load_state(out: Path, settings_hash: str) -> dict[str, Any] | None:
+def _load_state(out: Path, settings: dict[str, Any], settings_hash: str) -> dict[str, Any] | None:
     """The resume point of an interrupted prepare with the same settings, if it is usable."""
     try:
         state = json.loads((out / STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s: the resume state is unreadable (%s); starting over.", out, e)
+        return None
+    if not isinstance(state, dict):
         return None
     if state.get("settings_hash") != settings_hash:
+        # Restarting is safe (unfinished bins were never readable as data) but must not be
+        # silent: the user may have meant to resume and mistyped an option.
+        old = state.get("settings")
+        diffs = _differences(old, settings) if isinstance(old, dict) else []
+        log.warning("%s holds an unfinished prepare with other settings%s; starting this one from "
+                    "scratch instead of resuming it.", out,
+                    " (existing -> requested):\n" + _difference_lines(diffs, prefix="")
+                    if diffs else "")
         return None
-    for s in SPLITS:
-        p = tmp_bin_path(out, s)
-        if not p.exists() or p.stat().st_size < state[s]["bytes"]:
-            return None
+    try:
+        for s in SPLITS:
+            p = tmp_bin_path(out, s)
+            if not p.exists() or p.stat().st_size < state[s]["bytes"]:
+                return None
+    except (KeyError, TypeError):  # a state from another version of this code
+        return None
     return state
 
 
 def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_docs, force,
          progress) -> dict[str, Any]:
-    state = None if force else _load_state(out, settings_hash)
+    state = None if force else _load_state(out, settings, settings_hash)
     if state is None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(out / STATE_NAME)
@@ -238,7 +552,7 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
     docs_done, last_sync, chunks_since_sync = start_doc, time.monotonic(), 0
 
     def checkpoint() -> None:
-        new_state = {"settings_hash": settings_hash, "docs_done": docs_done,
+        new_state = {"settings_hash": settings_hash, "settings": settings, "docs_done": docs_done,
                      "text_bytes": text_bytes, **{s: w.sync() for s, w in writers.items()}}
         atomic_write_json(out / STATE_NAME, new_state)
 
@@ -301,6 +615,7 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
         "val_fraction": settings["val_fraction"],
         "seed": settings["seed"],
         "max_docs": settings["max_docs"],
+        "settings": settings,
         "settings_hash": settings_hash,
     }
     atomic_write_json(out / META_NAME, meta)  # last: its presence marks the folder complete
@@ -421,7 +736,10 @@ def _main_module_hidden():
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data.prepare",
-        description="Tokenize a corpus into train.bin / val.bin / meta.json.",
+        description="Tokenize a corpus into train.bin / val.bin / meta.json. A folder that "
+                    "already holds a complete prepare is skipped when its recorded settings "
+                    "match and refused (listing the differences) when they do not; --force "
+                    "replaces it.",
         epilog="SOURCE: openwebtext | stdlib | hf:<dataset id> | a .txt/.jsonl/.parquet file or "
                "a folder of them.",
     )
@@ -429,8 +747,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: prepared/<source name>-<tokenizer>)")
     p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
-    p.add_argument("--val-fraction", type=float, default=0.0005,
-                   help="probability that a document goes to val (default 0.0005, as nanoGPT)")
+    by_source = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_VAL_FRACTIONS.items())
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="probability that a document goes to val (default by source, as in the "
+                        f"training configs: {by_source}, any other source "
+                        f"{DEFAULT_VAL_FRACTION:g})")
     p.add_argument("--seed", type=int, default=2357, help="seed of the val split (default 2357)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"tokenizer processes (default: half the cores, here {default_workers()})")
@@ -439,15 +760,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="Hugging Face revision (openwebtext default: refs/convert/parquet)")
     p.add_argument("--split", default="train", help="Hugging Face split to read (default train)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    p.add_argument("--split-blank-lines", action="store_true",
-                   help=".txt files: one document per blank-line-separated paragraph, not per file")
+    p.add_argument("--split-blank-lines", action=argparse.BooleanOptionalAction, default=True,
+                   help=".txt files: one document per blank-line-separated paragraph (default, as "
+                        "data=local does), or with --no-split-blank-lines one per file")
     p.add_argument("--hf-id", default=None,
                    help="openwebtext only: use this Hugging Face dataset id (a parquet mirror)")
     p.add_argument("--hf-name", default=None, help="Hugging Face config name")
     p.add_argument("--hf-data-dir", default=None, help="Hugging Face data_dir")
     p.add_argument("--data-files", nargs="+", default=None,
                    help="Hugging Face data_files (e.g. with hf:parquet for local parquet files)")
-    p.add_argument("--force", action="store_true", help="redo a complete prepare")
+    p.add_argument("--force", action="store_true",
+                   help="redo a complete prepare, also one with different settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

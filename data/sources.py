@@ -12,6 +12,11 @@ Spec strings:
     stdlib                the .py sources of the running Python's standard library (offline)
     PATH                  a .txt / .jsonl / .parquet file, or a folder of them (recursive)
 
+Each source also carries ``settings``: the facts that decide the prepared bytes (a local source's
+resolved path and file fingerprint, the stdlib's Python version, a Hugging Face id/revision/...).
+``data.prepare`` records them in meta.json and refuses to reuse or overwrite a folder whose
+recorded settings differ, so two sources never share one prepared folder unnoticed.
+
 OpenWebText: its Hub repository is a loading-script dataset, which ``datasets`` >= 4 refuses to
 run. The Hub's automatic parquet conversion lives at the revision ``refs/convert/parquet`` of the
 same repository and loads with plain ``datasets``; both the id and the revision are configurable
@@ -35,6 +40,19 @@ OPENWEBTEXT_REVISION = "refs/convert/parquet"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
 
+# Default share of documents held out for validation, per source. These are the values of the
+# training configs (configs/data/<name>.yaml), so that `python -m data.prepare stdlib --tokenizer
+# byte` and a training run with data=stdlib agree on one split instead of re-splitting each other's
+# data: nanoGPT's 0.0005 for OpenWebText's 8M documents, 0.02 for the stdlib's ~2,000 files
+# (0.0005 would leave val one or two files), 0.01 for anything else.
+DEFAULT_VAL_FRACTIONS = {"stdlib": 0.02, "openwebtext": 0.0005}
+DEFAULT_VAL_FRACTION = 0.01
+
+
+def default_val_fraction(spec: str | os.PathLike) -> float:
+    """The val_fraction a source gets when none is given (see ``DEFAULT_VAL_FRACTIONS``)."""
+    return DEFAULT_VAL_FRACTIONS.get(str(spec), DEFAULT_VAL_FRACTION)
+
 
 @dataclass
 class Source:
@@ -47,6 +65,11 @@ class Source:
     info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
     fingerprint: str = ""  # changes when the underlying data changes
     num_documents: int | None = None  # for the progress bar, when cheap to know
+    # What decides the prepared bytes besides the tokenizer and split: recorded in meta.json and
+    # compared before an existing prepare is reused. Only settings that matter for this source are
+    # listed (text_column only where there are .jsonl/.parquet files, ...), so an irrelevant
+    # option never makes two identical prepares look different.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_source(
@@ -104,10 +127,16 @@ def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_n
     if data_files:
         info["hf_data_files"] = data_files
     fingerprint_parts = dict(info)
+    files = None
     if data_files:  # a local builder such as "parquet": the files' contents define the data
-        files = [data_files] if isinstance(data_files, str) else list(data_files)
+        files = [data_files] if isinstance(data_files, str) else [str(f) for f in data_files]
         existing = [Path(f) for f in files if Path(f).exists()]
         fingerprint_parts["files"] = _files_fingerprint(existing)
+    settings = {"hf_id": dataset_id, "revision": revision, "split": split,
+                "text_column": text_column, "hf_name": config_name or None,
+                "hf_data_dir": data_dir or None, "hf_data_files": files}
+    if files:
+        settings["source_fingerprint"] = fingerprint_parts["files"]
 
     def documents() -> Iterator[str]:
         ds = _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, split)
@@ -129,7 +158,7 @@ def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_n
             raise _network_error(dataset_id, revision, split, e) from e
 
     return Source(name=name, kind="hf", spec=spec, documents=documents, info=info,
-                  fingerprint=_digest(fingerprint_parts))
+                  fingerprint=_digest(fingerprint_parts), settings=settings)
 
 
 def _load_hf_streaming(dataset_id, config_name, data_dir, data_files, revision, split):
@@ -200,9 +229,16 @@ def _local_source(path: Path, *, text_column: str, split_blank_lines: bool) -> S
             "split_blank_lines": split_blank_lines}
     one_doc_per_file = all(f.suffix.lower() == ".txt" for f in files) and not split_blank_lines
     num = len(files) if one_doc_per_file else None
+    fingerprint = _files_fingerprint(files, root=path)
+    settings: dict[str, Any] = {"source_fingerprint": fingerprint}
+    suffixes = {f.suffix.lower() for f in files}
+    if suffixes & {".jsonl", ".parquet"}:
+        settings["text_column"] = text_column
+    if ".txt" in suffixes:
+        settings["split_blank_lines"] = bool(split_blank_lines)
     return Source(name=path.stem if path.is_file() else path.name, kind="local", spec=str(path),
-                  documents=documents, info=info, fingerprint=_files_fingerprint(files, root=path),
-                  num_documents=num)
+                  documents=documents, info=info, fingerprint=fingerprint, num_documents=num,
+                  settings=settings)
 
 
 def _read_file(path: Path, *, text_column: str, split_blank_lines: bool) -> Iterator[str]:
@@ -295,20 +331,25 @@ def _stdlib_source() -> Source:
 
     version = ".".join(map(str, sys.version_info[:3]))
     info = {"path": str(root), "files": len(files), "python": version}
+    # Names and sizes but not mtimes: a reinstall of the same Python rewrites every mtime without
+    # changing the corpus, and should not make the prepared stdlib look stale.
+    settings = {"python": version,
+                "source_fingerprint": _files_fingerprint(files, root=root, mtimes=False)}
     return Source(name="stdlib", kind="stdlib", spec="stdlib", documents=documents, info=info,
-                  fingerprint=_files_fingerprint(files, root=root), num_documents=len(files))
+                  fingerprint=_files_fingerprint(files, root=root), num_documents=len(files),
+                  settings=settings)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _files_fingerprint(files: list[Path], root: Path | None = None) -> str:
+def _files_fingerprint(files: list[Path], root: Path | None = None, *, mtimes: bool = True) -> str:
     """Cheap identity of a set of files (names, sizes, mtimes): no need to read them."""
     parts = []
     for f in files:
         st = f.stat()
         name = f.relative_to(root).as_posix() if root is not None and root.is_dir() else f.name
-        parts.append((name, st.st_size, st.st_mtime_ns))
+        parts.append((name, st.st_size, st.st_mtime_ns) if mtimes else (name, st.st_size))
     return _digest(parts)
 
 

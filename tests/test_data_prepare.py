@@ -147,9 +147,13 @@ def test_complete_prepare_is_skipped_and_force_redoes(tmp_path, shk_file, monkey
     assert calls == []
     assert prepare(shk_file, out, "byte", force=True, **kw) == meta
     assert calls
-    # Different settings are not mistaken for the existing prepare.
+    # Different settings are not mistaken for the existing prepare: refused without --force...
     calls.clear()
-    other = prepare(shk_file, out, "byte", **{**kw, "val_fraction": 0.3})
+    with pytest.raises(DataError, match=r"val_fraction: 0\.1 -> 0\.3(?s:.*)--force"):
+        prepare(shk_file, out, "byte", **{**kw, "val_fraction": 0.3})
+    assert calls == []
+    # ... and redone with it.
+    other = prepare(shk_file, out, "byte", force=True, **{**kw, "val_fraction": 0.3})
     assert calls and other["val_fraction"] == 0.3 and other["val_tokens"] > meta["val_tokens"]
 
 
@@ -208,8 +212,8 @@ def test_interrupted_reprepare_never_leaves_stale_meta(tmp_path, shk_file, monke
         raise Interrupt("killed")
 
     monkeypatch.setattr(dp, "_encode_chunk", boom)
-    with pytest.raises(Interrupt):
-        prepare(shk_file, out, val_fraction=0.2, **kw)
+    with pytest.raises(Interrupt):  # other settings replace a complete prepare only with force
+        prepare(shk_file, out, val_fraction=0.2, force=True, **kw)
     # The old meta.json must be gone: it would describe bins that are being replaced.
     with pytest.raises(DataError, match="incomplete prepare"):
         TokenLoader(out, "train", block_size=8, seed=0)
@@ -258,6 +262,11 @@ def test_parquet_local_and_hf_paths_agree(tmp_path):
     hf = prepare("hf:parquet", tmp_path / "hf", "gpt2", val_fraction=0.1, workers=1,
                  text_column="content", hf_data_files=str(path), progress=False)
     assert hf["source_kind"] == "hf" and hf["source_info"]["hf_id"] == "parquet"
+    recorded = hf["settings"]
+    assert (recorded["source"], recorded["hf_id"], recorded["revision"], recorded["split"]) == \
+        ("hf:parquet", "parquet", None, "train")
+    assert recorded["hf_data_files"] == [str(path)] and recorded["text_column"] == "content"
+    assert recorded["source_fingerprint"]  # local data files: their sizes and mtimes count
     assert hf["documents"] == local["documents"] == 300
     for split in ("train", "val"):
         assert (tmp_path / "hf" / f"{split}.bin").read_bytes() == \
