@@ -31,6 +31,14 @@ def run_name(prefix: str) -> str:
 # job's, so every job of a multirun resolves the one sweep dir the launcher created (uncached,
 # each job computed its own timestamp and the sweep was split across several dirs).
 OmegaConf.register_new_resolver("run_name", run_name, replace=True, use_cache=True)
+# configs/data/local.yaml keys its folder on the source's name, as `python -m data.prepare` does.
+def source_stem(source: str) -> str:
+    """``book.txt`` -> ``book``; a folder keeps its whole name (``data.prepare``'s source name)."""
+    path = Path(str(source))
+    return path.name if path.is_dir() else path.stem
+
+
+OmegaConf.register_new_resolver("source_stem", source_stem, replace=True)
 
 if int(os.environ.get("RANK", "0")) != 0:
     # Only rank 0 writes: no .hydra/ copy and no log file from the other ranks.

@@ -52,27 +52,27 @@ def autocast_factory(dtype: torch.dtype, device: torch.device):
     return autocast
 
 
-def prepare_data(cfg: DictConfig, env: DistEnv) -> Path:
-    """The data directory, prepared by rank 0 first when allowed and missing."""
-    from data.bins import read_meta
-    from data.errors import DataError
+def prepare_data(cfg: DictConfig, env: DistEnv) -> tuple[Path, dict[str, Any]]:
+    """The data directory and its meta, checked against ``cfg.data`` (a folder prepared from
+    another source or with other settings is refused, never trained on); rank 0 prepares a
+    missing one first when ``data.prepare_if_missing``."""
+    from data.prepare import ensure_prepared
 
-    data_dir = Path(cfg.data.dir)
-    if env.is_main and cfg.data.get("prepare_if_missing", False):
-        try:
-            read_meta(data_dir)
-        except DataError:
-            from data.prepare import prepare
+    d = cfg.data
+    optional = {k: d.get(k) for k in ("hf_id", "revision", "text_column", "max_docs",
+                                      "split_blank_lines")}
 
-            print(f"preparing {cfg.data.source} into {data_dir} (once)", flush=True)
-            optional = {k: cfg.data[k] for k in ("hf_id", "revision", "text_column", "max_docs",
-                                                    "split_blank_lines")
-                        if cfg.data.get(k) is not None}
-            prepare(cfg.data.source, data_dir, tokenizer=cfg.data.tokenizer,
-                    val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, **optional)
+    def ensure(allow_prepare: bool) -> dict[str, Any]:
+        return ensure_prepared(d.source, d.dir, prepare_if_missing=allow_prepare,
+                               tokenizer=d.tokenizer, val_fraction=d.val_fraction, seed=d.seed,
+                               **optional)
+
+    meta = ensure(bool(d.get("prepare_if_missing", False))) if env.is_main else None
     if env.is_distributed:
         dist.barrier()
-    return data_dir
+        if not env.is_main:
+            meta = ensure(False)
+    return Path(d.dir), meta
 
 
 def build_model_config(cfg: DictConfig, data_vocab: int) -> GPTConfig:
@@ -155,7 +155,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike,
 
 def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
          on_start: Callable[[Path], None] | None) -> dict[str, Any]:
-    from data.bins import read_meta
     from data.loader import TokenLoader
 
     settings = train_settings(cfg)
@@ -163,8 +162,7 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
         raise HarnessError(f"wandb.mode={cfg.wandb.mode!r}; choose online, offline or disabled.")
     # Rank 0's run dir wins, so every rank reads and writes the same place whatever it composed.
     run_dir = Path(broadcast_object(str(run_dir), env))
-    data_dir = prepare_data(cfg, env)
-    meta = read_meta(data_dir)
+    data_dir, meta = prepare_data(cfg, env)
     model_cfg = build_model_config(cfg, int(meta["vocab_size"]))
     block = cfg.train.block_size or model_cfg.block_size
     if block > model_cfg.block_size:

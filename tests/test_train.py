@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +230,27 @@ def test_float16_without_cuda_is_refused(tiny_data, tmp_path):
 def test_unknown_wandb_mode_is_refused(tiny_data, tmp_path):
     with pytest.raises(HarnessError, match="choose online, offline or disabled"):
         run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"wandb.mode": "onlin"})), tmp_path)
+
+
+def test_local_data_is_keyed_on_its_source_and_a_stale_folder_is_refused(tmp_path, monkeypatch):
+    """data=local with A.txt, then B.txt: B gets its own folder (as `python -m data.prepare B.txt`
+    names it) and trains on B; B pointed at A's folder is refused, naming both sources."""
+    from data.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    for name, text in (("A", "alpha beta gamma\n\n" * 300), ("B", "one two three four\n\n" * 300)):
+        (tmp_path / f"{name}.txt").write_text(text)
+    tiny = ["model=gpt2-nano", "model.block_size=16", "train.max_steps=2", "train.eval_interval=0",
+            "train.global_batch_tokens=64", "train.micro_batch_size=4", "train.warmup_steps=1",
+            "checkpoint.interval=0", "data.tokenizer=byte", "data.val_fraction=0.2", "device=cpu"]
+    run(compose_cfg(["data=local", "data.source=A.txt", *tiny]), tmp_path / "runA")
+    run(compose_cfg(["data=local", "data.source=B.txt", *tiny]), tmp_path / "runB")
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["A-byte", "B-byte"]
+    ids = np.fromfile(tmp_path / "prepared" / "B-byte" / "train.bin", dtype=np.uint16)
+    text = bytes(int(i) for i in ids if i < 256)  # the byte tokenizer's ids are the bytes
+    assert b"one two" in text and b"alpha" not in text
+    with pytest.raises(DataError) as refused:
+        run(compose_cfg(["data=local", "data.source=B.txt", "data.dir=prepared/A-byte", *tiny]),
+            tmp_path / "runC")
+    assert str(tmp_path / "A.txt") in str(refused.value) and str(tmp_path / "B.txt") in str(refused.value)
+    assert not (tmp_path / "runC").exists()
