@@ -12,11 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-results/gpu-$(date +%F)}
-mkdir -p "$out"
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "bench_gpu.sh: no CUDA device is visible to torch; run it on a GPU machine." >&2
     exit 2
 fi
+# Only now: a refusal must not leave an empty results folder that looks like a run.
+mkdir -p "$out"
 
 {
     date -u +"%F %T UTC"

@@ -7,20 +7,29 @@ Inputs: any mix of
 - a Hydra multirun directory (numbered sub-directories 0/, 1/, ... that are run directories),
 - a W&B offline run directory (`.../wandb/offline-run-*`): if the run directory above `wandb/`
   holds `metrics.jsonl` that file is used (it is the engine's complete record); otherwise the
-  run's `files/wandb-history.jsonl` is read, and the run is skipped with a warning if neither exists,
+  run's `files/wandb-history.jsonl` is read,
 - a `metrics.jsonl` file itself.
 
+A path or sweep job that cannot be read (it does not exist, holds no `metrics.jsonl` as a job that
+failed before logging does, or its metrics are empty or damaged) is skipped and named on stderr
+with the reason; the exit status is 2 only when no run at all is readable.
+
 Outputs in `--out` (default `compare_out/`):
-- `loss.png`: a 2x4 grid, train loss (top row) and validation loss (bottom row) against optimizer
-  steps, training tokens, FLOPs and wall-clock seconds (all four axes include Hessian passes);
+- `loss.png`: a 2x4 grid, train loss (top row) and validation loss (bottom row), in nats/token,
+  against optimizer steps, training tokens, FLOPs and wall-clock seconds (tokens, FLOPs and seconds
+  include Hessian passes); large numbers read 120k, 1.5M, 3.2G;
 - `diagnostics.png`: a 2x2 grid of lr, grad-clip trigger rate (`grad/clip_rate`), Sophia's clip
   fraction (`sophia/clip_frac`) and win rate (`sophia/win_rate`) against steps;
 - `speedup.json` and a table on stdout (below).
+Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
+whose curves coincide (a clip rate of 1.0 for all, say) all stay visible.
 
 Each run is labelled by its optimizer (`optimizer.name` in its resolved `config.yaml`) followed by
-the Hydra overrides that differ between the runs compared (overrides common to all runs,
-`optimizer=...` and `hydra.*` are dropped). Runs whose labels differ only by a `seed=` override
-form one group, drawn as the mean with a min/max band (`--no-group-seeds` turns this off).
+the Hydra overrides that differ between the runs compared. Overrides common to all runs,
+`optimizer=...` and those that do not change the result (`hydra.*`, `wandb.*`, `checkpoint.*`,
+`data.dir`, `device`, logging intervals, ...; see `NOISE_OVERRIDES`) are dropped. Runs whose
+labels differ only by a `seed=` override form one group, drawn as the mean with a min/max band
+(`--no-group-seeds` turns this off).
 
 Speed-up at matched loss (exact definition)
 -------------------------------------------
@@ -55,12 +64,6 @@ from typing import Iterable, Sequence
 
 # Cost axes: name in the table -> key in metrics.jsonl.
 AXES: dict[str, str] = {"steps": "step", "tokens": "tokens", "flops": "flops", "seconds": "time/elapsed"}
-DIAGNOSTICS: list[tuple[str, str]] = [
-    ("lr", "learning rate"),
-    ("grad/clip_rate", "grad-clip trigger rate (cumulative)"),
-    ("sophia/clip_frac", "Sophia clip fraction"),
-    ("sophia/win_rate", "Sophia win rate (1 - clip fraction)"),
-]
 
 
 class CompareError(Exception):
@@ -192,9 +195,17 @@ class Run:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Read a metrics file. A torn last line (a run killed mid-write) is skipped with a warning."""
+    """Read a metrics file. A torn last line (a run killed mid-write) is skipped with a warning.
+
+    Raises CompareError when the file cannot be read or a line before the last is not JSON.
+    """
+    try:
+        # errors="replace": binary garbage then fails as bad JSON, with the line it is on
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise CompareError(f"{path} cannot be read ({e.strerror or e}); check that it is a file you "
+                           f"may read.") from None
     records = []
-    lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -209,6 +220,16 @@ def read_jsonl(path: Path) -> list[dict]:
         if isinstance(obj, dict):
             records.append(obj)
     return records
+
+
+def _with_numeric_step(records: list[dict], source: Path) -> list[dict]:
+    # Sorting and de-duplicating by step needs a number there; a record without one is garbage.
+    kept = [r for r in records if isinstance(r.get("step"), (int, float)) and not isinstance(r.get("step"), bool)
+            and math.isfinite(r["step"])]
+    if records and len(kept) < len(records):
+        warnings.warn(f"{source}: ignoring {len(records) - len(kept)} of {len(records)} records without a "
+                      f"numeric 'step'")
+    return kept
 
 
 def _load_yaml(path: Path):
@@ -240,9 +261,12 @@ def _overrides(run_dir: Path) -> list[str]:
 
 
 def load_run(run_dir: Path) -> Run:
-    """Load a run directory that holds `metrics.jsonl` (raises CompareError if it is empty)."""
+    """Load a run directory that holds `metrics.jsonl`.
+
+    Raises CompareError if the file is unreadable, damaged or holds no metrics.
+    """
     metrics = run_dir / "metrics.jsonl"
-    records = read_jsonl(metrics)
+    records = _with_numeric_step(read_jsonl(metrics), metrics)
     if not records:
         raise CompareError(f"{metrics} holds no metrics. The run probably stopped before its first "
                            f"log line; rerun it or leave it out of the comparison.")
@@ -250,19 +274,22 @@ def load_run(run_dir: Path) -> Run:
     return Run(run_dir, records, _optimizer_name(run_dir, overrides) or run_dir.name, overrides)
 
 
-def load_wandb_run(wandb_dir: Path) -> Run | None:
-    """Load a W&B run directory from `files/wandb-history.jsonl`; None (with a warning) if absent."""
+def load_wandb_run(wandb_dir: Path) -> Run:
+    """Load a W&B run directory from `files/wandb-history.jsonl`.
+
+    Raises CompareError if that file is missing, unreadable or holds no metrics.
+    """
     history = wandb_dir / "files" / "wandb-history.jsonl"
     if not history.exists():
-        warnings.warn(f"skipping W&B run {wandb_dir}: no files/wandb-history.jsonl and no metrics.jsonl "
-                      f"in the run directory above it (offline W&B runs keep history in a binary file; "
-                      f"point compare.py at the run directory instead)")
-        return None
+        raise CompareError(f"no files/wandb-history.jsonl in {wandb_dir} and no metrics.jsonl in the run "
+                           f"directory above it (offline W&B runs keep history in a binary file; "
+                           f"point compare.py at the run directory instead)")
     records = []
     for r in read_jsonl(history):
         if "step" not in r and "_step" in r:
             r = {**r, "step": r["_step"]}
         records.append(r)
+    records = _with_numeric_step(records, history)
     if not records:
         raise CompareError(f"{history} holds no metrics; leave {wandb_dir} out of the comparison.")
     opt = None
@@ -281,29 +308,52 @@ def _is_wandb_run(path: Path) -> bool:
     return path.parent.name == "wandb" and re.match(r"(offline-)?run-", path.name) is not None
 
 
+def _no_metrics_reason(path: Path) -> str:
+    """Why `path`, a directory without metrics.jsonl, is not a run compare.py can read."""
+    if (path / ".hydra").is_dir():
+        log = path / "train.log"
+        log_note = ("its train.log is empty" if log.is_file() and log.stat().st_size == 0
+                    else "its train.log may say why" if log.is_file() else "it has no train.log")
+        return (f"no metrics.jsonl: a Hydra run directory whose run stopped before its first log line "
+                f"({log_note})")
+    return ("no metrics.jsonl, and it is not a Hydra multirun directory (no numbered sub-directories) or a "
+            "W&B run directory. Point compare.py at the directory train.py printed as its run directory")
+
+
 def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Expand the command-line paths into runs (see the module docstring for what is accepted)."""
+    """Expand the command-line paths into runs (see the module docstring for what is accepted).
+
+    A path or sweep job that cannot be read (missing, no metrics, damaged metrics) is skipped with a
+    warning `skipping PATH: reason`; the caller decides what to do if no run is left.
+    """
     runs: list[Run] = []
     seen: set[Path] = set()
 
-    def add(run_dir: Path) -> None:
+    def add(run_dir: Path, load=load_run, what: str = "") -> None:
         key = run_dir.resolve()
-        if key not in seen:
-            seen.add(key)
-            runs.append(load_run(run_dir))
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            runs.append(load(run_dir))
+        except CompareError as e:
+            warnings.warn(f"skipping {what}{run_dir}: {e}")
+
+    def skip(path: Path, reason: str) -> None:
+        warnings.warn(f"skipping {path}: {reason}")
 
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise CompareError(f"{path} does not exist. Pass run directories (holding metrics.jsonl), "
-                               f"Hydra multirun directories or W&B run directories.")
-        if path.is_file():
-            if path.name != "metrics.jsonl":
-                raise CompareError(f"{path} is a file, not a run directory. Pass the directory that holds "
-                                   f"metrics.jsonl (or that metrics.jsonl itself).")
-            add(path.parent)
-            continue
-        if (path / "metrics.jsonl").exists():
+            skip(path, "it does not exist. Pass run directories (holding metrics.jsonl), Hydra multirun "
+                       "directories or W&B run directories.")
+        elif path.is_file():
+            if path.name == "metrics.jsonl":
+                add(path.parent)
+            else:
+                skip(path, "a file, not a run directory. Pass the directory that holds metrics.jsonl (or "
+                           "that metrics.jsonl itself).")
+        elif (path / "metrics.jsonl").exists():
             add(path)
         elif path.name == "wandb" and (path.parent / "metrics.jsonl").exists():
             add(path.parent)
@@ -312,41 +362,50 @@ def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
             parent = path.parent.parent
             if (parent / "metrics.jsonl").exists():
                 add(parent)
-            elif path.resolve() not in seen:
-                seen.add(path.resolve())
-                run = load_wandb_run(path)
-                if run is not None:
-                    runs.append(run)
+            else:
+                add(path, load_wandb_run, "W&B run ")
         else:
             subdirs = sorted((d for d in path.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
             if not subdirs:
-                raise CompareError(f"no metrics.jsonl in {path}, and it is not a Hydra multirun directory "
-                                   f"(no numbered sub-directories) or a W&B run directory. Point compare.py at "
-                                   f"the directory train.py printed as its run directory.")
+                skip(path, _no_metrics_reason(path))
             for sub in subdirs:
-                if not (sub / "metrics.jsonl").exists():
-                    warnings.warn(f"skipping {sub}: no metrics.jsonl (the job probably failed before logging)")
-                    continue
-                try:
+                if (sub / "metrics.jsonl").exists():
                     add(sub)
-                except CompareError as e:
-                    warnings.warn(f"skipping {sub}: {e}")
+                else:
+                    skip(sub, _no_metrics_reason(sub))
     return runs
 
 
 # --------------------------------------------------------------------------- labels and groups
 
 
+# Overrides that say where or how a run was stored, logged or resumed, not what it trained: left
+# out of labels so that runs differing only in them read as the same configuration.
+NOISE_OVERRIDE_PREFIXES: tuple[str, ...] = ("hydra.", "wandb.", "checkpoint.")
+NOISE_OVERRIDES: frozenset[str] = frozenset({
+    "hydra", "wandb", "checkpoint", "hparams_search", "device", "data.dir", "data.prepare_if_missing",
+    "train.log_interval", "train.peak_flops", "train.prefetch", "train.stop_at_step",
+})
+
+
 def _override_key(o: str) -> str:
     return o.split("=", 1)[0].lstrip("+~")
+
+
+def is_noise_override(override: str) -> bool:
+    """Whether `override` (`key=value`) leaves the training result unchanged (paths, logging, W&B,
+    checkpointing, the device), so that a run label need not show it."""
+    key = _override_key(override)
+    return key in NOISE_OVERRIDES or key.startswith(NOISE_OVERRIDE_PREFIXES)
 
 
 def make_labels(runs: Sequence[Run], group_seeds: bool = True) -> list[str]:
     """Label each run by optimizer plus the overrides that differ between runs.
 
-    Overrides common to all runs, `optimizer=...` (the optimizer leads the label) and `hydra.*` are
-    dropped; with `group_seeds` the `seed=` override is dropped too, so seeds of one configuration
-    share a label. Remaining duplicates get the run directory's name appended.
+    Overrides common to all runs, `optimizer=...` (the optimizer leads the label) and those that do
+    not change the result (`is_noise_override`: `hydra.*`, `wandb.*`, `checkpoint.*`, data paths,
+    the device, ...) are dropped; with `group_seeds` the `seed=` override is dropped too, so seeds of
+    one configuration share a label. Remaining duplicates get the run directory's name appended.
     """
     common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
     labels = []
@@ -354,7 +413,7 @@ def make_labels(runs: Sequence[Run], group_seeds: bool = True) -> list[str]:
         parts = [r.optimizer]
         for o in r.overrides:
             key = _override_key(o)
-            if o in common or key == "optimizer" or key.startswith("hydra.") or (group_seeds and key == "seed"):
+            if o in common or key == "optimizer" or is_noise_override(o) or (group_seeds and key == "seed"):
                 continue
             parts.append(o)
         labels.append(" ".join(parts))
@@ -401,6 +460,53 @@ def metric_curve(label: str, runs: Sequence[Run], metric: str) -> Curve:
 # --------------------------------------------------------------------------- plotting
 
 
+_SI_PREFIXES = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def si_format(x: float, pos: int | None = None) -> str:
+    """Tick label with an SI prefix and at most three significant digits: 120000 -> "120k",
+    1.2e6 -> "1.2M", 7.2e10 -> "72G", 0.5 -> "0.5". (`pos` makes it a matplotlib FuncFormatter.)"""
+    if x == 0 or not math.isfinite(x):
+        return "0" if x == 0 else str(x)
+    x = float(f"{x:.3g}")  # round first, so 999999 becomes "1M", not "1e+03k"
+    for scale, prefix in _SI_PREFIXES:
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{prefix}"
+    return f"{x:.3g}"
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one run (or seed group) is drawn: the same in every panel and in the legend."""
+
+    color: tuple
+    linestyle: str | tuple
+    marker: str
+    linewidth: float
+    markersize: float
+    index: int  # drawing order; staggers the markers of runs whose points coincide
+
+
+_LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+_MARKERS_PER_LINE = 10
+
+
+def plot_styles(labels: Sequence[str]) -> dict[str, Style]:
+    """A distinct colour, line style and marker per label. Earlier labels are drawn first and wider,
+    so where curves coincide each one still shows as a rim or in the gaps of the dashes above it."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    n = len(labels)
+    styles = {}
+    for i, label in enumerate(labels):
+        width = 1.3 + 2.2 * (n - 1 - i) / (n - 1) if n > 1 else 1.6
+        styles[label] = Style(cmap(i % 10), _LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)],
+                              width, 3.0 + 1.2 * width, i)
+    return styles
+
+
 def _band(member_series: list[tuple[list[float], list[float]]]):
     """Mean x, mean/min/max y of several series aligned by index (truncated to the shortest)."""
     n = min(len(xs) for xs, _ in member_series)
@@ -409,8 +515,8 @@ def _band(member_series: list[tuple[list[float], list[float]]]):
     return xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
 
 
-def _draw(ax, groups: dict[str, list[Run]], colors: dict[str, str], x_key: str, y_key: str, smooth_n: int,
-          marker: str | None = None) -> bool:
+def _draw(ax, groups: dict[str, list[Run]], styles: dict[str, Style], x_key: str, y_key: str,
+          smooth_n: int) -> bool:
     drawn = False
     for label, members in groups.items():
         member_series = [series(r.records, x_key, y_key) for r in members]
@@ -420,9 +526,16 @@ def _draw(ax, groups: dict[str, list[Run]], colors: dict[str, str], x_key: str, 
         xs, mean, lo, hi = _band(member_series)
         if not xs:
             continue
-        ax.plot(xs, smooth(mean, smooth_n), color=colors[label], label=label, marker=marker, markersize=3)
+        st = styles[label]
+        # At most ~10 markers per line, each run's shifted by a fraction of the spacing, so runs with
+        # identical points do not stack their markers on the same spots.
+        every = max(1, len(xs) // _MARKERS_PER_LINE)
+        offset = (st.index * max(1, every // max(1, len(styles)))) % every
+        ax.plot(xs, smooth(mean, smooth_n), color=st.color, linestyle=st.linestyle, linewidth=st.linewidth,
+                marker=st.marker, markersize=st.markersize, markevery=(offset, every), markerfacecolor="none",
+                markeredgewidth=1.2, label=label, zorder=2 + st.index * 0.01)
         if len(member_series) > 1:
-            ax.fill_between(xs, smooth(lo, smooth_n), smooth(hi, smooth_n), color=colors[label], alpha=0.2,
+            ax.fill_between(xs, smooth(lo, smooth_n), smooth(hi, smooth_n), color=st.color, alpha=0.15,
                             linewidth=0)
         drawn = True
     if not drawn:
@@ -442,28 +555,99 @@ def _loss_ylim(ax, groups: dict[str, list[Run]], x_key: str, y_key: str) -> None
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
 
 
-def _save(fig, axes, path: Path, top: float) -> Path:
-    """Shared legend above the panels, tight layout below ``top``, PNG at 100 dpi; closes ``fig``."""
+def _si_axis(axis) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    # Few ticks with short SI labels: a 4-panel row leaves each axis ~4 inches.
+    axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+    axis.set_major_formatter(FuncFormatter(si_format))
+
+
+def _add_legend(fig, styles: dict[str, Style]) -> None:
+    """One legend above the panels with an entry for every run (also those with no points in this
+    figure), as many columns as fit; the figure grows so that neither panels nor legend are cut."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=st.color, linestyle=st.linestyle, linewidth=st.linewidth, marker=st.marker,
+                      markersize=st.markersize, markerfacecolor="none", markeredgewidth=1.2)
+               for st in styles.values()]
+    labels = list(styles)
+    fig_w, fig_h = fig.get_size_inches()
+    if not labels:
+        fig.tight_layout()
+        return
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(4, len(labels)), 0, -1):
+        legend = fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=ncol, fontsize=9,
+                            handlelength=4.0, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if box.width <= 0.98 * fig_w * fig.dpi or ncol == 1:
+            break
+        legend.remove()
+    legend_w, legend_h = box.width / fig.dpi, box.height / fig.dpi
+    # Widen for a label longer than the figure; heighten by the legend so the panels keep their size.
+    fig.set_size_inches(max(fig_w, legend_w + 0.4), fig_h + legend_h + 0.1)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (legend_h + 0.1) / (fig_h + legend_h + 0.1)))
+
+
+_X_LABELS = {"step": "optimizer steps", "tokens": "training tokens (incl. Hessian passes)",
+             "flops": "FLOPs (model, incl. Hessian passes)", "time/elapsed": "wall-clock (s, excl. eval)"}
+_X_TITLES = {"step": "steps", "tokens": "tokens", "flops": "FLOPs", "time/elapsed": "wall-clock time"}
+_LOSS_LABELS = {"train/loss": ("training loss", "training loss (nats/token)"),
+                "val/loss": ("validation loss", "validation loss (nats/token)")}
+
+
+def loss_figure(groups: dict[str, list[Run]], smooth_n: int, styles: dict[str, Style] | None = None):
+    """The 2x4 loss figure: train (top) and validation loss (bottom) against steps, tokens, FLOPs, seconds."""
     import matplotlib.pyplot as plt
 
-    handles, labels = _legend_entries(axes)
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    styles = styles or plot_styles(list(groups))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), squeeze=False)
+    for row, y_key in enumerate(("train/loss", "val/loss")):
+        name, y_label = _LOSS_LABELS[y_key]
+        for col, x_key in enumerate(AXES.values()):
+            ax = axes[row][col]
+            if _draw(ax, groups, styles, x_key, y_key, smooth_n):
+                _loss_ylim(ax, groups, x_key, y_key)
+            ax.set_title(f"{name} vs {_X_TITLES[x_key]}", fontsize=11)
+            ax.set_xlabel(_X_LABELS[x_key])
+            ax.set_ylabel(y_label)
+            _si_axis(ax.xaxis)
+            ax.grid(alpha=0.3)
+    _add_legend(fig, styles)
+    return fig
 
 
-def _legend_entries(axes):
-    # One legend for the figure: a run may be missing from some panels, so merge them all.
-    handles, labels = [], []
-    for ax in (a for row in axes for a in row):
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(h)
-                labels.append(label)
-    return handles, labels
+# (metrics.jsonl key, panel title, y-axis label); all four are plotted against optimizer steps.
+DIAGNOSTIC_PANELS: list[tuple[str, str, str]] = [
+    ("lr", "learning rate", "learning rate (log scale)"),
+    ("grad/clip_rate", "grad-norm clip trigger rate (cumulative)", "fraction of steps clipped"),
+    ("sophia/clip_frac", "Sophia clip fraction", "fraction of coordinates clipped"),
+    ("sophia/win_rate", "Sophia win rate (1 - clip fraction)", "fraction of coordinates not clipped"),
+]
+
+
+def diagnostics_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | None = None):
+    """The 2x2 diagnostics figure: lr, grad-clip trigger rate, Sophia clip fraction and win rate."""
+    import matplotlib.pyplot as plt
+
+    styles = styles or plot_styles(list(groups))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+    for ax, (key, title, y_label) in zip((a for row in axes for a in row), DIAGNOSTIC_PANELS):
+        drawn = _draw(ax, groups, styles, "step", key, 1)
+        if key == "lr":
+            if drawn:  # Muon's and Lion's lrs differ by ~100x: log scale shows both
+                ax.set_yscale("log")
+        else:
+            # Fractions: a fixed 0..1 range keeps a constant curve (all 1.0, say) off the frame's edge.
+            ax.set_ylim(-0.04, 1.04)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel(y_label if key != "lr" or drawn else "learning rate")
+        _si_axis(ax.xaxis)
+        ax.grid(alpha=0.3)
+    _add_legend(fig, styles)
+    return fig
 
 
 def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
@@ -473,32 +657,13 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cmap = plt.get_cmap("tab10")
-    colors = {label: cmap(i % 10) for i, label in enumerate(groups)}
+    styles = plot_styles(list(groups))
     paths = []
-
-    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), squeeze=False)
-    x_labels = {"step": "optimizer steps", "tokens": "training tokens (incl. Hessian)",
-                "flops": "model FLOPs (incl. Hessian)", "time/elapsed": "wall-clock seconds (excl. eval)"}
-    for row, (y_key, marker) in enumerate([("train/loss", None), ("val/loss", "o")]):
-        for col, x_key in enumerate(AXES.values()):
-            ax = axes[row][col]
-            if _draw(ax, groups, colors, x_key, y_key, smooth_n, marker):
-                _loss_ylim(ax, groups, x_key, y_key)
-            ax.set_xlabel(x_labels[x_key])
-            ax.set_ylabel(y_key)
-            ax.grid(alpha=0.3)
-    paths.append(_save(fig, axes, out / "loss.png", top=0.93))
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
-    for ax, (key, title) in zip((a for row in axes for a in row), DIAGNOSTICS):
-        _draw(ax, groups, colors, "step", key, 1)
-        if key == "lr" and ax.lines:  # Muon's and Lion's lrs differ by ~100x: log scale shows both
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("optimizer steps")
-        ax.grid(alpha=0.3)
-    paths.append(_save(fig, axes, out / "diagnostics.png", top=0.92))
+    for name, fig in (("loss.png", loss_figure(groups, smooth_n, styles)),
+                      ("diagnostics.png", diagnostics_figure(groups, styles))):
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        paths.append(out / name)
     return paths
 
 
@@ -506,6 +671,7 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status: 0, or 2 for a bad argument or when no run is readable."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run dirs, Hydra multirun dirs, W&B run dirs or metrics.jsonl files")
@@ -522,13 +688,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     def warn(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
-    warnings.showwarning = warn
+    # Scoped, and "always": main() may run twice in one process, and a repeated skip must still show.
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = warn
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.smooth < 1:
             raise CompareError(f"--smooth must be >= 1, got {args.smooth}; use 1 for no smoothing.")
         runs = collect_runs(args.runs)
         if not runs:
-            raise CompareError("no runs with metrics found in the paths given; nothing to compare.")
+            raise CompareError("no runs with metrics found in the paths given (each path skipped is named above, "
+                               "with the reason); nothing to compare.")
         labels = make_labels(runs, args.group_seeds)
         by_label: dict[str, list[Run]] = {}
         for label, run in zip(labels, runs):

@@ -1,6 +1,10 @@
 """Sample text from a training checkpoint.
 
     python scripts/sample.py outputs/.../checkpoints/ckpt_0005000.pt --prompt "ROMEO:" --num-samples 3
+    python scripts/sample.py outputs/2026-11-25/sophia --prompt "ROMEO:"   # the run's newest checkpoint
+
+A run directory (or its `checkpoints/` folder) stands for its newest checkpoint; the path used is
+named on stderr.
 
 The checkpoint (the engine's format, see docs/architecture.md) is loaded with
 `torch.load(weights_only=True)`, so no code in it runs. The model is rebuilt from its
@@ -28,11 +32,26 @@ class SampleError(Exception):
     """A problem the user can fix; printed as one paragraph without a traceback."""
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """The checkpoint file `path` stands for: `path` itself, or for a run directory (or its
+    `checkpoints/` folder) the newest complete checkpoint in it."""
+    from engine.checkpoint import list_checkpoints
+
+    if not path.is_dir():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise SampleError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. The run has not "
+                          f"saved one yet (train.py saves every checkpoint.interval steps and at the end); pass "
+                          f"another run directory or a .pt file.")
+    return found[-1]
+
+
 def load_checkpoint(path: Path) -> dict:
     """Load and sanity-check a checkpoint written by the training engine."""
     if not path.is_file():
         raise SampleError(f"{path} does not exist or is not a file. Pass a checkpoint such as "
-                          f"RUN_DIR/checkpoints/ckpt_0001000.pt.")
+                          f"RUN_DIR/checkpoints/ckpt_0001000.pt, or a run directory RUN_DIR.")
     if not zipfile.is_zipfile(path):
         # torch.save has written zip archives since torch 1.6; anything else fails inside pickle
         # with an unhelpful message.
@@ -123,8 +142,10 @@ def sample(model, tok, prompt: str, *, num_samples: int, max_new_tokens: int, te
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0, or 2 with a one-paragraph error on stderr)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by train.py")
+    p.add_argument("checkpoint", type=Path,
+                   help="a checkpoint written by train.py, or a run directory (its newest checkpoint)")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -147,7 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SampleError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}.")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SampleError(f"--device {args.device} was requested but CUDA is not available; use --device cpu.")
-        ckpt = load_checkpoint(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)
+        if path != args.checkpoint:
+            print(f"sampling from {path}", file=sys.stderr)
+        ckpt = load_checkpoint(path)
         model = build_model(ckpt, args.device)
         tok = resolve_tokenizer(ckpt, args.tokenizer, model.config.vocab_size)
         texts = sample(model, tok, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,

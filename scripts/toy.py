@@ -32,9 +32,12 @@ sharp 1-D term plus a flat 1-D quadratic; its exact formula is not checked here)
 Newton failing on the non-convexity; that part is about Newton, not Adam, and is not reproduced.
 
 (a) `trajectories.png` draws the paths of GD, Adam, Lion, SophiaG and SophiaH on the contours of
-each problem (one run of a noisy problem); (b) `steps_vs_condition.png` and the printed tables give
-the steps each optimizer needs to bring the loss below the target AND keep it there for 50 steps
-(a lucky dip does not count) as kappa goes from 1 to 1e4.
+each problem (one run of a noisy problem); (b) `steps_vs_condition.png` and the tables give the
+steps each optimizer needs to bring the loss below the target AND keep it there for 50 steps (a
+lucky dip does not count) as kappa goes from 1 to 1e4. The tables are printed and saved as
+`tables.txt`, headed by the command that made them. With `--schedule cosine` the three files are
+`tables-cosine.txt`, `steps_vs_condition-cosine.png` and `trajectories-cosine.png`, so both
+schedules can share one `--out` folder.
 
 Protocol (printed with every table): each optimizer's lr is tuned per problem and per kappa over a
 fixed grid of the same density for every optimizer (about two points per decade, spanning 3.5
@@ -118,6 +121,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -630,17 +634,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Best]]]:
         kappas, grids, max_steps = [1.0, 1e1, 1e2, 1e3, 1e4], LR_GRIDS, args.max_steps or 4000
     args.out.mkdir(parents=True, exist_ok=True)
 
+    # the constant-lr files keep their historical names; other schedules get a suffix, so that
+    # both schedules' results can sit in one --out folder
+    suffix = "" if args.schedule == "constant" else f"-{args.schedule}"
+    tables_path = args.out / f"tables{suffix}.txt"
+    steps_path = args.out / f"steps_vs_condition{suffix}.png"
+    trajectories_path = args.out / f"trajectories{suffix}.png"
+
     results: dict[str, dict[str, list[Best]]] = {}
+    blocks = []
     for problem in problems:
         results[problem] = steps_vs_condition(problem, kappas, grids, max_steps, targets[problem],
                                               args.schedule, noise_batch=args.noise_batch,
                                               replicates=args.replicates)
-        print(protocol(problem, targets[problem], max_steps, args.schedule, args.noise_batch,
-                       args.replicates))
-        print(format_table(kappas, results[problem], max_steps))
-        print(compare(kappas, results[problem]))
+        blocks.append("\n".join([
+            protocol(problem, targets[problem], max_steps, args.schedule, args.noise_batch,
+                     args.replicates),
+            format_table(kappas, results[problem], max_steps),
+            compare(kappas, results[problem]),
+        ]))
+        print(blocks[-1])
         print()
-    plot_steps(kappas, results, max_steps, targets, args.out / "steps_vs_condition.png")
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    command = "python scripts/toy.py " + shlex.join(given)
+    tables_path.write_text(f"{command.rstrip()}\n\n" + "\n\n".join(blocks) + "\n")
+    plot_steps(kappas, results, max_steps, targets, steps_path)
 
     # the contour plot reuses the cells tuned at the table's kappa nearest to plot_kappa
     near = min(range(len(kappas)), key=lambda i: abs(math.log(kappas[i] / args.plot_kappa)))
@@ -649,8 +667,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, list[Best]]]:
     for best in plot_best.values():  # GD's lr is tuned as c / kappa
         best["gd"] = best["gd"]._replace(lr=best["gd"].lr * kappas[near] / args.plot_kappa)
     plot_trajectories(problems, args.plot_kappa, plot_best, 100 if args.quick else 200,
-                      args.out / "trajectories.png", args.noise_batch)
-    print(f"wrote {args.out / 'trajectories.png'} and {args.out / 'steps_vs_condition.png'}")
+                      trajectories_path, args.noise_batch)
+    print(f"wrote {tables_path}, {trajectories_path} and {steps_path}")
     return results
 
 

@@ -53,4 +53,4 @@ def test_refuses_without_cuda(tmp_path: Path) -> None:
                           text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr
-    assert not (tmp_path / "out" / "device.txt").exists()  # nothing measured, nothing written
+    assert not (tmp_path / "out").exists()  # nothing measured: not even an empty results folder

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,7 +202,7 @@ def test_cli_end_to_end(tmp_path):
 def test_clear_errors(tmp_path, capsys):
     (tmp_path / "nothing").mkdir()
     assert compare.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
-    assert "no metrics.jsonl in" in capsys.readouterr().err
+    assert f"skipping {tmp_path / 'nothing'}: no metrics.jsonl" in capsys.readouterr().err
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
@@ -248,3 +249,155 @@ def test_wandb_history_is_read_when_no_metrics_file(tmp_path):
     curve = compare.metric_curve("lion", [r], "val/loss")
     assert curve.x["steps"] == [0.0, 50.0, 100.0] and curve.x["tokens"] == [0.0, 5000.0, 10000.0]
     assert curve.x["seconds"] is None  # not in the history: that axis is reported missing
+
+
+def test_unreadable_runs_are_skipped_and_named(tmp_path, capsys):
+    """A failed job's stub (only .hydra/ and an empty train.log) or a damaged metrics.jsonl, given
+    directly or inside a sweep, is skipped with its path and reason; the readable runs are compared."""
+    good_a = write_run(tmp_path / "a", optimizer="sophia", overrides=["optimizer=sophia"], steps=200,
+                       loss_at=linear(0.01))
+    good_b = write_run(tmp_path / "b", optimizer="adamw", overrides=["optimizer=adamw"], steps=200,
+                       loss_at=linear(0.005))
+    stub = tmp_path / "stub"
+    (stub / ".hydra").mkdir(parents=True)
+    (stub / "train.log").write_text("")
+    empty = write_run(tmp_path / "empty", optimizer="lion", overrides=["optimizer=lion"], steps=10, loss_at=linear(0))
+    (empty / "metrics.jsonl").write_text("\n")
+    garbled = write_run(tmp_path / "garbled", optimizer="lion", overrides=["optimizer=lion"], steps=10,
+                        loss_at=linear(0))
+    (garbled / "metrics.jsonl").write_bytes(b'{"step": 0, "val/loss": 5.0}\n\x00\xff\xfe garbage\n{"step": 10}\n')
+    no_step = write_run(tmp_path / "no_step", optimizer="lion", overrides=["optimizer=lion"], steps=10,
+                        loss_at=linear(0))
+    (no_step / "metrics.jsonl").write_text('{"step": "zero", "val/loss": 5.0}\n[1, 2]\n')
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "0", optimizer="muon", overrides=["optimizer=muon"], steps=200, loss_at=linear(0.008))
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / "train.log").write_text("")
+    (sweep / "2").mkdir()
+    (sweep / "2" / "metrics.jsonl").write_text('not json\n{"step": 0}\n')
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+
+    out = tmp_path / "out"
+    bad = [stub, empty, garbled, no_step]
+    assert compare.main([str(p) for p in [good_a, *bad, good_b, sweep, tmp_path / "typo"]] + ["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {stub}: no metrics.jsonl" in err and "train.log is empty" in err
+    assert f"skipping {empty}: {empty / 'metrics.jsonl'} holds no metrics" in err
+    assert f"skipping {garbled}: {garbled / 'metrics.jsonl'} line 2 is not valid JSON" in err
+    assert f"skipping {no_step}: {no_step / 'metrics.jsonl'} holds no metrics" in err
+    assert f"skipping {sweep / '1'}: no metrics.jsonl" in err
+    assert f"skipping {sweep / '2'}: {sweep / '2' / 'metrics.jsonl'} line 1 is not valid JSON" in err
+    assert f"skipping {tmp_path / 'typo'}: it does not exist" in err
+    assert "Traceback" not in err
+    assert sorted(json.loads((out / "speedup.json").read_text())["runs"]) == ["adamw", "muon", "sophia"]
+    for name in ("loss.png", "diagnostics.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+    # Only when nothing at all is readable is it an error.
+    assert compare.main([str(p) for p in [*bad, sweep / "1"]] + ["--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping") == 5 and "error: no runs with metrics" in err
+
+
+def test_labels_leave_out_overrides_that_do_not_change_the_result(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, (lr, mode) in enumerate([("1e-3", "offline"), ("3e-3", "disabled")]):
+        write_run(sweep / str(i), optimizer="adamw", steps=100, loss_at=linear(0.01),
+                  overrides=["optimizer=adamw", f"optimizer.lr={lr}", f"wandb.mode={mode}",
+                             f"hydra.run.dir=outputs/{i}", f"data.dir=/scratch/{i}", f"checkpoint.interval={50 + i}",
+                             f"+wandb.group=g{i}", f"device=cuda:{i}"])
+    runs = compare.collect_runs([sweep])
+    assert compare.make_labels(runs) == ["adamw optimizer.lr=1e-3", "adamw optimizer.lr=3e-3"]
+    for o in ["wandb.mode=online", "hydra.sweep.dir=x", "checkpoint.resume=auto", "data.dir=p", "device=cpu",
+              "train.log_interval=5", "+wandb.name=x"]:
+        assert compare.is_noise_override(o), o
+    for o in ["optimizer=sophia", "optimizer.lr=1e-3", "optimizer.rho=0.05", "optimizer.k=10", "model=gpt2-small",
+              "seed=2", "data=openwebtext", "train.max_steps=100", "dtype=bfloat16", "model.dropout=0.1"]:
+        assert not compare.is_noise_override(o), o
+
+
+def test_si_format_tick_labels():
+    cases = {0: "0", 500: "500", 1000: "1k", 120000: "120k", 1.2e6: "1.2M", 999999: "1M", 7.2e10: "72G",
+             3e12: "3T", 0.5: "0.5", 2.5: "2.5", -4e3: "-4k"}
+    for value, text in cases.items():
+        assert compare.si_format(value) == text, value
+
+
+def _color_pixels(fig, ax, color) -> int:
+    """Pixels inside `ax` drawn in `color` (RGB within a small tolerance)."""
+    import numpy as np
+
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    box = ax.get_window_extent()
+    h = img.shape[0]
+    crop = img[int(h - box.y1) + 2:int(h - box.y0) - 2, int(box.x0) + 2:int(box.x1) - 2]
+    target = np.array([round(255 * c) for c in color[:3]])
+    return int((np.abs(crop - target).max(axis=-1) <= 10).sum())
+
+
+def test_figures_are_labelled_readable_and_show_every_run(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for name, opt, rate in [("a", "adamw", 0.003), ("b", "sophia", 0.006), ("c", "lion", 0.003)]:
+        run_dir = write_run(tmp_path / name, optimizer=opt, overrides=[f"optimizer={opt}"], steps=1000,
+                            loss_at=linear(rate), tokens_per_step=120_000, seconds_per_step=1.3,
+                            sophia=opt == "sophia")
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for r in recs:
+            r["grad/clip_rate"] = 1.0  # every run clips every step: three identical curves
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        runs.append(compare.load_run(run_dir))
+    # A run with only validation points (a W&B history) has nothing in the diagnostics figure.
+    runs.append(compare.Run(tmp_path / "w", [{"step": s, "tokens": 100_000 * s, "val/loss": 6 - 0.002 * s}
+                                             for s in (0, 500, 1000)], "muon", []))
+    groups = {f"{r.optimizer} run": [r] for r in runs}
+    styles = compare.plot_styles(list(groups))
+    assert len({(s.linestyle, s.marker) for s in styles.values()}) == len(styles)
+
+    loss = compare.loss_figure(groups, 1, styles)
+    diag = compare.diagnostics_figure(groups, styles)
+    try:
+        for fig in (loss, diag):
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            for ax in fig.axes:
+                assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax
+                lo, hi = sorted(ax.get_xlim())
+                labels = [t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi and t.get_text()]
+                assert len(labels) >= 3, ax.get_title()
+                for t in labels:  # 100k, 1.2M: never "120000000" or an offset like "1e8"
+                    assert re.search(r"\d{4,}", t.get_text()) is None, t
+                assert ax.xaxis.get_offset_text().get_text() == "", ax.get_title()
+                boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+                assert all(b1.x0 < b2.x0 and b1.x1 <= b2.x0 for b1, b2 in zip(boxes, boxes[1:])), ax.get_title()
+            (legend,) = fig.legends
+            assert [t.get_text() for t in legend.get_texts()] == list(groups)  # complete, in every figure
+            box, fig_box = legend.get_window_extent(renderer), fig.bbox
+            assert fig_box.x0 <= box.x0 and box.x1 <= fig_box.x1 and box.y1 <= fig_box.y1, (box, fig_box)
+            for ax in fig.axes:
+                assert box.y0 >= ax.get_tightbbox(renderer).y1 - 1, ax.get_title()  # does not cover a panel
+
+        by_title = {ax.get_title(): ax for ax in loss.axes}
+        assert set(by_title) == {f"{y} vs {x}" for y in ("training loss", "validation loss")
+                                 for x in ("steps", "tokens", "FLOPs", "wall-clock time")}
+        for ax in loss.axes:
+            assert ax.get_ylabel().endswith("loss (nats/token)")
+        assert "tokens" in by_title["validation loss vs tokens"].get_xlabel()
+        assert "FLOPs" in by_title["validation loss vs FLOPs"].get_xlabel()
+        assert "wall-clock (s" in by_title["validation loss vs wall-clock time"].get_xlabel()
+        assert "steps" in by_title["validation loss vs steps"].get_xlabel()
+        ticks = [t.get_text() for t in by_title["training loss vs tokens"].get_xticklabels() if t.get_text()]
+        assert "100M" in ticks or "50M" in ticks, ticks
+
+        # Identical clip-rate curves: every run's colour still shows in the panel.
+        clip = next(ax for ax in diag.axes if "clip trigger rate" in ax.get_title())
+        for label in list(groups)[:3]:
+            assert _color_pixels(diag, clip, styles[label].color) >= 30, label
+    finally:
+        plt.close(loss)
+        plt.close(diag)

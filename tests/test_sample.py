@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,28 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path, capsys):
 def test_rejects_bad_sampling_arguments(tiny_checkpoint, capsys):
     assert sample_script.main([str(tiny_checkpoint), "--temperature", "0", "--device", "cpu"]) == 2
     assert "--temperature must be > 0" in capsys.readouterr().err
+
+
+def test_run_dir_samples_its_newest_checkpoint(tiny_checkpoint, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    # An older checkpoint that cannot be loaded, and a newer save still in progress: neither is used.
+    (ckpts / "ckpt_0000050.pt").write_text("older, not a checkpoint\n")
+    shutil.copy(tiny_checkpoint, ckpts / "ckpt_0000100.pt")
+    (ckpts / "ckpt_0000200.pt.tmp").write_text("interrupted save\n")
+    for target in (run_dir, ckpts):
+        proc = run_cli(target, "--prompt", "hello", "--max-new-tokens", "8", "--top-k", "1", "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("hello world")
+        assert f"sampling from {ckpts / 'ckpt_0000100.pt'}" in proc.stderr
+
+
+def test_run_dir_without_a_checkpoint_is_a_one_line_error(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    proc = run_cli(run_dir, "--device", "cpu")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: no checkpoint in {run_dir}") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -71,6 +71,34 @@ def test_quick_run_writes_plots_and_all_four_tables(tmp_path: Path, capsys) -> N
 
 
 @pytest.mark.slow
+def test_saves_its_tables_next_to_the_figures(tmp_path: Path, capsys) -> None:
+    """`--out DIR` holds the printed tables as tables.txt, headed by the command; a cosine run
+    writes its own suffixed files beside them instead of overwriting the constant-lr ones."""
+    toy = _load_toy()
+    args = ["--quick", "--problem", "heterogeneous", "--max-steps", "60", "--out", str(tmp_path)]
+    toy.main(args)
+    printed = capsys.readouterr().out
+    tables = (tmp_path / "tables.txt").read_text()
+    command = "python scripts/toy.py --quick --problem heterogeneous --max-steps 60 --out "
+    assert tables.startswith(command)
+    table_lines = tables.splitlines()[2:]
+    assert "problem=heterogeneous:" in table_lines[0]
+    assert "fewer steps, SophiaG vs Adam" in table_lines[-1]
+    rows = ("GD ", "Adam ", "Lion ", "SophiaG ", "SophiaH ")
+    assert sum(line.startswith(rows) for line in table_lines) == 5
+    assert "\n".join(table_lines) in printed  # what was printed, without the progress lines
+    for name in ("trajectories.png", "steps_vs_condition.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+    toy.main([*args, "--schedule", "cosine"])
+    assert (tmp_path / "tables.txt").read_text() == tables
+    cosine = (tmp_path / "tables-cosine.txt").read_text()
+    assert "cosine decay" in cosine and "T=" in cosine
+    for name in ("trajectories-cosine.png", "steps_vs_condition-cosine.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
 def test_sophia_needs_fewer_steps_than_adam_at_kappa_1e3_with_noisy_gradients() -> None:
     """The issue's claim, on the problem where it holds: both reach the target, Adam over its best
     lr from a grid around its optimum, and SophiaG needs less than half Adam's steps."""
