@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 
 class MetricsSink(Protocol):
@@ -57,24 +58,88 @@ class JsonlSink:
 
 
 class ConsoleSink:
-    """One compact line per record."""
+    """One compact line per record; with a known total, also progress and an ETA.
+
+    The ETA comes from wall-clock time (``clock``) between this sink's records, not from the
+    records' ``time/elapsed``: that counter leaves out evaluation and checkpoint time, which the
+    user waits for all the same, so an ETA built on it would come out short by the eval share. The rate
+    is measured from the first record this sink sees, so the steps of an earlier invocation (on
+    resume) and one-off start-up costs (compilation, data preparation, the first eval) do not skew
+    it; only the first line, before any interval is measured, falls back to the time since the sink
+    was made at ``start_step``.
+    """
 
     KEYS = (("train/loss", "loss {:.4f}"), ("val/loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
             ("grad/norm", "gnorm {:.2f}"), ("sophia/win_rate", "win {:.2f}"),
             ("throughput", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"))
 
-    def __init__(self, print_fn=print):
+    def __init__(self, print_fn: Callable[..., None] = print, total_steps: int | None = None,
+                 start_step: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        """``total_steps``: the step the run ends at (None: no progress or ETA); ``start_step``:
+        the step this invocation started or resumed at."""
         self.print = print_fn
+        self.total_steps = total_steps
+        self.clock = clock
+        self._start = (start_step, clock())
+        self._anchor: tuple[int, float] | None = None  # (step, time) of the first record seen
+        self._last_step = start_step
 
     def log(self, record: Mapping[str, Any]) -> None:
-        parts = [f"step {record['step']:>6}"]
+        now = self.clock()
+        step = int(record["step"])
+        parts = [self._progress(step)]
         for key, fmt in self.KEYS:
             value = _clean(record.get(key))
             if isinstance(value, (int, float)):
                 parts.append(fmt.format(value))
-        if "time/elapsed" in record:
-            parts.append(f"{_clean(record['time/elapsed']):.1f}s")
+            elif isinstance(value, str):  # a non-finite value ("nan") is news: show it
+                parts.append(fmt[:fmt.index("{")] + value + fmt[fmt.index("}") + 1:])
+        elapsed = _clean(record.get("time/elapsed"))
+        if isinstance(elapsed, (int, float)):
+            shown = f"{elapsed:.1f}s" if elapsed < 60 else self.format_duration(elapsed)
+            parts.append(f"{shown} elapsed")
+        eta = self._eta(step, now)
+        if eta is not None:
+            parts.append(f"ETA {self.format_duration(eta)}")
         self.print(" | ".join(parts), flush=True)
+
+    def _progress(self, step: int) -> str:
+        if not self.total_steps:
+            return f"step {step:>6}"
+        pct = int(100 * step / self.total_steps)  # floored: 100% only once the last step is done
+        return f"step {step:>6}/{self.total_steps} ({pct}%)"
+
+    def _eta(self, step: int, now: float) -> float | None:
+        """Seconds left at this invocation's measured rate; None while no rate is known."""
+        if self._anchor is None or step < self._last_step:
+            # First record, or a rollback moved the step back: measure afresh from here.
+            first = self._anchor is None
+            self._anchor = (step, now)
+            base = self._start if first else None
+        else:
+            base = self._anchor
+        self._last_step = step
+        if not self.total_steps or step >= self.total_steps or base is None:
+            return None
+        done, seconds = step - base[0], now - base[1]
+        if done <= 0 or seconds <= 0:
+            return None
+        return (self.total_steps - step) * seconds / done
+
+    @staticmethod
+    def format_duration(seconds: float) -> str:
+        """Human-readable duration: ``4.2s``, ``45s``, ``3m05s``, ``1h02m``; ``?`` when unknown."""
+        if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+            return "?"
+        if seconds < 9.95:  # short runs and ETAs: whole seconds would round most of them to 0s
+            return f"{seconds:.1f}s"
+        total = int(round(seconds))
+        if total < 60:
+            return f"{total}s"
+        if total < 3600:
+            return f"{total // 60}m{total % 60:02d}s"
+        minutes = int(round(seconds / 60))
+        return f"{minutes // 60}h{minutes % 60:02d}m"
 
     def close(self) -> None:
         pass

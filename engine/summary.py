@@ -1,0 +1,238 @@
+"""The end-of-run summary: ``summary.json`` and the block printed when a run ends.
+
+Built from the run dir's files alone (``metrics.jsonl``, ``config.yaml``, ``checkpoints/``), so
+it describes any run, finished, stopped early or crashed, and the sweep table can reuse it.
+Every value that is missing or non-finite is ``null``: ``summary.json`` must stay valid JSON for
+the tools that read it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from engine.checkpoint import list_checkpoints
+from engine.metrics import ConsoleSink
+
+SUMMARY_FILE = "summary.json"
+
+
+def _finite(value: Any) -> float | int | None:
+    """A finite number, or None for anything else ("nan" strings, null, text, bools)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` as the run finally kept them.
+
+    Unreadable lines (a half-written last line of a killed process) are skipped. A row whose step
+    is not after the previous one means a rollback re-ran those steps, so the abandoned rows from
+    that step on are dropped: best-so-far must not come from a branch the run threw away.
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        while rows and rows[-1]["step"] >= row["step"]:
+            rows.pop()
+        rows.append(row)
+    return rows
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    # config.yaml is the engine's resolved copy; a job that failed before writing it still has
+    # Hydra's composed one.
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        try:
+            cfg = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(cfg, dict):
+            return cfg
+    return {}
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> tuple[Any, int | None]:
+    """The last row's value of ``key`` (finite or None) and that row's step."""
+    for row in reversed(rows):
+        if key in row:
+            return _finite(row[key]), row["step"]
+    return None, None
+
+
+def _status(steps: int | None, max_steps: Any, stop_at: Any, has_metrics: bool) -> str:
+    if not has_metrics:
+        return "no metrics"
+    if isinstance(max_steps, int) and steps is not None and steps >= max_steps:
+        return "done"
+    if isinstance(stop_at, int) and steps is not None and steps >= stop_at:
+        return "stopped"  # train.stop_at_step: a planned pause, resumable
+    return "incomplete"  # crashed, killed, or still running
+
+
+def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a run achieved and what it cost, from its files; missing or non-finite values are None.
+
+    Keys: run_dir, optimizer, model, status (done / stopped / incomplete / no metrics), step,
+    max_steps, val_loss and val_loss_step (the last evaluation), best_val_loss and
+    best_val_loss_step, train_loss, tokens, tokens_hessian, flops, elapsed_s (training wall-clock,
+    eval excluded), throughput (tokens per second of elapsed_s), memory_peak_bytes, checkpoint
+    (the newest), next_commands.
+
+    ``position``: the counters of a run that has just ended (the metrics keys step, tokens,
+    tokens_hessian, flops, time/elapsed), newer than its last metrics line when it stopped
+    between two log steps (train.stop_at_step).
+    """
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if position is not None:
+        rows.append(dict(position))
+    cfg = _read_config(run_dir)
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    newest = checkpoints[-1] if checkpoints else None
+
+    # A run stopped at a step with no log line still checkpointed that step.
+    ckpt_step = int(newest.stem.split("_")[1]) if newest else None
+    known = [s for s in (rows[-1]["step"] if rows else None, ckpt_step) if s is not None]
+    steps = max(known) if known else None
+
+    val_loss, val_step = _last(rows, "val/loss")
+    vals = [(v, row["step"]) for row in rows if (v := _finite(row.get("val/loss"))) is not None]
+    best_val, best_step = min(vals, key=lambda pair: pair[0]) if vals else (None, None)
+    tokens, _ = _last(rows, "tokens")
+    elapsed, _ = _last(rows, "time/elapsed")
+    peaks = [p for row in rows if (p := _finite(row.get("memory/peak"))) is not None]
+    max_steps = _get(cfg, "train.max_steps")
+
+    return {
+        "run_dir": str(run_dir),
+        "optimizer": _get(cfg, "optimizer.name"),
+        "model": _get(cfg, "model.preset"),
+        "status": _status(steps, max_steps, _get(cfg, "train.stop_at_step"), bool(rows)),
+        "step": steps,
+        "max_steps": max_steps if isinstance(max_steps, int) else None,
+        "val_loss": val_loss,
+        "val_loss_step": val_step,
+        "best_val_loss": best_val,
+        "best_val_loss_step": best_step,
+        "train_loss": _last(rows, "train/loss")[0],
+        "tokens": tokens,
+        "tokens_hessian": _last(rows, "tokens_hessian")[0],
+        "flops": _last(rows, "flops")[0],
+        "elapsed_s": elapsed,
+        "throughput": tokens / elapsed if tokens is not None and elapsed else None,
+        "memory_peak_bytes": max(peaks) if peaks else None,
+        "checkpoint": str(newest) if newest else None,
+        "next_commands": next_commands(run_dir, newest),
+    }
+
+
+def next_commands(run_dir: Path, checkpoint: Path | None) -> list[str]:
+    """Shell commands to look at the run: compare its curves, and sample from its newest
+    checkpoint (sample.py takes the run dir) when there is one."""
+    commands = [f"python scripts/compare.py {shlex.quote(str(run_dir))}"]
+    if checkpoint is not None:
+        commands.append(f"python scripts/sample.py {shlex.quote(str(run_dir))}")
+    return commands
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``summary.json`` atomically (temp file, rename); non-finite floats become null."""
+    run_dir = Path(run_dir)
+    # Sanitised first: a NaN a caller added must not crash the end of a long run; allow_nan=False
+    # then guarantees the file is strict JSON whatever slipped through.
+    text = json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{SUMMARY_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        final = run_dir / SUMMARY_FILE
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return "?"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{prefix}"
+    return f"{value:.0f}"
+
+
+def _loss(value: float | None, step: int | None) -> str:
+    return "none" if value is None else f"{value:.4f} at step {step}"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short aligned block for the console at the end of a run."""
+    s = summary
+    steps = "?" if s.get("step") is None else str(s["step"])
+    if s.get("max_steps"):
+        steps += f"/{s['max_steps']}"
+    tokens = _count(s.get("tokens"))
+    if s.get("tokens_hessian"):
+        tokens += f" (Hessian {_count(s['tokens_hessian'])})"
+    flops = "?" if s.get("flops") is None else f"{s['flops']:.2e}"
+    speed = "?" if s.get("throughput") is None else f"{s['throughput']:,.0f}"
+    rows = [
+        ("run", f"{s.get('run_dir')}"),
+        ("optimizer", f"{s.get('optimizer') or '?'} on {s.get('model') or '?'}"),
+        ("steps", f"{steps} [{s.get('status')}]"),
+        ("val loss", f"{_loss(s.get('val_loss'), s.get('val_loss_step'))}"
+                     f" (best {_loss(s.get('best_val_loss'), s.get('best_val_loss_step'))})"),
+        ("train loss", "none" if s.get("train_loss") is None else f"{s['train_loss']:.4f}"),
+        ("tokens", f"{tokens}, {flops} FLOPs"),
+        ("time", f"{ConsoleSink.format_duration(s.get('elapsed_s'))} training (eval excluded), "
+                 f"{speed} tok/s, peak memory {_bytes(s.get('memory_peak_bytes'))}"),
+        ("checkpoint", s.get("checkpoint") or "none"),
+    ]
+    rows += [("next" if i == 0 else "", cmd) for i, cmd in enumerate(s.get("next_commands") or [])]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label:<{width}}  {text}" for label, text in rows)
