@@ -6,6 +6,7 @@ torchrun job in one run directory, and turns user errors into a paragraph and a 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 from pathlib import Path
@@ -107,7 +108,8 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     try:
         cfg, overrides = resume_base(cfg, list(hc.overrides.task), run_dir)
-        return run(cfg, run_dir, on_start=lambda d: write_hydra_dir(d, cfg, overrides))["val_loss"]
+        val = run(cfg, run_dir, on_start=lambda d: write_hydra_dir(d, cfg, overrides))["val_loss"]
+        return math.nan if val is None else val  # a sweeper wants a number: NaN marks no eval
     except (HarnessError, DataError, MissingMandatoryValue) as err:
         # Every rank of a torchrun job meets the same error: one copy is enough.
         if int(os.environ.get("RANK", "0")) == 0:

@@ -57,15 +57,23 @@ def _unknown(section: str, found: Mapping[str, Any], allowed: frozenset[str], wh
     )
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise :class:`HarnessError` for a mandatory value left unset or a key nothing reads."""
     if isinstance(cfg, DictConfig):
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            key = missing[0]
-            raise HarnessError(f"{key} is not set. "
-                               + _MISSING_HINTS.get(key, f"Add {key}=VALUE to the command line."))
-        cfg = OmegaConf.to_container(cfg, resolve=False)
+        cfg = OmegaConf.to_container(cfg, resolve=False)  # "???" stays a string, nothing resolves
+    missing = [key for key, value in _flatten(cfg) if value == "???"]
+    if missing:
+        key = missing[0]
+        raise HarnessError(f"{key} is not set. "
+                           + _MISSING_HINTS.get(key, f"Add {key}=VALUE to the command line."))
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # present in Hydra's own compose output
     _unknown("", cfg, SECTION_KEYS[""], "the top level")
     for section, allowed in SECTION_KEYS.items():

@@ -6,7 +6,7 @@ Hydra sweepers (Optuna) can optimise it.
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.batching import plan_batches
 from engine.checkpoint import load_resume_checkpoint
+from engine.console_log import tee_console
 from engine.config_check import check_config
 from engine.distributed import DistEnv, broadcast_object, setup_distributed, teardown_distributed
 from engine.errors import HarnessError
@@ -24,6 +25,7 @@ from engine.hessian import HessianRefresher
 from engine.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink
 from engine.optimizers import build_optimizer
 from engine.resume import check_resume_config
+from engine.summary import format_summary, summarize_run, write_summary
 from engine.trainer import NONFINITE_POLICIES, Trainer, TrainSettings
 from model import GPT, GPTConfig
 from model.flops import device_peak_flops
@@ -55,10 +57,14 @@ def autocast_factory(dtype: torch.dtype, device: torch.device):
 def prepare_data(cfg: DictConfig, env: DistEnv) -> tuple[Path, dict[str, Any]]:
     """The data directory and its meta, checked against ``cfg.data`` (a folder prepared from
     another source or with other settings is refused, never trained on); rank 0 prepares a
-    missing one first when ``data.prepare_if_missing``."""
+    missing one first when ``data.prepare_if_missing``. ``data.source=null`` (data=prepared)
+    takes the folder as it is."""
+    from data.bins import read_meta
     from data.prepare import ensure_prepared
 
     d = cfg.data
+    if d.source is None:
+        return Path(d.dir), read_meta(d.dir)
     optional = {k: d.get(k) for k in ("hf_id", "revision", "text_column", "max_docs",
                                       "split_blank_lines")}
 
@@ -147,14 +153,17 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike,
     env = setup_distributed(cfg.device)
     logger = MetricsLogger([])
     try:
-        return _run(cfg, Path(run_dir), env, logger, on_start)
+        with contextlib.ExitStack() as console:
+            try:
+                return _run(cfg, Path(run_dir), env, logger, on_start, console)
+            finally:
+                logger.close()  # inside the console copy: W&B's closing lines are kept too
     finally:
-        logger.close()
         teardown_distributed()
 
 
 def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
-         on_start: Callable[[Path], None] | None) -> dict[str, Any]:
+         on_start: Callable[[Path], None] | None, console: contextlib.ExitStack) -> dict[str, Any]:
     from data.loader import TokenLoader
 
     settings = train_settings(cfg)
@@ -210,28 +219,31 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
     )
     # Resume before touching the run dir's files: a refused (mismatched) checkpoint must leave
     # its run's config and metrics as they were.
-    warn = print if env.is_main else (lambda message: None)
-    resumed = load_resume_checkpoint(cfg.checkpoint.resume, run_dir, warn=warn)
+    # Messages are held until the run dir's console copy (train.log) is open.
+    notes: list[str] = []
+    resumed = load_resume_checkpoint(cfg.checkpoint.resume, run_dir, warn=notes.append)
     state = None
     if resumed is not None:
         resume_path, state = resumed
         trainer.load_state_dict(state)
         changes = check_resume_config(state.get("config", {}), resolved, source=str(resume_path),
                                       allow=bool(cfg.checkpoint.get("allow_config_change")))
-        for key, old, new in changes:
-            warn(f"WARNING: resuming with {key} changed from {old!r} to {new!r} "
-                 f"(checkpoint.allow_config_change=true)")
+        notes += [f"WARNING: resuming with {key} changed from {old!r} to {new!r} "
+                  f"(checkpoint.allow_config_change=true)" for key, old, new in changes]
         trainer.checkpoint_extra["wandb_id"] = state.get("wandb_id")
-        warn(f"resumed from {resume_path} at step {trainer.step}")
+        notes.append(f"resumed from {resume_path} at step {trainer.step}")
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        console.enter_context(tee_console(run_dir / "train.log"))
+        for note in notes:
+            print(note, flush=True)
         if on_start is not None:
             on_start(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         logger.sinks.append(JsonlSink(run_dir / "metrics.jsonl",
                                       truncate_after_step=trainer.step if state else None))
-        logger.sinks.append(ConsoleSink())
+        logger.sinks.append(ConsoleSink(total_steps=settings.max_steps, start_step=trainer.step))
         if cfg.wandb.mode != "disabled":
             sink = WandbSink(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.entity,
                              _sweep_group(cfg), cfg.wandb.name or run_dir.name, resolved, run_dir,
@@ -243,7 +255,12 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
               f"{plan.accum_steps} accum x {env.world_size} ranks | {dtype} on {env.device}",
               flush=True)
     trainer.fit()
-    summary = {"val_loss": trainer.last_val_loss, "step": trainer.step, "run_dir": str(run_dir)}
-    if env.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not env.is_main:
+        val = trainer.last_val_loss
+        return {"val_loss": None if math.isnan(val) else val, "step": trainer.step,
+                "run_dir": str(run_dir)}
+    logger.close()  # flush metrics.jsonl before the summary reads it
+    summary = summarize_run(run_dir, trainer.position())
+    write_summary(run_dir, summary)
+    print(format_summary(summary), flush=True)
     return summary

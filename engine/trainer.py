@@ -196,7 +196,8 @@ class Trainer:
             self.counters.hessian_tokens, self.counters.hessian_flops = c.tokens, c.flops
             self.counters.hessian_seconds = c.seconds
 
-    def _position(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
+        """Where the run stands: step and the cumulative tokens, FLOPs and training seconds."""
         c = self.counters
         return {"step": self.step, "tokens": c.tokens_train + c.hessian_tokens,
                 "tokens_hessian": c.hessian_tokens, "flops": c.flops_train + c.hessian_flops,
@@ -213,7 +214,7 @@ class Trainer:
         gnorm = self._last_gnorm.item()
         clipped = int(self.settings.grad_clip > 0 and gnorm > self.settings.grad_clip)
         self.counters.clipped_steps = int(self._clipped.item())
-        rec = {**self._position(), "train/loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+        rec = {**self.position(), "train/loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                "throughput": tokens / dt if dt > 0 else None,
                "mfu": (flops / dt / (self.settings.peak_flops * self.env.world_size)
                        if self.settings.peak_flops and dt > 0 else None),
@@ -342,7 +343,7 @@ class Trainer:
         if s.eval_at_start and self.step == 0 and s.eval_interval > 0:
             self.last_val_loss = self.evaluate()
             if self.env.is_main:
-                self.logger.log({**self._position(), "val/loss": self.last_val_loss})
+                self.logger.log({**self.position(), "val/loss": self.last_val_loss})
 
         last_tokens, last_flops, last_elapsed = self._totals()
         t_mark = time.perf_counter()
@@ -380,7 +381,7 @@ class Trainer:
                 last_tokens, last_flops, last_elapsed = tokens, flops, elapsed
             if eval_now:  # excluded from time/elapsed: t_mark is reset after it
                 self.last_val_loss = self.evaluate()
-                record.update({**self._position(), "val/loss": self.last_val_loss})
+                record.update({**self.position(), "val/loss": self.last_val_loss})
             if record and self.env.is_main:
                 self.logger.log(record)
             if ckpt_now:
@@ -388,7 +389,7 @@ class Trainer:
             t_mark = time.perf_counter()
 
     def _totals(self) -> tuple[int, float, float]:
-        pos = self._position()
+        pos = self.position()
         return pos["tokens"], pos["flops"], pos["time/elapsed"]
 
 

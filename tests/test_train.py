@@ -254,3 +254,18 @@ def test_local_data_is_keyed_on_its_source_and_a_stale_folder_is_refused(tmp_pat
             tmp_path / "runC")
     assert str(tmp_path / "A.txt") in str(refused.value) and str(tmp_path / "B.txt") in str(refused.value)
     assert not (tmp_path / "runC").exists()
+
+
+def test_summary_is_strict_json_when_a_run_stops_between_evaluations(tiny_data, tmp_path, capsys):
+    """train.stop_at_step=7 with evals every 10 steps: no final val loss is `null`, never NaN."""
+    import json
+
+    cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.stop_at_step": 7,
+                                                           "train.eval_at_start": False}))
+    returned = run(cfg, tmp_path)
+    text = (tmp_path / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["val_loss"] is None and summary["best_val_loss"] is None
+    assert summary["step"] == 7 and summary["max_steps"] == 30 and returned == summary
+    assert summary["tokens"] == 7 * 256 and summary["checkpoint"].endswith("ckpt_0000007.pt")
+    assert "steps       7/30" in capsys.readouterr().out  # the printed end-of-run block

@@ -191,16 +191,47 @@ def test_elastic_restart_resumes_from_last_checkpoint(tiny_data, tmp_path):
     assert steps == list(range(1, 11))
 
 
-def test_quickstart_prepares_offline_corpus_and_trains(tmp_path):
-    """experiment=quickstart on a machine with nothing prepared: it builds the stdlib corpus."""
-    data_dir = tmp_path / "prepared" / "stdlib-byte"
-    res = run_train_cli(["experiment=quickstart", "train.max_steps=4", "train.eval_interval=2",
-                         "train.eval_batches=2", f"data.dir={data_dir}", "hydra.run.dir=run"],
+@pytest.mark.slow
+def test_readme_quickstart_as_written_gives_one_sweep_dir_that_compare_reads(tmp_path):
+    """The README's quickstart block in a fresh directory with default output dirs (only
+    train.max_steps smaller): the corpus is prepared once, the single run and the 4-optimizer
+    multirun write where the README says, compare.py reads all four runs, sample.py a run dir."""
+    import json
+    import subprocess
+    import sys
+
+    steps = "train.max_steps=4"
+    res = run_train_cli(["experiment=quickstart", "optimizer=sophia", steps], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "prepared" / "stdlib-byte" / "meta.json").exists()
+    [single] = list((tmp_path / "outputs").glob("*/*_sophia"))
+    summary = json.loads((single / "summary.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert summary["step"] == 4 and summary["val_loss"] < summary["train_loss"] + 1
+    log = (single / "train.log").read_text()
+    assert "step      4/4 (100%)" in log and "python scripts/compare.py" in log
+
+    res = run_train_cli(["-m", "experiment=quickstart", "optimizer=adamw,lion,sophia,muon", steps],
                         cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (data_dir / "meta.json").exists()
-    rows = read_metrics(tmp_path / "run")
-    assert rows[-1]["step"] == 4 and rows[-1]["val/loss"] < rows[0]["val/loss"]
+    [sweep] = list((tmp_path / "multirun").glob("*/*_sweep"))  # one sweep dir, not one per job
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    table = (sweep / "summary.md").read_text()
+    for i, name in enumerate(("adamw", "lion", "sophia", "muon")):
+        assert read_metrics(sweep / str(i))[-1]["step"] == 4
+        assert f"optimizer={name}" in table
+    assert "| done" in res.stdout  # the closing table of the multirun
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(sweep)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "skipping" not in res.stderr, res.stderr[-3000:]
+    speedup = json.loads((tmp_path / "compare_out" / "speedup.json").read_text())
+    assert set(speedup["runs"]) == {"adamw", "lion", "sophia", "muon"}
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), str(sweep / "2"),
+                          "--prompt", "def ", "--max-new-tokens", "8"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_slurm_launcher_config_composes():

@@ -30,7 +30,7 @@ def tiny_overrides(data_dir: Path, optimizer: str = "adamw", **extra) -> list[st
     """A gpt2-nano run on the byte-tokenized test corpus: 8 sequences of 32 tokens per step."""
     base = {
         "optimizer": optimizer, "model": "gpt2-nano", "model.block_size": 32,
-        "data.dir": str(data_dir), "data.prepare_if_missing": False, "device": "cpu",
+        "data": "prepared", "data.dir": str(data_dir), "device": "cpu",
         "train.max_steps": 30, "train.global_batch_tokens": 256, "train.micro_batch_size": 4,
         "train.warmup_steps": 5, "train.log_interval": 5, "train.eval_interval": 10,
         "train.eval_batches": 2, "checkpoint.interval": 10,
