@@ -246,12 +246,14 @@ def test_slurm_launcher_config_composes():
 
 @pytest.mark.slow
 def test_optuna_sweep_minimises_final_val_loss(tiny_data, tmp_path):
-    sweep = tmp_path / "optuna"
+    """With the default sweep dir: every trial and the sweeper's result land in one folder (each
+    trial used to compute its own timestamped dir, and the sweeper crashed looking for its file)."""
     args = tiny_overrides(tiny_data, "sophia", **{"train.max_steps": 3, "train.eval_interval": 3,
                                                  "checkpoint.interval": 0})
-    res = run_train_cli(["-m", "hparams_search=sophia_optuna", *args, "hydra.sweeper.n_trials=2",
-                         f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    res = run_train_cli(["-m", "hparams_search=sophia_optuna", *args, "hydra.sweeper.n_trials=2"],
+                        cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    [sweep] = list((tmp_path / "multirun").glob("*/*_sweep"))
     import yaml
 
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
