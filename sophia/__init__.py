@@ -1,17 +1,23 @@
-"""Optimizer library: SophiaG, SophiaH, Lion (and MuonAdamW), Hessian estimators, telemetry.
+"""Optimizer library: SophiaG, SophiaH, Lion and MuonAdamW, Hessian estimators, telemetry.
 
-Depends on torch only, so the folder can be copied into another project.
+Depends on torch only, so the folder can be copied into another project. Where things are:
+`sophia.py` the Sophia update (SophiaG and SophiaH specialise it in `sophiag.py`, `sophiah.py`),
+`lion.py`, `muon.py`, `hessian.py` the Hessian estimators; the leading-underscore modules are
+plumbing (argument checks, path choice, the compiled fused step).
 """
+from ._fused import clear_fused_cache, fused_cache_size
 from .lion import Lion
+from .muon import MuonAdamW
 from .sophiag import SophiaG, code_to_paper_lr, paper_to_code_lr
 from .sophiah import SophiaH
 
-__all__ = ["SophiaG", "SophiaH", "Lion", "paper_to_code_lr", "code_to_paper_lr"]
-
-try:  # written separately; keep the package importable while it is absent
-    from .muon import MuonAdamW  # noqa: F401
-except ModuleNotFoundError as exc:
-    if exc.name != f"{__name__}.muon":  # a missing dependency inside muon.py is a real error
-        raise
-else:
-    __all__.append("MuonAdamW")
+__all__ = [
+    "SophiaG",
+    "SophiaH",
+    "Lion",
+    "MuonAdamW",
+    "paper_to_code_lr",
+    "code_to_paper_lr",
+    "clear_fused_cache",
+    "fused_cache_size",
+]

@@ -1,12 +1,12 @@
 """Private helpers shared by the optimizers: argument checks, tensor grouping, telemetry sums.
 
 Nothing here is public API. The maths of each optimizer lives in its own file; this module only
-holds the plumbing that would otherwise be copied three times.
+holds the plumbing that would otherwise be copied into each of them.
 """
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +101,19 @@ def as_real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
+def real_numel(tensors: Iterable[Tensor]) -> int:
+    """Number of real coordinates (a complex entry counts twice, as `as_real` sees it)."""
+    return sum(2 * t.numel() if torch.is_complex(t) else t.numel() for t in tensors)
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """torch.optim's closure protocol: steps run under no_grad, the closure needs grad back."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 # --------------------------------------------------------------------------------------------
 # telemetry: everything stays a device tensor; the host only reads it when someone logs it
 
@@ -132,20 +145,3 @@ def l1_l2(tensors: list[Tensor], foreach: bool, device: torch.device) -> tuple[T
             sq_parts.append(torch.linalg.vector_norm(t, 2, dtype=acc_dtype(t.dtype)).square())
     return sum_to(l1_parts, device), sum_to(sq_parts, device).sqrt()
 
-
-def sophia_telemetry(
-    n_clipped: Tensor,
-    update_sq: Tensor,
-    numel: int,
-    hessian_l1: Tensor,
-    hessian_l2: Tensor,
-) -> dict[str, Tensor]:
-    """Assemble the Sophia telemetry dict from on-device sums (no host sync)."""
-    clip_frac = n_clipped / numel
-    return {
-        "clip_frac": clip_frac,
-        "win_rate": 1.0 - clip_frac,
-        "hessian_l1": hessian_l1,
-        "hessian_l2": hessian_l2,
-        "update_rms": (update_sq / numel).sqrt(),
-    }

@@ -1,9 +1,10 @@
 """Plumbing of the fused step path: one compiled, multi-tensor kernel per optimizer step.
 
-Nothing here is public API. Each optimizer file keeps its own fused maths (`_fused_*_kernel`, a
-plain function over lists of tensors written like the reference path); this module compiles it
-with `torch.compile` (inductor: fused Triton kernels on CUDA, vectorised C++/OpenMP loops on CPU),
-feeds it hyperparameters as device tensors and guards compile failures.
+Each optimizer file writes its fused maths once (`_fused_*_kernel`, a plain function over lists
+of tensors written like the reference path); this module compiles it with `torch.compile`
+(inductor: fused Triton kernels on CUDA, vectorised C++/OpenMP loops on CPU), feeds it
+hyperparameters as device tensors and turns compile failures into `FusedCompileError`. The only
+public names are `clear_fused_cache` and `fused_cache_size` (re-exported by `sophia`).
 
 Why each piece is the way it is:
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -158,6 +158,25 @@ _COMPILED: dict[tuple, Callable] = {}
 _WARMED: set[tuple] = set()
 
 
+def fused_cache_size() -> int:
+    """Number of compiled fused steps this process holds (one per kernel and group structure).
+
+    Every optimizer instance shares them: a second optimizer over the same parameter shapes
+    reuses the first one's compiled step instead of compiling again.
+    """
+    return len(_COMPILED)
+
+
+def clear_fused_cache() -> None:
+    """Forget every compiled fused step; the next fused step of each structure compiles afresh.
+
+    Needed only after changing how torch.compile behaves (its config, a patched compiler) or to
+    release the compiled code; training never has to call it.
+    """
+    _COMPILED.clear()
+    _WARMED.clear()
+
+
 def _compile(kernel: Callable) -> Callable:
     # A copy of the function with its own code object gets its own dynamo cache (see module doc).
     fresh = types.FunctionType(
@@ -210,11 +229,3 @@ def run_fused(
     _WARMED.add(key)
     return out
 
-
-def warn_fallback(optimizer: str, err: Exception) -> None:
-    """fused=None found the fused path unusable: say so once per optimizer, then carry on."""
-    warnings.warn(
-        f"{err} Falling back to the non-fused path for this {optimizer} (fused=None).",
-        RuntimeWarning,
-        stacklevel=3,
-    )

@@ -115,8 +115,12 @@ def sample_labels(
 ) -> Tensor:
     """Draw y ~ softmax(logits) independently at every position.
 
-    Probabilities are computed in float32 (bf16 probabilities of rare tokens round to 0 or lose
-    mass) a chunk of rows at a time, so memory stays bounded whatever the number of positions.
+    The draw is the inverse CDF of softmax(logits) at one float64 uniform per position,
+    `torch.rand(n, dtype=torch.float64, generator=generator)` for the n positions in row-major
+    order, and nothing else random; `gnb_loss` draws the same numbers, so both sample the same
+    labels from the same generator state. Probabilities are computed in float32 (bf16
+    probabilities of rare tokens round to 0 or lose mass) a chunk of rows at a time, so memory
+    stays bounded whatever the number of positions. Tokens of probability 0 are never drawn.
 
     Args:
         logits: (..., vocab) unnormalised log-probabilities, any leading shape and float dtype.

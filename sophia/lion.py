@@ -1,7 +1,8 @@
 """Lion: EvoLved Sign Momentum (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
 Reproduces `lion_pytorch.Lion` (the widely used reference) to float rounding, with the same state
-layout (`exp_avg` only), plus a multi-tensor path, a fused (compiled) path and telemetry. Per parameter with gradient g:
+layout (`exp_avg` only), plus a multi-tensor path, a fused (compiled) path and telemetry. Per
+parameter with gradient g:
 
     c  = beta1 * m + (1 - beta1) * g
     p *= 1 - lr * weight_decay
@@ -15,35 +16,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._common import (
-    acc_dtype,
-    as_real,
-    check_betas,
-    check_nonnegative,
-    group_by_device_and_dtype,
-    sum_to,
-)
-from ._fused import (
-    FusedCompileError,
-    check_fused_and_foreach,
-    check_fused_supported,
-    choose_path,
-    count_true,
-    run_fused,
-    scalars,
-    warn_fallback,
-)
+from ._base import GroupSums, MultiPathOptimizer
+from ._common import acc_dtype, as_real, group_by_device_and_dtype, sum_to
+from ._fused import check_fused_and_foreach, check_fused_supported, count_true, run_fused, scalars
 
 __all__ = ["Lion", "lion"]
 
 
-class Lion(Optimizer):
+class Lion(MultiPathOptimizer):
     """Lion optimizer (see the module docstring).
 
     Args:
@@ -51,142 +36,71 @@ class Lion(Optimizer):
         lr: step size, >= 0 (default 1e-4).
         betas: (beta1 for the update interpolation, beta2 for the momentum EMA), each in [0, 1).
         weight_decay: decoupled weight decay, >= 0.
-        maximize: ascend the objective instead of descending it.
-        foreach: use the multi-tensor path; None picks it when all parameters sit on one
-            accelerator type (torch.optim's rule).
-        fused: use the compiled single-pass step (torch.compile; telemetry in the same pass).
-            None picks it on CUDA and for big CPU groups (see `sophia.SophiaG`); fused=True
-            raises if it cannot compile, None warns and falls back. Excludes foreach=True.
+        maximize, foreach, fused: as for `sophia.SophiaG`: ascend instead of descend, and the
+            implementation path (reference, multi-tensor or compiled; None picks).
     """
 
+    _STATE_KEYS = ("exp_avg",)
+
     def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+        *, maximize: bool = False, foreach: bool | None = None, fused: bool | None = None,
     ):
-        _check_hyperparameters(lr, betas, weight_decay)
-        check_fused_and_foreach(fused, foreach, None)
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize,
+        super().__init__(params, dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
             foreach=foreach, fused=fused,
-        )
-        self._telemetry: dict[str, Tensor] = {}
-        self._fused_failed = False  # fused=None saw a compile failure: stop trying
-        super().__init__(params, defaults)
+        ))
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyperparameters(
-            group["lr"], group["betas"], group["weight_decay"], len(self.param_groups) - 1
-        )
-        check_fused_and_foreach(group["fused"], group["foreach"], len(self.param_groups) - 1)
-        if group["fused"]:
-            check_fused_supported(group["params"], "Lion")
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-        self._telemetry = {}
-        self._fused_failed = getattr(self, "_fused_failed", False)
+    def _init_state(self, state: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        # lion_pytorch's layout (exp_avg only), so state dicts load both ways
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Lion update; `closure` optionally re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
 
-        update_sq: list[Tensor] = []
-        numel = 0
-        device: torch.device | None = None
-        for group in self.param_groups:
-            params, grads, exp_avgs = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "Lion does not support sparse gradients; use dense gradients "
-                        "(e.g. nn.Embedding(sparse=False))."
-                    )
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-            if not params:
-                continue
+        def group_update(group: dict[str, Any], tensors: list[list[Tensor]]) -> Callable[..., Any]:
             beta1, beta2 = group["betas"]
-            foreach, fused = choose_path(group, params, allow_fused=not self._fused_failed)
-
-            update = functools.partial(
-                lion,
-                params, grads, exp_avgs,
-                beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
+            return functools.partial(
+                lion, *tensors, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"],
             )
 
-            try:
-                n_moved = update(foreach=foreach, fused=fused)
-            except FusedCompileError as err:
-                if group["fused"]:  # asked for explicitly: the caller should know
-                    raise
-                warn_fallback("Lion", err)
-                self._fused_failed = True
-                foreach, _ = choose_path(group, params, allow_fused=False)
-                n_moved = update(foreach=foreach, fused=False)
-            device = device or params[0].device
-            # each moved coordinate contributes lr^2 to the squared update
-            update_sq.append(n_moved * group["lr"] ** 2)
-            numel += sum(2 * p.numel() if torch.is_complex(p) else p.numel() for p in params)
+        return self._step(closure, group_update)
 
-        if numel == 0:
-            self._telemetry = {}
-        else:
-            self._telemetry = {"update_rms": (sum_to(update_sq, device) / numel).sqrt()}
-        return loss
+    def _telemetry_from(
+        self, per_group: list[tuple[dict[str, Any], GroupSums]], numel: int, device: torch.device
+    ) -> dict[str, Tensor]:
+        # each moved coordinate contributes lr^2 to the squared update
+        update_sq = sum_to([n_moved * group["lr"] ** 2 for group, n_moved in per_group], device)
+        return {"update_rms": (update_sq / numel).sqrt()}
 
     def telemetry(self) -> dict[str, Tensor]:
         """Statistics of the last step as 0-d device tensors: `update_rms` (RMS of lr * sign(c),
         weight decay excluded). Empty before any step."""
-        return dict(self._telemetry)
-
-
-def _check_hyperparameters(
-    lr: Any, betas: Any, weight_decay: Any, group_index: int | None = None
-) -> None:
-    check_nonnegative("lr", lr, group_index)
-    check_betas(betas, group_index)
-    check_nonnegative("weight_decay", weight_decay, group_index)
+        return super().telemetry()
 
 
 # ----------------------------------------------------------------------------------------------
 # functional API: the per-group maths, one function per implementation path
 
 
+class _LionSettings(NamedTuple):
+    """One param group's hyperparameters as the path functions read them."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    maximize: bool
+
+
 def lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    maximize: bool,
-    foreach: bool,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, beta1: float,
+    beta2: float, lr: float, weight_decay: float, maximize: bool, foreach: bool,
     fused: bool = False,
 ) -> Tensor:
     """Apply one Lion step to aligned tensor lists, in place.
@@ -201,23 +115,15 @@ def lion(
         func = _fused_lion
     else:
         func = _multi_tensor_lion if foreach else _single_tensor_lion
-    return func(
-        params, grads, exp_avgs,
-        beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, maximize=maximize,
-    )
+    # each path returns its partial counts (per tensor, or per device and dtype)
+    moved = func(params, grads, exp_avgs, _LionSettings(lr, beta1, beta2, weight_decay, maximize))
+    return sum_to(moved, params[0].device)
 
 
 def _single_tensor_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    maximize: bool,
-) -> Tensor:
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], settings: _LionSettings
+) -> list[Tensor]:
+    lr, beta1, beta2, weight_decay, maximize = settings
     moved: list[Tensor] = []
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
         if maximize:
@@ -232,22 +138,15 @@ def _single_tensor_lion(
         exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
 
         moved.append(update.count_nonzero())
-    return sum_to(moved, params[0].device)
+    return moved
 
 
 def _multi_tensor_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    maximize: bool,
-) -> Tensor:
-    moved: list[Tensor] = []
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], settings: _LionSettings
+) -> list[Tensor]:
+    lr, beta1, beta2, weight_decay, maximize = settings
     grouped = group_by_device_and_dtype([params, grads, exp_avgs])
+    moved: list[Tensor] = []
     for (_, dtype), (d_params, d_grads, d_exp_avgs) in grouped.items():
         if maximize:
             d_grads = torch._foreach_neg(d_grads)
@@ -264,21 +163,14 @@ def _multi_tensor_lion(
 
         # |sign| is 1 where a coordinate moved and 0 elsewhere, so its L1 norm counts them
         moved.extend(torch._foreach_norm(updates, 1, dtype=acc_dtype(dtype)))
-    return sum_to(moved, params[0].device)
+    return moved
 
 
 def _fused_lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    *,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    maximize: bool,
-) -> Tensor:
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], settings: _LionSettings
+) -> list[Tensor]:
     check_fused_supported(params, "Lion")
+    lr, beta1, beta2, weight_decay, maximize = settings
     moved: list[Tensor] = []
     grouped = group_by_device_and_dtype([params, grads, exp_avgs])
     for (device, dtype), tensorlists in grouped.items():
@@ -287,20 +179,13 @@ def _fused_lion(
             beta2, 1 - beta2, -lr,
         )
         moved.append(run_fused(_fused_lion_kernel, tensorlists, hyper, optimizer="Lion"))
-    return sum_to(moved, params[0].device)
+    return moved
 
 
 def _fused_lion_kernel(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    grad_sign: Tensor,
-    decay: Tensor,
-    beta1: Tensor,
-    one_minus_beta1: Tensor,
-    beta2: Tensor,
-    one_minus_beta2: Tensor,
-    neg_lr: Tensor,
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    grad_sign: Tensor, decay: Tensor, beta1: Tensor, one_minus_beta1: Tensor,
+    beta2: Tensor, one_minus_beta2: Tensor, neg_lr: Tensor,
 ) -> Tensor:
     # Compiled by sophia._fused into one pass per parameter: reads p, g, m, writes p, m
     # (20 bytes per fp32 coordinate); maximize arrives as grad_sign = -1 / +1 (exact).

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._common import evaluate_closure
+
 __all__ = ["MuonAdamW", "MUON_MIN_TORCH", "ADJUST_LR_FNS"]
 
 # torch.optim.Muon first shipped in torch 2.9 (pytorch PR #160213, merged August 2025); this file
@@ -44,7 +46,14 @@ _MAX_NS_STEPS = 100
 
 
 # --------------------------------------------------------------------------------------------
-# argument validation: every message names the setting, the bad value and what is allowed
+# argument validation
+#
+# torch.optim.Muon and AdamW check only their constructor's values, never a param group's own
+# settings, and they accept values that make no sense here (lr = 0, momentum >= 1; ns_steps is
+# checked only at step time and only against 100). So every setting below is checked, for the
+# constructor and for each group, with a message that names the setting as the caller spells it
+# (adamw_lr, not lr) and what is allowed: the engine shows these messages to users as they are.
+# AdamW's eps is left to torch: its own check (eps >= 0 on the constructor value) is the same.
 
 
 def _is_number(value: Any) -> bool:
@@ -58,82 +67,67 @@ def _is_lr(value: Any) -> bool:
     return _is_number(value) and value > 0.0  # `> 0.0` is also False for NaN
 
 
-def _fail(name: str, value: Any, where: str, need: str) -> None:
-    raise ValueError(f"MuonAdamW: invalid {name}={value!r}{where}: {need}.")
+def _is_nonnegative(value: Any) -> bool:
+    return _is_number(value) and value >= 0.0  # False for NaN too
 
 
-def _check_muon_settings(s: Mapping[str, Any], where: str, prefix: str = "") -> None:
-    """Validate Muon hyperparameters (constructor arguments or a group merged over them)."""
-    lr = s["lr"]
-    if not _is_lr(lr):
-        _fail(
-            f"{prefix}lr",
-            lr,
-            where,
+def _is_ns_steps(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < _MAX_NS_STEPS
+
+
+def _is_betas(value: Any) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_is_number(b) and 0.0 <= b < 1.0 for b in value)
+    )
+
+
+# setting -> (test, what is allowed), per side
+_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "muon": {
+        "lr": (
+            _is_lr,
             "the Muon learning rate must be a number > 0 "
             "(0.02 with adjust_lr_fn='original', an AdamW-like lr with 'match_rms_adamw')",
-        )
-    momentum = s["momentum"]
-    if not _is_number(momentum) or not 0.0 <= momentum < 1.0:
-        _fail(f"{prefix}momentum", momentum, where, "momentum must be in [0, 1) (0.95 is standard)")
-    ns_steps = s["ns_steps"]
-    if (
-        not isinstance(ns_steps, int)
-        or isinstance(ns_steps, bool)
-        or not 1 <= ns_steps < _MAX_NS_STEPS
-    ):
-        _fail(
-            f"{prefix}ns_steps",
-            ns_steps,
-            where,
+        ),
+        "momentum": (
+            lambda v: _is_number(v) and 0.0 <= v < 1.0,
+            "momentum must be in [0, 1) (0.95 is standard)",
+        ),
+        "ns_steps": (
+            _is_ns_steps,
             f"the number of Newton-Schulz iterations must be an int in [1, {_MAX_NS_STEPS}) "
             "(5 is standard)",
-        )
-    fn = s["adjust_lr_fn"]
-    if fn not in ADJUST_LR_FNS:
-        _fail(
-            f"{prefix}adjust_lr_fn",
-            fn,
-            where,
-            f"choose one of {', '.join(map(repr, ADJUST_LR_FNS))}",
-        )
-    wd = s["weight_decay"]
-    if not _is_number(wd) or not wd >= 0.0:
-        _fail(f"{prefix}weight_decay", wd, where, "weight decay must be a number >= 0")
-    eps = s["eps"]
-    if not _is_number(eps) or not eps > 0.0:
-        _fail(
-            f"{prefix}eps", eps, where, "the Newton-Schulz normalisation eps must be a number > 0"
-        )
-    if not isinstance(s["nesterov"], bool):
-        _fail(f"{prefix}nesterov", s["nesterov"], where, "nesterov must be True or False")
-    coeffs = s["ns_coefficients"]
-    if (
-        not isinstance(coeffs, (tuple, list))
-        or len(coeffs) != 3
-        or not all(map(_is_number, coeffs))
-    ):
-        _fail(f"{prefix}ns_coefficients", coeffs, where, "expected three numbers (a, b, c)")
+        ),
+        "adjust_lr_fn": (
+            lambda v: v in ADJUST_LR_FNS, f"choose one of {', '.join(map(repr, ADJUST_LR_FNS))}"
+        ),
+        "weight_decay": (_is_nonnegative, "weight decay must be a number >= 0"),
+        "eps": (
+            lambda v: _is_number(v) and v > 0.0,
+            "the Newton-Schulz normalisation eps must be a number > 0",
+        ),
+        "nesterov": (lambda v: isinstance(v, bool), "nesterov must be True or False"),
+        "ns_coefficients": (
+            lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(_is_number, v)),
+            "expected three numbers (a, b, c)",
+        ),
+    },
+    "adamw": {
+        "lr": (_is_lr, "the AdamW learning rate must be a number > 0"),
+        "betas": (_is_betas, "expected a pair (beta1, beta2), each in [0, 1)"),
+        "weight_decay": (_is_nonnegative, "weight decay must be a number >= 0"),
+    },
+}
 
 
-def _check_adamw_settings(s: Mapping[str, Any], where: str, prefix: str = "") -> None:
-    """Validate AdamW hyperparameters; `prefix` is "adamw_" for constructor arguments."""
-    lr = s["lr"]
-    if not _is_lr(lr):
-        _fail(f"{prefix}lr", lr, where, "the AdamW learning rate must be a number > 0")
-    betas = s["betas"]
-    if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)
-    ):
-        _fail(f"{prefix}betas", betas, where, "expected a pair (beta1, beta2), each in [0, 1)")
-    eps = s["eps"]
-    if not _is_number(eps) or not eps >= 0.0:
-        _fail(f"{prefix}eps", eps, where, "eps must be a number >= 0")
-    wd = s["weight_decay"]
-    if not _is_number(wd) or not wd >= 0.0:
-        _fail(f"{prefix}weight_decay", wd, where, "weight decay must be a number >= 0")
+def _check_settings(side: str, settings: Mapping[str, Any], where: str, prefix: str = "") -> None:
+    """Raise a ValueError naming the first invalid setting of one side (defaults or a group)."""
+    for name, (ok, allowed) in _RULES[side].items():
+        value = settings[name]
+        if not ok(value):
+            raise ValueError(f"MuonAdamW: invalid {prefix}{name}={value!r}{where}: {allowed}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,9 +295,10 @@ class MuonAdamW(Optimizer):
             eps=adamw_eps,
             weight_decay=adamw_weight_decay,
         )
-        _check_muon_settings(muon_defaults, "")
-        _check_adamw_settings(adamw_defaults, "", prefix="adamw_")
-        if foreach and fused:
+        side_defaults = {"muon": muon_defaults, "adamw": adamw_defaults}
+        _check_settings("muon", muon_defaults, "")
+        _check_settings("adamw", adamw_defaults, "", prefix="adamw_")
+        if foreach and fused:  # torch raises a RuntimeError here; a ValueError is a user error
             raise ValueError("MuonAdamW: foreach=True and fused=True exclude each other; pick one.")
 
         muon_groups = _as_groups(muon_params, "muon_params")
@@ -319,9 +314,7 @@ class MuonAdamW(Optimizer):
                     )
                 if side == "muon":
                     _check_muon_shapes(g, where)
-                    _check_muon_settings({**muon_defaults, **g}, where)
-                else:
-                    _check_adamw_settings({**adamw_defaults, **g}, where)
+                _check_settings(side, {**side_defaults[side], **g}, where)
                 for p in g["params"]:
                     other = seen.setdefault(id(_unnamed(p)), side)
                     if other != side:
@@ -331,9 +324,7 @@ class MuonAdamW(Optimizer):
                             "muon_params and adamw_params; give each parameter to one side only."
                         )
                 g["optimizer"] = side
-                g.setdefault(
-                    "base_lr", g.get("lr", muon_defaults["lr"] if side == "muon" else adamw_lr)
-                )
+                g.setdefault("base_lr", g.get("lr", side_defaults[side]["lr"]))
 
         if foreach is None and fused is None:
             on_cuda = [_unnamed(p).is_cuda for g in adamw_groups for p in g["params"]]
@@ -381,11 +372,10 @@ class MuonAdamW(Optimizer):
             )
         group = {**param_group, "params": _as_list(param_group["params"])}
         where = " (added param group)"
+        inner = self._muon if side == "muon" else self._adamw
         if side == "muon":
             _check_muon_shapes(group, where)
-            _check_muon_settings({**self._muon.defaults, **group}, where)
-        else:
-            _check_adamw_settings({**self._adamw.defaults, **group}, where)
+        _check_settings(side, {**inner.defaults, **group}, where)
         other = self._adamw if side == "muon" else self._muon
         other_ids = {id(p) for g in other.param_groups for p in g["params"]}
         if any(id(_unnamed(p)) in other_ids for p in group["params"]):
@@ -393,7 +383,6 @@ class MuonAdamW(Optimizer):
                 f"MuonAdamW.add_param_group: a parameter of the new {side} group already belongs "
                 "to the other side; give each parameter to one side only."
             )
-        inner = self._muon if side == "muon" else self._adamw
         group.setdefault("base_lr", group.get("lr", inner.defaults["lr"]))
         inner.add_param_group(group)
         self._sync_groups()
@@ -406,22 +395,15 @@ class MuonAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Step Muon, then AdamW (they own disjoint parameters, so the order is immaterial)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        track = self.track_update_rms
-        before = (
-            {side: _snapshot(opt) for side, opt in zip(SIDES, self._inner(), strict=True)}
-            if track
-            else None
-        )
+        loss = evaluate_closure(closure)
+        # a public attribute, read per step: the engine turns it on only for steps it logs
+        before = [_snapshot(opt) for opt in self._inner()] if self.track_update_rms else []
         self._muon.step()
         self._adamw.step()
-        if before is not None:
-            self._telemetry = {f"update_rms/{side}": _change_rms(*before[side]) for side in SIDES}
-        else:
-            self._telemetry = {}
+        # zip stops at once when untracked: no keys, as documented in `telemetry`
+        self._telemetry = {
+            f"update_rms/{side}": _change_rms(*snapshot) for side, snapshot in zip(SIDES, before)
+        }
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,20 +6,24 @@ validation errors; the compile-failure guard; no recompiles under a changing lr 
 run of scripts/bench_optim.py.
 
 Compiling on CPU takes seconds, so every compiled test uses the same parameter structure
-(SHAPES, one per group, groups sharing it): the whole file compiles three kernels, one per
-optimizer, and the bench test reuses two of them.
+(SHAPES, one per group, groups sharing it): the whole file compiles two kernels, one that SophiaG
+and SophiaH share and one for Lion, and the bench test reuses them.
 """
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import sophia
 import sophia._fused as fused_mod
 from sophia import Lion, SophiaG, SophiaH
-from sophia.sophiag import sophiag
+from sophia.lion import lion
+from sophia.sophia import Denominator, SophiaSettings
+from sophia.sophia import sophia as sophia_update
 from train_helpers import load_script
 
 SHAPES = [(8, 6), (5,)]  # the structure of each group below, and of the bench test's parameter set
@@ -145,15 +149,21 @@ def test_changing_lr_and_bs_do_not_recompile(cls: type) -> None:
 # ------------------------------------------------------------------------------ path choice
 
 
-def test_automatic_choice_on_cpu_keeps_the_eager_paths(monkeypatch) -> None:
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_automatic_choice_on_cpu_keeps_the_eager_paths(cls: type, monkeypatch) -> None:
     def no_compile(*args, **kwargs):
         raise AssertionError("fused=None compiled on CPU")
 
-    monkeypatch.setattr("sophia.sophiag.run_fused", no_compile)
-    p = nn.Parameter(torch.ones(3))
-    opt = SophiaG([p], lr=0.1)
+    monkeypatch.setattr(torch, "compile", no_compile)
+    compiled = sophia.fused_cache_size()
+    p = nn.Parameter(torch.ones(3))  # a structure no other test compiles
+    opt = cls([p], lr=0.1)
     p.grad = torch.ones(3)
-    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning either: the fused path was not tried
+        opt.step()
+    assert not torch.equal(p, torch.ones(3))
+    assert sophia.fused_cache_size() == compiled
     assert opt.param_groups[0]["fused"] is None
     assert not fused_mod.default_fused([p])
     assert fused_mod.choose_path(opt.param_groups[0], [p]) == (False, False)
@@ -193,9 +203,13 @@ def test_fused_and_foreach_together_is_an_error(cls: type) -> None:
 
 def test_functional_api_rejects_fused_with_foreach() -> None:
     p = torch.zeros(2)
+    settings = SophiaSettings(lr=0.1, beta1=0.9, weight_decay=0.0, maximize=False,
+                              denominator=Denominator(0.1, shift=1e-15))
     with pytest.raises(ValueError, match="fused=True and foreach=True"):
-        sophiag([p], [p], [p], [p], [torch.tensor(0.0)], bs=1, beta1=0.9, rho=0.1, lr=0.1,
-                weight_decay=0.0, maximize=False, foreach=True, fused=True)
+        sophia_update([p], [p], [p], [p], [torch.tensor(0.0)], settings, foreach=True, fused=True)
+    with pytest.raises(ValueError, match="fused=True and foreach=True"):
+        lion([p], [p], [p], beta1=0.9, beta2=0.99, lr=0.1, weight_decay=0.0, maximize=False,
+             foreach=True, fused=True)
 
 
 @pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
@@ -210,14 +224,15 @@ def test_fused_rejects_unsupported_dtypes_and_devices(cls: type) -> None:
 
 
 def _broken_compiler(monkeypatch) -> None:
-    def compile_that_fails(kernel):
+    """torch.compile as it behaves without a C++ compiler: the error comes at the first call."""
+    def compile_that_fails(fn, **kwargs):
         def run(*args):
             raise RuntimeError("CppCompileError: no working C++ compiler")
         return run
 
-    monkeypatch.setattr(fused_mod, "_compile", compile_that_fails)
-    monkeypatch.setattr(fused_mod, "_COMPILED", {})
-    monkeypatch.setattr(fused_mod, "_WARMED", set())
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    sophia.clear_fused_cache()  # or the kernels earlier tests compiled would be reused
+    assert sophia.fused_cache_size() == 0
 
 
 def test_compile_failure_with_fused_true_raises_and_changes_nothing(monkeypatch) -> None:
@@ -230,6 +245,7 @@ def test_compile_failure_with_fused_true_raises_and_changes_nothing(monkeypatch)
         opt.step()
     assert torch.equal(p, torch.ones(3))
     assert opt.state[p]["step"].item() == 0 and torch.equal(opt.state[p]["exp_avg"], torch.zeros(3))
+    assert sophia.fused_cache_size() == 0  # the failed kernel is not kept: a retry compiles again
 
 
 @pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
@@ -248,6 +264,7 @@ def test_compile_failure_with_fused_none_falls_back(cls: type, monkeypatch) -> N
         _close(p, q)
     for k, v in ref.telemetry().items():
         torch.testing.assert_close(opt.telemetry()[k], v)
+    assert sophia.fused_cache_size() == 0
 
 
 def test_state_dict_keeps_and_defaults_fused() -> None:
@@ -323,3 +340,20 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
         assert r["vs_adamw_foreach"] > 0 and r["vs_adamw_fused"] > 0
     table = capsys.readouterr().out
     assert "sophiag" in table and "ms/step" in table
+
+
+@pytest.mark.slow
+def test_fused_cache_is_shared_and_clearable() -> None:
+    # last in the file: it empties the cache the tests above fill
+    params, opt = _make(SophiaG, fused=True)
+    _step(SophiaG, params, opt, 0)
+    compiled = sophia.fused_cache_size()
+    assert compiled >= 1
+    for cls in (SophiaG, SophiaH):  # a second optimizer over the same structure reuses the step
+        params, opt = _make(cls, fused=True, seed=1)
+        _step(cls, params, opt, 0)
+        assert sophia.fused_cache_size() == compiled
+    sophia.clear_fused_cache()
+    assert sophia.fused_cache_size() == 0
+    _step(SophiaH, params, opt, 1)  # compiles afresh
+    assert sophia.fused_cache_size() == 1

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from sophia.hessian import _draw_rows, gnb_loss, hutchinson, sample_labels
+from sophia.hessian import gnb_loss, hutchinson, sample_labels
 from train_helpers import load_script
 
 
@@ -217,23 +217,36 @@ def test_chunking_does_not_change_the_result(dtype: torch.dtype) -> None:
         gnb_loss(logits, chunk_rows=0)
 
 
-def test_label_draw_is_the_exact_inverse_cdf() -> None:
-    """Against searchsorted on a float64 CDF: same label unless u sits on a float32 rounding tie."""
+def test_label_draw_is_the_exact_inverse_cdf(monkeypatch) -> None:
+    """Against searchsorted on a float64 CDF: same label unless u sits on a float32 rounding tie.
+
+    u is what `sample_labels` documents as its only randomness: one torch.rand float64 per row.
+    """
     gen = torch.Generator().manual_seed(0)
     vocab, n = 600, 4000  # two full blocks and a padded one
     row = 5 * torch.randn(vocab, generator=gen)
-    row[[0, 17, 255, 256, 599]] = float("-inf")  # impossible tokens, at block edges too
+    impossible = torch.tensor([0, 17, 255, 256, 599])
+    row[impossible] = float("-inf")  # impossible tokens, at block edges too
     logits = row.expand(n, vocab)
-    u = torch.rand(n, dtype=torch.float64, generator=gen)
-    labels, lse = _draw_rows(logits, u)
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = sample_labels(logits, generator=torch.Generator().manual_seed(1))
     cdf = torch.softmax(row.double(), -1).cumsum(-1)
     exact = torch.searchsorted(cdf, u, right=True).clamp(max=vocab - 1)
     near_tie = (cdf[None, :] - u[:, None]).abs().min(-1).values < 1e-6
     assert (labels == exact)[~near_tie].all()
-    assert not torch.isin(labels, torch.tensor([0, 17, 255, 256, 599])).any()
-    torch.testing.assert_close(lse, torch.logsumexp(row, -1).expand(n))
+    assert not torch.isin(labels, impossible).any()
+    # The logsumexp of every row, recovered from gnb_loss's gradient (p - onehot(y)) / n with
+    # p = exp(logits - lse): the sum of p over a row is exp(true lse - computed lse).
+    leaf = logits.clone().requires_grad_()
+    gnb_loss(leaf, generator=torch.Generator().manual_seed(1)).backward()
+    p = leaf.grad.double() * n
+    p[torch.arange(n), labels] += 1
+    lse = torch.logsumexp(row.double(), -1) - p.sum(-1).log()
+    torch.testing.assert_close(lse.float(), torch.logsumexp(row, -1).expand(n))
     # the extremes of u map to the first and the last possible token
-    lo_hi, _ = _draw_rows(logits[:2], torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64))
+    extremes = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: extremes.clone())
+    lo_hi = sample_labels(logits[:2])
     possible = torch.isfinite(row).nonzero().squeeze(1)
     assert lo_hi.tolist() == [possible[0].item(), possible[-1].item()]
 
