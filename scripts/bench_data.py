@@ -9,20 +9,19 @@ Prepares into a temporary folder (or --keep DIR), so it never touches prepared/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.loader import TokenLoader
+from data.prepare import default_workers, prepare
+from engine.benchmarking import write_json
 
-from data.loader import TokenLoader  # noqa: E402
-from data.prepare import default_workers, prepare  # noqa: E402
 
-
-def bench_prepare(corpus: str, out: Path, workers: int, args) -> dict:
+def bench_prepare(corpus: str, out: Path, workers: int, args: argparse.Namespace) -> dict:
+    """Prepare ``corpus`` into ``out`` with ``workers`` processes; its size and throughput."""
     t0 = time.perf_counter()
     meta = prepare(corpus, out, args.tokenizer, val_fraction=args.val_fraction, workers=workers,
                    max_docs=args.max_docs, split_blank_lines=args.split_blank_lines, force=True,
@@ -34,7 +33,8 @@ def bench_prepare(corpus: str, out: Path, workers: int, args) -> dict:
             "tokens_per_s": tokens / dt}
 
 
-def bench_loader(out: Path, args) -> dict:
+def bench_loader(out: Path, args: argparse.Namespace) -> dict:
+    """Batches/s and tokens/s of reading ``out``'s train split, without and with prefetch."""
     loader = TokenLoader(out, "train", block_size=args.block_size, seed=0)
     result = {"block_size": args.block_size, "batch_size": args.batch_size}
     for name, prefetch in (("get", False), ("prefetch", True)):
@@ -53,6 +53,7 @@ def bench_loader(out: Path, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns 1 when worker counts prepared different outputs."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("corpus", nargs="?", default="stdlib",
                    help="any data.prepare source (default: stdlib)")
@@ -89,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{load['get_batches_per_s']:,.0f} batches/s (get), "
           f"{load['prefetch_batches_per_s']:,.0f} batches/s (iterate with prefetch)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
-            {"corpus": args.corpus, "tokenizer": args.tokenizer, "prepare": runs,
-             "identical": identical, "loader": load, "cpu_count": os.cpu_count()}, indent=2))
+        write_json(args.json, {"corpus": args.corpus, "tokenizer": args.tokenizer, "prepare": runs,
+                               "identical": identical, "loader": load,
+                               "cpu_count": os.cpu_count()})
     return 0 if identical else 1
 
 

@@ -44,32 +44,22 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import multiprocessing as mp
-import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from sophia.hessian import (  # noqa: E402
-    _chunk_rows,
-    _draw_rows,
-    _uniforms,
-    gnb_loss,
-)
+from engine.benchmarking import (STDLIB_CORPUS, command_line, cpu_threads, machine_name,
+                                 prepare_stdlib_corpus, synchronizer, write_json)
+from engine.build import DTYPES
+from sophia.hessian import _chunk_rows, _draw_rows, _uniforms, gnb_loss
 
 VARIANTS = ("legacy", "reference", "fused", "fused-saved-p")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------ part 1: loss
@@ -129,11 +119,6 @@ def _make_logits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return x.to(dtype).requires_grad_()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _fwd_bwd(fn, logits, device) -> None:
     loss = fn(logits, torch.Generator(device=device).manual_seed(1))
     loss.backward()
@@ -167,21 +152,23 @@ def _rss_probe(variant: str, shape: tuple[int, ...], dtype_name: str, threads: i
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def bench_loss(args, device: torch.device) -> list[dict[str, Any]]:
+def bench_loss(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Part 1: time and peak extra memory of each loss variant's forward + backward."""
     shape = (args.batch, args.seq, args.vocab)
     dtype = DTYPES[args.dtype]
     logits = _make_logits(shape, dtype, device)
     n_bytes = logits.numel() * logits.element_size()
+    sync = synchronizer(device)
     rows = []
     for variant in args.variants:
         fn = _loss_fn(variant)
         _fwd_bwd(fn, logits, device)  # warm-up
         times = []
         for _ in range(args.repeats):
-            _sync(device)
+            sync()
             t0 = time.perf_counter()
             _fwd_bwd(fn, logits, device)
-            _sync(device)
+            sync()
             times.append(time.perf_counter() - t0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -203,14 +190,6 @@ def bench_loss(args, device: torch.device) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------ part 2: micro-batches
-def _prepare_stdlib() -> Path:
-    from data.prepare import prepare
-
-    out = Path("prepared/stdlib-byte")
-    prepare("stdlib", out, tokenizer="byte", val_fraction=0.02, progress=False)
-    return out
-
-
 def _batches(args, device: torch.device):
     """Endless (x, y) micro-batches, and the vocab they need: random tokens or a prepared corpus."""
     if args.data == "random":
@@ -223,7 +202,7 @@ def _batches(args, device: torch.device):
     else:
         from data.loader import TokenLoader
 
-        data_dir = Path(args.data) if args.data else _prepare_stdlib()
+        data_dir = Path(args.data) if args.data else prepare_stdlib_corpus()
         loader = TokenLoader(data_dir, "train", block_size=args.mb_seq, seed=args.seed)
         vocab = loader.vocab_size
 
@@ -244,7 +223,8 @@ def _flat_grad(model) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
 
 
-def bench_micro_batches(args, device: torch.device) -> dict[str, Any]:
+def bench_micro_batches(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Part 2: the error of one GNB estimate from m micro-batches against a reference."""
     from model import GPT, GPTConfig
 
     torch.manual_seed(args.seed)
@@ -320,7 +300,7 @@ def bench_micro_batches(args, device: torch.device) -> dict[str, Any]:
             })
     return {
         "model": args.model, "params": model.num_params(non_embedding=False), "vocab": vocab,
-        "data": str(args.data or "prepared/stdlib-byte"),
+        "data": str(args.data or STDLIB_CORPUS),
         "train_steps": args.train_steps, "train_loss": train_loss,
         "tokens_per_micro_batch": tokens_per_mb, "accum": args.accum, "k": args.k,
         "ref_micro_batches": args.ref_micro_batches, "ref_noise": ref_noise,
@@ -335,6 +315,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def print_tables(result: dict[str, Any]) -> None:
+    """Print a table for each part that ran."""
     if result.get("loss"):
         meta = result["loss_shape"]
         print(f"\nGNB loss forward+backward, logits {meta} {result['args']['dtype']} "
@@ -363,6 +344,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``), checked."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="loss,micro_batches", help="which parts to run")
@@ -409,36 +391,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
     args = parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         result: dict[str, Any] = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "python scripts/bench_hessian.py "
-                       + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else platform.processor() or "cpu"),
+            "command": command_line("bench_hessian.py", argv),
+            "device": machine_name(device),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "args": {k: v for k, v in vars(args).items()},
+            "args": dict(vars(args)),
         }
         if "loss" in args.parts:
             result["loss_shape"] = [args.batch, args.seq, args.vocab]
             result["loss"] = bench_loss(args, device)
         if "micro_batches" in args.parts:
             result["micro_batches"] = bench_micro_batches(args, device)
-    finally:
-        torch.set_num_threads(threads)
     print_tables(result)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {out}")
+        print(f"\nwrote {write_json(args.json, result)}")
     return 0
 
 

@@ -30,24 +30,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import platform
-import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from model import GPT, GPTConfig  # noqa: E402
-from model.param_groups import weight_decay_groups  # noqa: E402
-from sophia import Lion, SophiaG  # noqa: E402
+from engine.benchmarking import command_line, cpu_threads, machine_name, synchronizer, write_json
+from model import GPT, GPTConfig
+from model.param_groups import weight_decay_groups
+from sophia import Lion, SophiaG
 
 # bytes moved per fp32 parameter by an ideal single-pass step (reads + writes)
 BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "lion": 20}
@@ -80,7 +75,9 @@ def parse_shapes(spec: str) -> list[list[torch.Size]]:
         raise SystemExit(f"--shapes {spec!r}: expected comma-separated shapes such as 64x32,32")
 
 
-def materialise(groups: list[list[torch.Size]], device: torch.device, seed: int = 0):
+def materialise(groups: list[list[torch.Size]], device: torch.device,
+                seed: int = 0) -> list[list[torch.nn.Parameter]]:
+    """fp32 parameters of these shapes on ``device``, each with a random gradient."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for shapes in groups:
@@ -94,7 +91,10 @@ def materialise(groups: list[list[torch.Size]], device: torch.device, seed: int 
 
 
 # -------------------------------------------------------------------------------- optimizers
-def build(optimizer: str, path: str, groups: list[list[torch.nn.Parameter]]):
+def build(optimizer: str, path: str,
+          groups: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """``optimizer`` on code path ``path`` over ``groups`` (the first decays), with the training
+    hyperparameters; SophiaG's state is pre-filled so its first step is a typical one."""
     pg = [{"params": ps, "weight_decay": 0.1 if i == 0 else 0.0} for i, ps in enumerate(groups)]
     kw = {"foreach": path == "foreach", "fused": path == "fused"}
     if optimizer == "adamw":
@@ -128,7 +128,9 @@ def copy_bandwidth(device: torch.device, mb: int, repeats: int, sync: Callable[[
 
 
 # ----------------------------------------------------------------------------------- running
-def bench_model(name: str, groups_shapes, args, device, sync, copy_gbps: float) -> dict:
+def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse.Namespace,
+                device: torch.device, sync: Callable[[], None], copy_gbps: float) -> dict:
+    """Time every (optimizer, path) contender on one parameter set; its row per contender."""
     groups = materialise(groups_shapes, device)
     n_params = sum(p.numel() for ps in groups for p in ps)
     contenders = []
@@ -179,19 +181,8 @@ def bench_model(name: str, groups_shapes, args, device, sync, copy_gbps: float) 
             "rows": rows}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_table(result: dict) -> None:
+    """Print the results, one table per parameter set."""
     print(f"device: {result['device']} ({result['device_type']}, {result['threads']} threads), "
           f"torch {result['torch']}, copy bandwidth {result['copy_gbps']:.1f} GB/s")
     head = (f"{'optimizer':<9} {'path':<9} {'ms/step':>9} {'GB/s eff':>9} {'of copy':>8} "
@@ -209,6 +200,7 @@ def print_table(result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``), checked."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-small",
@@ -240,15 +232,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu")
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    try:
+    sync = synchronizer(device)
+    with cpu_threads(args.threads):
         copy_gbps = copy_bandwidth(device, args.copy_mb, args.repeats, sync)
         if args.shapes:
             sets = [("custom " + args.shapes, parse_shapes(args.shapes))]
@@ -257,22 +247,18 @@ def main(argv: list[str] | None = None) -> int:
             sets = [(m, param_shapes(m)) for m in names]
         models = [bench_model(name, shapes, args, device, sync, copy_gbps) for name, shapes in sets]
         result = {
-            "device": device_name(device), "device_type": device.type,
+            "device": machine_name(device), "device_type": device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", "scripts/bench_optim.py",
-                                   *(sys.argv[1:] if argv is None else argv)]),
+            "command": command_line("bench_optim.py", argv),
             "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps,
             "copy_mb": args.copy_mb, "copy_gbps": copy_gbps, "bytes_floor": BYTES_FLOOR,
             "models": models,
         }
-    finally:
-        torch.set_num_threads(threads)
     print_table(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -6,8 +6,8 @@
 A run directory (or its `checkpoints/` folder) stands for its newest checkpoint; the path used is
 named on stderr.
 
-The checkpoint (the engine's format, see docs/architecture.md) is loaded with
-`torch.load(weights_only=True)`, so no code in it runs. The model is rebuilt from its
+The checkpoint is loaded and checked by the engine (`engine.checkpoint.load_checkpoint`, which
+uses `torch.load(weights_only=True)`, so no code in it runs). The model is rebuilt from its
 `model_config` and the tokenizer from its `data_meta["tokenizer"]`, the tokenizer the training data
 was prepared with. Samples go to stdout, separated by a line of dashes; problems are reported as
 one paragraph on stderr with exit status 2.
@@ -18,12 +18,15 @@ import argparse
 import sys
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-# Run as `python scripts/sample.py` from anywhere: the project packages live one level up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from data.errors import DataError
+from data.tokenizers import Tokenizer, get_tokenizer
+from engine import checkpoint
+from engine.errors import HarnessError
+from model import GPT, GPTConfig
 
 SEPARATOR = "-" * 40
 
@@ -35,11 +38,9 @@ class SampleError(Exception):
 def resolve_checkpoint(path: Path) -> Path:
     """The checkpoint file `path` stands for: `path` itself, or for a run directory (or its
     `checkpoints/` folder) the newest complete checkpoint in it."""
-    from engine.checkpoint import list_checkpoints
-
     if not path.is_dir():
         return path
-    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    found = checkpoint.list_checkpoints(path / "checkpoints") or checkpoint.list_checkpoints(path)
     if not found:
         raise SampleError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. The run has not "
                           f"saved one yet (train.py saves every checkpoint.interval steps and at the end); pass "
@@ -47,64 +48,47 @@ def resolve_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load and sanity-check a checkpoint written by the training engine."""
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The training state in ``path``, loaded and checked by the engine; problems as SampleError."""
     if not path.is_file():
         raise SampleError(f"{path} does not exist or is not a file. Pass a checkpoint such as "
                           f"RUN_DIR/checkpoints/ckpt_0001000.pt, or a run directory RUN_DIR.")
-    if not zipfile.is_zipfile(path):
-        # torch.save has written zip archives since torch 1.6; anything else fails inside pickle
-        # with an unhelpful message.
-        raise SampleError(f"{path} is not a checkpoint this tool can read (not a torch.save archive). Pass a "
-                          f"file written by train.py (RUN_DIR/checkpoints/ckpt_*.pt).")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zips and weights-only refusals all mean the same thing here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        first = f"{type(e).__name__}: {first}" if first else type(e).__name__
-        raise SampleError(f"{path} is not a checkpoint this tool can read ({first}). Pass a .pt file "
+        return checkpoint.load_checkpoint(path)
+    except checkpoint.UnreadableCheckpoint as err:
+        if not zipfile.is_zipfile(path):
+            # torch.save has written zip archives since torch 1.6; for anything else torch blames
+            # weights_only, which misleads.
+            reason = "not a torch.save archive"
+        else:  # torch's own message can run to pages; its first line says enough
+            cause = err.__cause__
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            reason = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+        raise SampleError(f"{path} is not a checkpoint this tool can read ({reason}). Pass a .pt file "
                           f"written by train.py (RUN_DIR/checkpoints/ckpt_*.pt); a truncated or foreign "
                           f"file cannot be sampled from.") from None
-    missing = [k for k in ("model", "model_config") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SampleError(f"{path} is not a training checkpoint: it lacks {', '.join(repr(k) for k in missing)}. "
-                          f"Pass a file written by train.py (RUN_DIR/checkpoints/ckpt_*.pt), not a bare "
-                          f"state dict or another file.")
-    if ckpt.get("format", 1) != 1:
-        raise SampleError(f"{path} has checkpoint format {ckpt.get('format')!r}; this tool reads format 1. "
-                          f"Use the version of the harness that wrote it.")
-    return ckpt
+    except HarnessError as err:
+        raise SampleError(f"{err} Pass a file written by train.py (RUN_DIR/checkpoints/ckpt_*.pt), "
+                          f"not a bare state dict or another file.") from None
 
 
-def build_model(ckpt: dict, device: str):
+def build_model(ckpt: dict[str, Any], device: str) -> GPT:
     """Rebuild the GPT from the checkpoint's config and weights, in eval mode on `device`."""
-    from model import GPT, GPTConfig
-
     try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
     except (TypeError, ValueError) as e:
         raise SampleError(f"the checkpoint's model_config cannot build a GPT ({e}). The checkpoint was "
                           f"written by an incompatible version of the harness.") from None
-    # torch.compile and DDP wrap the model and prefix its parameter names; accept both.
-    state = {}
-    for key, value in ckpt["model"].items():
-        for prefix in ("_orig_mod.", "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise SampleError(f"the checkpoint's weights do not match its model_config "
                           f"({str(e).splitlines()[0]}); the file is corrupt or was edited.") from None
     return model.to(device).eval()
 
 
-def resolve_tokenizer(ckpt: dict, requested: str | None, model_vocab: int):
+def resolve_tokenizer(ckpt: dict[str, Any], requested: str | None, model_vocab: int) -> Tokenizer:
     """The tokenizer to decode with: the checkpoint's, refusing any mismatch with `requested`."""
-    from data.errors import DataError
-    from data.tokenizers import get_tokenizer
-
     meta = ckpt.get("data_meta") if isinstance(ckpt.get("data_meta"), dict) else {}
     trained = meta.get("tokenizer")
     if requested and trained and requested != trained:
@@ -126,7 +110,7 @@ def resolve_tokenizer(ckpt: dict, requested: str | None, model_vocab: int):
     return tok
 
 
-def sample(model, tok, prompt: str, *, num_samples: int, max_new_tokens: int, temperature: float,
+def sample(model: GPT, tok: Tokenizer, prompt: str, *, num_samples: int, max_new_tokens: int, temperature: float,
            top_k: int | None, seed: int, device: str) -> list[str]:
     """Generate `num_samples` continuations of `prompt` (prompt included), reproducible from `seed`."""
     ids = tok.encode(prompt) if prompt else [tok.eot]  # an empty prompt starts a fresh document

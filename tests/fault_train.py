@@ -4,9 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.trainer import Trainer  # noqa: E402
+from engine.trainer import Trainer
 
 FAULT_STEP = int(os.environ.get("FAULT_STEP", "7"))
 _real_step = Trainer.train_step

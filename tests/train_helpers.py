@@ -11,7 +11,6 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 import train  # noqa: E402,F401  (registers the run_name resolver)
 
 
