@@ -7,16 +7,22 @@ the W&B run id. The loader position needs no state of its own: batches are a pur
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.errors import HarnessError
+from engine.hessian import HessianCost
+
+if TYPE_CHECKING:
+    from engine.trainer import Trainer
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt_(\d{7,})\.pt$")
@@ -142,6 +148,100 @@ def load_resume_checkpoint(resume: str | None, run_dir: Path,
                  f"trained again.")
         return candidate, state
     raise skipped[0][1]
+
+
+class Checkpointer:
+    """A :class:`~engine.trainer.Trainer`'s full state in and out of ``directory``.
+
+    ``extra`` (the resolved config, the data's meta, the W&B run id) is stored as it is. Saving is
+    collective (every rank contributes its RNG state and a checksum); rank 0 writes. Restoring
+    first checks that the checkpoint belongs to this run: same optimizer, same model.
+    """
+
+    def __init__(self, directory: Path, keep_last: int, extra: dict[str, Any] | None = None):
+        self.directory, self.keep_last = Path(directory), keep_last
+        self.extra: dict[str, Any] = dict(extra or {})
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.directory)
+        return found[-1] if found else None
+
+    def state(self, trainer: Trainer) -> dict[str, Any]:
+        env = trainer.env
+        rng = capture_rng(env.device)
+        if env.is_distributed:  # each rank's dropout stream, so every rank resumes exactly
+            buf = io.BytesIO()
+            torch.save(rng, buf)  # all_gather_object cannot carry tensors inside dicts on gloo
+            blobs = [None] * env.world_size
+            dist.all_gather_object(blobs, buf.getvalue())
+            all_rng = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
+        else:
+            all_rng = [rng]
+        counters = {**vars(trainer.counters), "clipped_steps": trainer.stats.clipped_steps,
+                    **(trainer.hessian.cost if trainer.hessian else HessianCost()).state_dict()}
+        return {"step": trainer.step, "model": trainer.raw_model.state_dict(),
+                "rank_divergence": rank_divergence(trainer),
+                "model_config": dict(vars(trainer.raw_model.config)),
+                "optimizer": trainer.optimizer.state_dict(), "optimizer_name": trainer.optim.name,
+                "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+                "rng": all_rng, "counters": counters, **self.extra}
+
+    def save(self, trainer: Trainer) -> Path | None:
+        """Checkpoint the trainer's current step; returns the file on rank 0."""
+        state = self.state(trainer)
+        if not trainer.env.is_main:
+            return None
+        return save_checkpoint(state, self.directory, trainer.step, self.keep_last)
+
+    def restore(self, trainer: Trainer, source: Path | dict[str, Any]) -> None:
+        """Load a checkpoint (a file or its loaded state) into ``trainer``, refusing one written by
+        a run with another optimizer or model."""
+        state = load_checkpoint(source) if isinstance(source, Path) else source
+        name = trainer.optim.name
+        if state.get("optimizer_name") != name:
+            raise HarnessError(
+                f"The checkpoint was written by a run with optimizer={state.get('optimizer_name')}, "
+                f"this run uses optimizer={name}. Resume with the same optimizer or start a fresh "
+                f"run."
+            )
+        ours = dict(vars(trainer.raw_model.config))
+        if state["model_config"] != ours:
+            diff = {k: (state["model_config"].get(k), v) for k, v in ours.items()
+                    if state["model_config"].get(k) != v}
+            raise HarnessError(f"The checkpoint's model differs from this run's: {diff} "
+                               f"(checkpoint, run). Resume with the same model settings.")
+        trainer.raw_model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scaler and state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
+        trainer.step = int(state["step"])
+        counters = dict(state["counters"])
+        trainer.stats.clipped_steps = counters.pop("clipped_steps", 0)
+        if trainer.hessian is not None:
+            trainer.hessian.cost.load_state_dict(counters)
+        trainer.counters = type(trainer.counters)(
+            **{k: v for k, v in counters.items() if not k.startswith("hessian_")})
+        rngs, env = state["rng"], trainer.env
+        restore_rng(rngs[env.rank] if len(rngs) == env.world_size else rngs[0], env.device)
+
+
+def rank_divergence(trainer: Trainer) -> float:
+    """Largest difference between rank 0's and another rank's parameter and optimizer-state
+    checksums (0.0 for one process). DDP must keep ranks identical; a non-zero value means a bug
+    or a faulty device, so it is recorded in every checkpoint and warned about."""
+    env = trainer.env
+    if not env.is_distributed:
+        return 0.0
+    tensors = [p.detach() for p in trainer.raw_model.parameters()]
+    tensors += [v for st in trainer.optimizer.state.values() for v in st.values()
+                if torch.is_tensor(v) and v.dim() > 0]
+    sums = torch.stack([t.double().sum() for t in tensors])
+    gathered = [torch.empty_like(sums) for _ in range(env.world_size)]
+    dist.all_gather(gathered, sums)
+    divergence = max((g - gathered[0]).abs().max().item() for g in gathered)
+    if divergence and env.is_main:
+        print(f"warning: ranks diverged (checksum difference {divergence:.3g})", flush=True)
+    return divergence
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:

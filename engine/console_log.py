@@ -1,4 +1,4 @@
-"""A copy of everything the run prints, kept in the run dir (``console.log``).
+"""A copy of everything the run prints, kept in the run dir (``train.log``).
 
 Hydra's own ``<job>.log`` holds only what goes through :mod:`logging`; progress lines, warnings
 and the final error paragraph are printed, so without this copy they live only in a terminal

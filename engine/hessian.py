@@ -1,4 +1,6 @@
-"""The Sophia Hessian refresh schedule (DESIGN 3.3): when, on which batches, and at what cost.
+"""The Sophia Hessian refresh schedule: when, on which batches, and at what cost.
+
+See docs/design.md#hessian-schedule for the rules this implements.
 
 After the regular optimizer step of an iteration with ``step % k == k - 1`` (the official timing)
 the refresher draws fresh micro-batches from the ``hessian`` stream and
@@ -30,17 +32,36 @@ from model import math_attention
 from sophia.hessian import gnb_loss, hutchinson
 
 
+def _stream_at(step: int) -> tuple[int, str]:
+    """Where the batches of the refresh after ``step`` come from. The warm-start estimate
+    (``step=-1``, before any training step) draws from a stream of its own, since batch streams
+    are indexed by steps >= 0."""
+    return (step, "hessian") if step >= 0 else (0, "hessian-warm-start")
+
+
 @dataclass
 class HessianCost:
+    """What the Hessian passes have cost so far; checkpointed, so it survives a resume."""
+
     tokens: int = 0  # tokens pushed through Hessian passes, all ranks
     flops: float = 0.0
     seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        # The checkpoint's historical key names (they sit among the run's counters).
+        return {"hessian_tokens": self.tokens, "hessian_flops": self.flops,
+                "hessian_seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.tokens = int(state.get("hessian_tokens", 0))
+        self.flops = float(state.get("hessian_flops", 0.0))
+        self.seconds = float(state.get("hessian_seconds", 0.0))
 
 
 class HessianRefresher:
     """Runs the Hessian estimate on the schedule and keeps its cost separately."""
 
-    def __init__(self, estimator: str, interval: int, plan: BatchPlan, micro_batches: int | None,
+    def __init__(self, estimator: str, k: int, plan: BatchPlan, micro_batches: int | None,
                  env: DistEnv, seed: int, flops_per_token: float, warm_start: bool = False,
                  grad_clip: float = 0.0):
         if estimator not in ("gnb", "hutchinson"):
@@ -54,7 +75,7 @@ class HessianRefresher:
                 f"{plan.accum_steps} micro-batches of a step (null means all of them, as the "
                 f"official script does)."
             )
-        self.estimator, self.interval, self.plan = estimator, interval, plan
+        self.estimator, self.k, self.plan = estimator, k, plan
         self.micro_batches, self.env, self.seed = micro_batches, env, seed
         self.flops_per_token, self.warm_start, self.grad_clip = flops_per_token, warm_start, grad_clip
         self.cost = HessianCost()
@@ -64,9 +85,14 @@ class HessianRefresher:
         """``bs`` of SophiaG: tokens the sampled-label loss is averaged over, across all ranks."""
         return self.micro_batches * self.plan.tokens_per_micro_batch * self.env.world_size
 
+    def step_kwargs(self) -> dict[str, int]:
+        """Extra arguments of the optimizer's ``step``: SophiaG's clip threshold scales with ``bs``,
+        the number of tokens its estimate was averaged over; Hutchinson's needs none."""
+        return {"bs": self.tokens_per_refresh} if self.estimator == "gnb" else {}
+
     def due(self, step: int) -> bool:
-        """Is a refresh due after optimizer step ``step`` (0-based)? Optionally also before step 0."""
-        return step % self.interval == self.interval - 1
+        """Is a refresh due after optimizer step ``step`` (0-based)?"""
+        return step % self.k == self.k - 1
 
     def refresh(self, step: int, model: torch.nn.Module, raw_model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, get_batch: Callable, autocast) -> None:
@@ -95,9 +121,10 @@ class HessianRefresher:
         return gen
 
     def _gnb(self, step, model, optimizer, get_batch, autocast) -> None:
+        batch_step, stream = _stream_at(step)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(self.micro_batches):
-            x, _ = get_batch(step, micro, "hessian")
+            x, _ = get_batch(batch_step, micro, stream)
             last = micro == self.micro_batches - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
@@ -110,13 +137,14 @@ class HessianRefresher:
         optimizer.update_hessian()
 
     def _hutchinson(self, step, raw_model, optimizer, get_batch, autocast) -> None:
+        batch_step, stream = _stream_at(step)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         total = [torch.zeros_like(p) for p in params]
         # DDP hooks do not support double backward, so the unwrapped model is used and the
         # estimates are averaged across ranks by hand.
         with math_attention():
             for micro in range(self.micro_batches):
-                x, y = get_batch(step, micro, "hessian")
+                x, y = get_batch(batch_step, micro, stream)
                 with autocast():
                     _, loss = raw_model(x, y)
                 for acc, est in zip(total, hutchinson(loss, params, generator=self._generator(step, micro))):

@@ -1,16 +1,79 @@
-"""Metric sinks: the console (rank 0), ``metrics.jsonl`` (always) and W&B (when enabled).
+"""Metrics: the record of a logged step, and its sinks: the console (rank 0), ``metrics.jsonl``
+(always) and W&B (when enabled).
 
-The trainer builds one flat dict per logged step with the keys listed in docs/architecture.md
-and hands it to :class:`MetricsLogger`, which fans it out. Only rank 0 ever holds sinks.
+:class:`StepStats` builds one flat dict per logged step with the keys of docs/design.md#metrics;
+:class:`MetricsLogger` fans it out. Only rank 0 ever holds sinks.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+
+# Optimizer telemetry names -> metric keys (docs/design.md#metrics).
+TELEMETRY_KEYS = {"clip_frac": "sophia/clip_frac", "win_rate": "sophia/win_rate",
+                  "hessian_l1": "hessian/l1", "hessian_l2": "hessian/l2",
+                  "update_rms": "optim/update_rms"}
+
+
+def memory_peak(device: torch.device) -> int:
+    """CUDA peak allocated bytes, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class StepStats:
+    """The last step's loss and gradient norm and the count of clipped steps, kept on the device
+    so that training never waits for the host; read into a metrics record on log steps only."""
+
+    def __init__(self, device: torch.device, grad_clip: float):
+        self.grad_clip = grad_clip
+        self.clipped = torch.zeros((), device=device)
+        self.loss = torch.zeros((), device=device)
+        self.gnorm = torch.zeros((), device=device)
+
+    def observe(self, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
+        if self.grad_clip > 0:
+            self.clipped += (gnorm > self.grad_clip).float()
+        self.loss, self.gnorm = loss, gnorm
+
+    @property
+    def clipped_steps(self) -> int:
+        return int(self.clipped.item())
+
+    @clipped_steps.setter
+    def clipped_steps(self, count: int) -> None:
+        self.clipped.fill_(count)
+
+    def record(self, position: Mapping[str, Any], *, env: Any, seconds: float, tokens: int,
+               flops: float, lr: float, peak_flops: float | None, hessian_seconds: float,
+               telemetry: Mapping[str, Any], skipped_steps: int) -> dict[str, Any]:
+        """The metrics line of a log step: ``tokens``/``flops``/``seconds`` are those of the last
+        log interval (for throughput and MFU), ``position`` the cumulative counters."""
+        from engine.distributed import all_reduce_mean
+
+        loss = all_reduce_mean(self.loss.clone(), env).item()
+        gnorm = self.gnorm.item()
+        rec = {**position, "train/loss": loss, "lr": lr,
+               "throughput": tokens / seconds if seconds > 0 else None,
+               "mfu": (flops / seconds / (peak_flops * env.world_size)
+                       if peak_flops and seconds > 0 else None),
+               "grad/norm": gnorm, "grad/clipped": int(self.grad_clip > 0 and gnorm > self.grad_clip),
+               "grad/clip_rate": self.clipped_steps / max(1, position["step"]),
+               "time/hessian": hessian_seconds, "memory/peak": memory_peak(env.device)}
+        for key, value in telemetry.items():
+            rec[TELEMETRY_KEYS.get(key, f"optim/{key}")] = value.item()
+        if skipped_steps:
+            rec["nonfinite/skipped"] = skipped_steps
+        return rec
 
 
 class MetricsSink(Protocol):

@@ -6,7 +6,7 @@ comparison differs only in the update rule. AdamW is torch's own (fused on CUDA,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -30,12 +30,30 @@ OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
 }
 
 
+def _no_telemetry() -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _always_on(wanted: bool) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class OptimizerSetup:
+    """An optimizer and what the loop needs to know about it, decided once here so the loop never
+    asks which optimizer it is driving.
+
+    ``telemetry()`` returns 0-d tensors (clip fraction, update RMS, ...; no host sync) and
+    ``want_telemetry(on)`` is called before each step with whether that step will be logged, for
+    optimizers whose telemetry costs an extra pass (Muon's update RMS needs a parameter snapshot).
+    """
+
     optimizer: torch.optim.Optimizer
     name: str
     hessian_estimator: str | None  # "gnb", "hutchinson" or None
-    hessian_interval: int  # k: refresh h after steps with step % k == k - 1
+    k: int  # Hessian refresh after steps with step % k == k - 1 (0: no Hessian)
+    telemetry: Callable[[], Mapping[str, torch.Tensor]] = _no_telemetry
+    want_telemetry: Callable[[bool], None] = _always_on
 
 
 def _betas(cfg: Mapping[str, Any], key: str = "betas") -> tuple[float, float]:
@@ -82,19 +100,19 @@ def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module,
 
             opt = Lion(groups, lr=lr, betas=_betas(cfg), foreach=cfg.get("foreach"),
                        fused=cfg.get("fused"))
-            return OptimizerSetup(opt, name, None, 0)
+            return OptimizerSetup(opt, name, None, 0, telemetry=opt.telemetry)
         if name == "sophia":
             from sophia import SophiaG
 
             opt = SophiaG(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
                           foreach=cfg.get("foreach"), fused=cfg.get("fused"))
-            return OptimizerSetup(opt, name, "gnb", _check_k(cfg))
+            return OptimizerSetup(opt, name, "gnb", _check_k(cfg), telemetry=opt.telemetry)
         from sophia import SophiaH
 
         opt = SophiaH(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
                       eps=float(cfg.get("eps", 1e-15)), foreach=cfg.get("foreach"),
                       fused=cfg.get("fused"))
-        return OptimizerSetup(opt, name, "hutchinson", _check_k(cfg))
+        return OptimizerSetup(opt, name, "hutchinson", _check_k(cfg), telemetry=opt.telemetry)
     except ValueError as err:  # the constructors validate and name the bad value
         raise HarnessError(f"Invalid optimizer settings for optimizer={name}: {err}") from err
 
@@ -112,6 +130,9 @@ def _build_muon(cfg: Mapping[str, Any], model: torch.nn.Module, rule: str) -> Op
                     for g in weight_decay_groups(model, float(cfg.get("adamw_weight_decay", 0.0)),
                                                  rule=rule)]
     adamw_groups = [g for g in adamw_groups if g["params"]]
+    if not hasattr(torch.optim, "Muon"):
+        raise HarnessError(f"optimizer=muon needs torch.optim.Muon (torch >= 2.9); this is torch "
+                           f"{torch.__version__}. Upgrade torch or pick another optimizer.")
     opt = MuonAdamW(
         muon_params, adamw_groups,
         lr=float(cfg["lr"]), momentum=cfg.get("momentum", 0.95),
@@ -120,4 +141,9 @@ def _build_muon(cfg: Mapping[str, Any], model: torch.nn.Module, rule: str) -> Op
         weight_decay=float(cfg.get("weight_decay", 0.01)),
         adamw_lr=float(cfg.get("adamw_lr", 6e-4)), adamw_betas=_betas(cfg, "adamw_betas"),
     )
-    return OptimizerSetup(opt, "muon", None, 0)
+
+    def want_telemetry(wanted: bool) -> None:
+        opt.track_update_rms = wanted
+
+    return OptimizerSetup(opt, "muon", None, 0, telemetry=opt.telemetry,
+                          want_telemetry=want_telemetry)

@@ -27,13 +27,10 @@ does) against the device's dense peak; it is n/a where the peak is unknown (CPUs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import json
 import math
 import platform
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,26 +40,20 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from engine.batching import BatchPlan, plan_batches
+from engine.benchmarking import (command_line, compose_config, config_choices, cpu_threads,
+                                 machine_name, prepare_stdlib_corpus, synchronizer, write_json)
+from engine.build import DTYPES, autocast_factory, build_model_config, build_trainer, resolve_dtype
+from engine.distributed import DistEnv, launched_by_torchrun, resolve_device
+from engine.errors import HarnessError
+from engine.hessian import HessianRefresher
+from engine.trainer import Trainer
+from model import GPT
+from model.flops import device_peak_flops
 
-from engine.batching import BatchPlan, plan_batches  # noqa: E402
-from engine.distributed import DistEnv, launched_by_torchrun, resolve_device  # noqa: E402
-from engine.errors import HarnessError  # noqa: E402
-from engine.hessian import HessianRefresher  # noqa: E402
-from engine.metrics import MetricsLogger  # noqa: E402
-from engine.optimizers import build_optimizer  # noqa: E402
-from engine.run import (autocast_factory, build_model_config, resolve_dtype,  # noqa: E402
-                        train_settings)
-from engine.trainer import Trainer  # noqa: E402
-from model import GPT  # noqa: E402
-from model.flops import device_peak_flops  # noqa: E402
-
-CONFIGS = REPO / "configs"
 HESSIAN_OPTIMIZERS = ("sophia", "sophiah")
 MB = 2**20
 
@@ -95,25 +86,6 @@ def hessian_micro_batches(spec: str, accum: int) -> int | None:
     return count
 
 
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    """The project's Hydra config with ``overrides``, composed as ``train.py`` would."""
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
-
-
-def prepare_default_data() -> Path:
-    """The offline quickstart corpus (stdlib sources, byte tokenizer), prepared once."""
-    from data.prepare import prepare
-
-    out = Path("prepared/stdlib-byte")
-    prepare("stdlib", out, tokenizer="byte", val_fraction=0.02, progress=False)
-    return out
-
-
 # ------------------------------------------------------------------------------ contenders
 @dataclass
 class Contender:
@@ -142,30 +114,17 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes(v for st in optimizer.state.values() for v in st.values())
 
 
-def build_contender(label: str, cfg: DictConfig, env: DistEnv, loader, plan: BatchPlan,
-                    vocab: int, hmb: int | None) -> Contender:
-    """Model, optimizer, Hessian refresher and Trainer built as ``engine.run`` builds them."""
-    settings = train_settings(cfg)
-    model_cfg = build_model_config(cfg, vocab)
-    torch.manual_seed(cfg.seed)  # every contender starts from the same weights
-    raw_model = GPT(model_cfg).to(env.device)
-    dtype = resolve_dtype(cfg.dtype, env.device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    setup = build_optimizer(OmegaConf.to_container(cfg.optimizer), raw_model, env.device)
-    flops_per_token = float(raw_model.flops_per_token())
-    hessian = None
-    if setup.hessian_estimator:
-        hessian = HessianRefresher(setup.hessian_estimator, setup.hessian_interval, plan, hmb,
-                                   env, cfg.seed, flops_per_token, grad_clip=settings.grad_clip)
-
-    autocast = autocast_factory(dtype, env.device)
-    trainer = Trainer(
-        env=env, model=model, raw_model=raw_model, optim=setup, plan=plan, settings=settings,
-        train_loader=loader, val_loader=None, logger=MetricsLogger([]),
-        run_dir=Path(tempfile.gettempdir()), flops_per_token=flops_per_token, autocast=autocast,
-        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
-    )
-    return Contender(label, setup.name, trainer, hessian)
+def build_contender(label: str, cfg: DictConfig, env: DistEnv, data_dir: Path,
+                    batch_tokens: int, hmb: int | None) -> Contender:
+    """A Trainer from the engine's own builder, so what is timed is what train.py runs; every
+    contender starts from the same weights (the builder seeds the model with ``cfg.seed``)."""
+    settings: dict[str, Any] = {"data": {"source": None, "dir": str(data_dir),
+                                         "prepare_if_missing": False},
+                                "train": {"global_batch_tokens": batch_tokens}}
+    if hmb is not None:
+        settings["optimizer"] = {"hessian_micro_batches": hmb}
+    trainer = build_trainer(OmegaConf.merge(cfg, settings), tempfile.gettempdir(), env)
+    return Contender(label, trainer.optim.name, trainer, trainer.hessian)
 
 
 class NanoGPTLoop:
@@ -209,12 +168,6 @@ class NanoGPTLoop:
 
 
 # ---------------------------------------------------------------------------------- timing
-def _sync_fn(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
 def _hessian_totals(c: Contender) -> tuple[float, float]:
     return (c.hessian.cost.seconds, c.hessian.cost.flops) if c.hessian else (0.0, 0.0)
 
@@ -282,25 +235,16 @@ def instrumented_pass(c: Contender, steps: int, sync: Callable[[], None]) -> dic
 
 
 # ------------------------------------------------------------------------------- benchmark
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:7]))
-    p.add_argument("--model", default="gpt2-micro", help=f"preset: {', '.join(group_choices('model'))}")
+    p.add_argument("--model", default="gpt2-micro",
+                   help=f"preset: {', '.join(config_choices('model'))}")
     p.add_argument("--optimizers", default="adamw,lion,sophia,sophiah,muon",
                    help="comma-separated; muon is skipped with a note if it does not compose")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per optimizer step (default: 4 micro-batches)")
@@ -356,23 +300,23 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
         raise HarnessError("bench_train.py measures one process on one device; run it with "
                            "plain python, not torchrun.")
     env = DistEnv(0, 0, 1, resolve_device(args.device))
-    sync = _sync_fn(env.device)
-    data_dir = Path(args.data) if args.data else prepare_default_data()
+    sync = synchronizer(env.device)
+    data_dir = Path(args.data) if args.data else prepare_stdlib_corpus()
     notes: list[str] = []
 
     wanted = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    if args.model not in group_choices("model"):
+    if args.model not in config_choices("model"):
         raise HarnessError(f"--model={args.model!r} is unknown; choose one of "
-                           f"{', '.join(group_choices('model'))}.")
+                           f"{', '.join(config_choices('model'))}.")
     cfgs: dict[str, DictConfig] = {}
     for name in wanted:
-        if name not in group_choices("optimizer"):
+        if name not in config_choices("optimizer"):
             note = (f"optimizer {name!r} skipped: configs/optimizer/{name}.yaml does not exist "
-                    f"(choices: {', '.join(group_choices('optimizer'))})")
+                    f"(choices: {', '.join(config_choices('optimizer'))})")
             notes.append(note)
             print_fn(f"note: {note}")
             continue
-        cfgs[name] = compose_cfg(_overrides(args, name, args.block_size))
+        cfgs[name] = compose_config(_overrides(args, name, args.block_size))
     if not cfgs:
         raise HarnessError(f"no optimizer of --optimizers={args.optimizers!r} could be built.")
 
@@ -409,7 +353,7 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
             hmb = hessian_micro_batches(spec, plan.accum_steps) if spec is not None else None
             label = name if spec is None or len(specs) == 1 else \
                 f"{name}[hess {hmb or plan.accum_steps}/{plan.accum_steps}]"
-            contenders.append(build_contender(label, cfg, env, loader, plan, vocab, hmb))
+            contenders.append(build_contender(label, cfg, env, data_dir, batch_tokens, hmb))
 
     if args.nanogpt_baseline:
         if "adamw" not in cfgs:
@@ -508,27 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     from data.errors import DataError
 
     args = parse_args(argv)
-    shown = sys.argv[1:] if argv is None else argv
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        result = benchmark(args)
+        with cpu_threads(args.threads):
+            result = benchmark(args)
     except (HarnessError, DataError) as err:
         print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
         return 2
-    finally:
-        torch.set_num_threads(threads)  # callers in the same process (tests) keep theirs
-    result["command"] = " ".join(["python scripts/bench_train.py", *map(shlex.quote, shown)])
+    result["command"] = command_line("bench_train.py", argv)
     print()
     print(format_table(result))
     for note in result["notes"]:
         print(f"note: {note}")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        print(f"wrote {write_json(args.json, result)}")
     return 0
 
 

@@ -269,3 +269,18 @@ def test_summary_is_strict_json_when_a_run_stops_between_evaluations(tiny_data, 
     assert summary["step"] == 7 and summary["max_steps"] == 30 and returned == summary
     assert summary["tokens"] == 7 * 256 and summary["checkpoint"].endswith("ckpt_0000007.pt")
     assert "steps       7/30" in capsys.readouterr().out  # the printed end-of-run block
+
+
+@pytest.mark.parametrize("optimizer", ["sophia", "sophiah"])
+def test_hessian_warm_start_estimates_h_before_the_first_step(optimizer, tiny_data, tmp_path):
+    """optimizer.hessian_warm_start=true: one refresh before step 0, on batches of its own."""
+    extra = {"train.max_steps": 2, "train.eval_interval": 0, "checkpoint.interval": 0,
+             "optimizer.k": 10}
+    cold = run(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra)), tmp_path / "cold")
+    warm = run(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra)
+                           + ["optimizer.hessian_warm_start=true"]), tmp_path / "warm")
+    assert cold["tokens_hessian"] == 0 and warm["tokens_hessian"] > 0  # k=10: no refresh in 2 steps
+    h = [s["hessian"] for s in load_checkpoint(list_checkpoints(tmp_path / "warm" / "checkpoints")[-1])
+         ["optimizer"]["state"].values()]
+    assert all(t.abs().sum() > 0 for t in h)
+    assert warm["train_loss"] != cold["train_loss"]  # the estimate shaped the first steps

@@ -1,0 +1,176 @@
+"""Config -> a ready :class:`~engine.trainer.Trainer`: data, model, optimizer, Hessian schedule,
+precision, checkpointer. ``train.py`` (through :func:`engine.run.run`), the benchmarks and the
+tests all build their trainers here, so what they measure is what training runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from engine.batching import plan_batches
+from engine.checkpoint import Checkpointer
+from engine.distributed import DistEnv
+from engine.errors import HarnessError
+from engine.hessian import HessianRefresher
+from engine.nonfinite import NonFiniteGuard
+from engine.optimizers import build_optimizer
+from engine.trainer import Trainer, TrainSettings
+from model import GPT, GPTConfig
+from model.flops import device_peak_flops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``dtype`` config value -> torch dtype (``auto``: bf16 on a CUDA device that has it)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise HarnessError(f"dtype={name!r} is not one of auto, {', '.join(DTYPES)}.")
+    if name == "float16" and device.type != "cuda":
+        raise HarnessError("dtype=float16 needs a CUDA device; use bfloat16 or float32 on CPU.")
+    return DTYPES[name]
+
+
+def autocast_factory(dtype: torch.dtype, device: torch.device):
+    """A zero-argument callable returning the mixed-precision context for ``dtype`` (none for fp32)."""
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast
+
+
+def prepare_data(cfg: DictConfig, env: DistEnv) -> tuple[Path, dict[str, Any]]:
+    """The data directory and its meta, checked against ``cfg.data`` (a folder prepared from
+    another source or with other settings is refused, never trained on); rank 0 prepares a
+    missing one first when ``data.prepare_if_missing``. ``data.source=null`` (data=prepared)
+    takes the folder as it is."""
+    from data.bins import read_meta
+    from data.prepare import ensure_prepared
+
+    d = cfg.data
+    if d.source is None:
+        return Path(d.dir), read_meta(d.dir)
+    optional = {k: d.get(k) for k in ("hf_id", "revision", "text_column", "max_docs",
+                                      "split_blank_lines")}
+
+    def ensure(allow_prepare: bool) -> dict[str, Any]:
+        return ensure_prepared(d.source, d.dir, prepare_if_missing=allow_prepare,
+                               tokenizer=d.tokenizer, val_fraction=d.val_fraction, seed=d.seed,
+                               **optional)
+
+    meta = ensure(bool(d.get("prepare_if_missing", False))) if env.is_main else None
+    if env.is_distributed:
+        dist.barrier()
+        if not env.is_main:
+            meta = ensure(False)
+    return Path(d.dir), meta
+
+
+def build_model_config(cfg: DictConfig, data_vocab: int) -> GPTConfig:
+    """The ``model`` group over its preset; the vocabulary follows the data unless set."""
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items()
+                 if k != "preset" and v is not None}
+    if "vocab_size" not in overrides:
+        overrides["vocab_size"] = -(-data_vocab // 64) * 64  # pad to a multiple of 64, as GPT-2
+    elif overrides["vocab_size"] < data_vocab:
+        raise HarnessError(
+            f"model.vocab_size={overrides['vocab_size']} is smaller than the data's vocabulary "
+            f"({data_vocab} ids): token ids would index past the embedding. Leave "
+            f"model.vocab_size=null to follow the data, or set it >= {data_vocab}."
+        )
+    try:
+        return GPTConfig.from_preset(cfg.model.preset, **overrides)
+    except ValueError as err:
+        raise HarnessError(f"Invalid model settings: {err}") from err
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    """The ``train`` group checked and turned into the loop's settings."""
+    t = cfg.train
+    for key in ("max_steps", "log_interval"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise HarnessError(f"train.{key}={t[key]!r} must be an integer >= 1.")
+    for key in ("warmup_steps", "eval_interval", "eval_batches"):
+        if not isinstance(t[key], int) or t[key] < 0:
+            raise HarnessError(f"train.{key}={t[key]!r} must be an integer >= 0.")
+    if t.grad_clip < 0:
+        raise HarnessError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping).")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise HarnessError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
+    if t.eval_interval and t.eval_batches < 1:
+        raise HarnessError("train.eval_batches must be >= 1 when train.eval_interval > 0.")
+    return TrainSettings(
+        max_steps=t.max_steps, warmup_steps=t.warmup_steps,
+        decay_steps=t.decay_steps if t.decay_steps is not None else t.max_steps,
+        min_lr_ratio=float(t.min_lr_ratio), grad_clip=float(t.grad_clip),
+        log_interval=t.log_interval, eval_interval=t.eval_interval, eval_batches=t.eval_batches,
+        eval_at_start=bool(t.eval_at_start), checkpoint_interval=int(cfg.checkpoint.interval),
+        stop_at_step=t.stop_at_step, peak_flops=t.peak_flops,
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer:
+    """Everything ``cfg`` describes, assembled; checkpoints go to ``run_dir/checkpoints``.
+
+    Checks the config's values (a :class:`HarnessError` names a bad one) and the data folder
+    against ``cfg.data`` (rank 0 prepares it first when allowed); writes nothing else.
+    """
+    from data.loader import TokenLoader
+
+    settings = train_settings(cfg)
+    data_dir, meta = prepare_data(cfg, env)
+    model_cfg = build_model_config(cfg, int(meta["vocab_size"]))
+    block = cfg.train.block_size or model_cfg.block_size
+    if block > model_cfg.block_size:
+        raise HarnessError(
+            f"train.block_size={block} is longer than the model's block size "
+            f"{model_cfg.block_size}: positions past it have no embedding. Lower train.block_size "
+            f"or set model.block_size={block}."
+        )
+    plan = plan_batches(cfg.train.global_batch_tokens, block, cfg.train.micro_batch_size,
+                        env.world_size)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    raw_model = GPT(model_cfg).to(env.device)
+    dtype = resolve_dtype(cfg.dtype, env.device)
+    model: torch.nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
+    if env.is_distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    setup = build_optimizer(OmegaConf.to_container(cfg.optimizer), raw_model, env.device)
+
+    flops_per_token = float(raw_model.flops_per_token())
+    hessian = None
+    if setup.hessian_estimator:
+        hessian = HessianRefresher(
+            setup.hessian_estimator, setup.k, plan, cfg.optimizer.get("hessian_micro_batches"),
+            env, cfg.seed, flops_per_token,
+            warm_start=bool(cfg.optimizer.get("hessian_warm_start", False)),
+            grad_clip=settings.grad_clip)
+    if settings.peak_flops is None and env.device.type == "cuda":
+        settings.peak_flops = device_peak_flops(env.device, dtype)
+
+    extra = {"config": OmegaConf.to_container(cfg, resolve=True), "data_meta": meta,
+             "wandb_id": None}
+    return Trainer(
+        env=env, model=model, raw_model=raw_model, optim=setup, plan=plan, settings=settings,
+        train_loader=TokenLoader(data_dir, "train", block, seed=cfg.seed, device=env.device),
+        val_loader=TokenLoader(data_dir, "val", block, seed=cfg.seed, device=env.device),
+        checkpointer=Checkpointer(Path(run_dir) / "checkpoints", int(cfg.checkpoint.keep_last),
+                                  extra),
+        nonfinite=NonFiniteGuard(cfg.train.on_nonfinite, int(cfg.train.max_rollbacks), env),
+        flops_per_token=flops_per_token, autocast=autocast_factory(dtype, env.device),
+        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
+        prefetch=(env.device.type == "cuda" if cfg.train.get("prefetch") is None
+                  else bool(cfg.train.prefetch)),
+    )
