@@ -1,15 +1,22 @@
 """The training engine: small named components composed by :func:`engine.run.run`.
 
-``train.py`` is the Hydra entry point; everything it needs lives here:
+``train.py`` is the Hydra entry point; everything it needs lives here (a map with each module's
+contract: docs/architecture.md):
 
-- ``errors``         HarnessError: a one-paragraph message instead of a traceback
-- ``distributed``    torchrun/DDP setup and teardown (gloo on CPU, NCCL on GPU)
-- ``batching``       global batch in tokens -> micro-batch, accumulation, world size
-- ``lr_schedule``    warmup + cosine decay to min_lr
-- ``optimizers``     optimizer name -> configured optimizer over the model's parameter groups
-- ``hessian``        the Sophia Hessian refresh schedule (GNB or Hutchinson)
-- ``metrics``        console, metrics.jsonl and W&B sinks
-- ``checkpoint``     atomic, keep-last-N, full-state checkpoints and RNG capture
+- ``run``            one run: checks, build, resume, the run dir's files, fit, summary
+- ``build``          config -> a ready Trainer (``build_trainer``)
 - ``trainer``        the training step, evaluation and the loop
-- ``run``            composition: config -> components -> Trainer.fit()
+- ``optimizers``     optimizer name + config -> optimizer and what the loop needs to know of it
+- ``hessian``        the Sophia Hessian refresh schedule (GNB or Hutchinson) and its cost
+- ``metrics``        the record of a logged step; console, metrics.jsonl and W&B sinks
+- ``checkpoint``     atomic keep-last-N checkpoints; the Checkpointer (state in and out)
+- ``resume``         a resumed run keeps its config; differences are refused
+- ``nonfinite``      stop / skip / rollback on a NaN or inf loss
+- ``config_check``   unknown keys and unset values refused before anything runs
+- ``summary``        summary.json and the end-of-run block
+- ``console_log``    the console copied into train.log
+- ``sweep_callback`` the table that ends a multirun
+- ``benchmarking``   what the benchmark scripts share
+- ``distributed``, ``batching``, ``lr_schedule``, ``seeding``, ``errors``: torchrun/DDP, batch
+  plan, lr schedule, derived seeds, HarnessError
 """

@@ -6,116 +6,14 @@
     python scripts/toy.py --schedule cosine  # every optimizer gets a cosine-decayed lr
     python scripts/toy.py --quick            # small version (used by the test suite)
 
-The loss is always the quadratic with one sharp and one flat direction,
-
-    f(x, y) = 0.5 * (kappa * x^2 + y^2),     condition number kappa,
-
-and the four problems differ in where the optimizers start and in the gradients they see:
-
-- `heterogeneous` (the case Section 2 / Figure 2 of the Sophia paper argues about) starts at
-  (x0 / kappa, y0): the sharp coordinate is kappa times closer to its minimum than the flat one,
-  so both gradients have the same size (kappa * x0 / kappa = x0 ~ y0) although the distances to the
-  optimum differ by kappa. A sign-like step that moves every coordinate by ~lr is wrong in both
-  directions at once, while Newton's step g / h is right in both.
-- `quadratic` starts at (x0, y0) for every kappa: equal distances, so the sharp coordinate's
-  gradient is kappa times larger.
-- `noisy-heterogeneous` and `noisy-quadratic` start at the same points but see mini-batch
-  gradients. f is, up to a constant, the population loss of a Gaussian model o = sqrt(H) theta
-  against data y ~ N(0, I), so a batch of B examples gives the exact gradient plus noise of
-  covariance diag(H) / B: noise shaped like the curvature, as for any well-specified model whose
-  per-example gradient covariance is the Fisher. B = 100 by default; the loss that must reach the
-  target is the mean f over 32 independent runs, and the target (1e-3 by default) sits near the
-  noise floor, where steps must be small to hold it. The exact problems are the B -> infinity limit.
-
-The starts coincide at kappa = 1. The paper's own Figure 2 example (as we recall it, a non-convex
-sharp 1-D term plus a flat 1-D quadratic; its exact formula is not checked here) also shows plain
-Newton failing on the non-convexity; that part is about Newton, not Adam, and is not reproduced.
-
-(a) `trajectories.png` draws the paths of GD, Adam, Lion, SophiaG and SophiaH on the contours of
-each problem (one run of a noisy problem); (b) `steps_vs_condition.png` and the tables give the
-steps each optimizer needs to bring the loss below the target AND keep it there for 50 steps (a
-lucky dip does not count) as kappa goes from 1 to 1e4. The tables are printed and saved as
-`tables.txt`, headed by the command that made them. With `--schedule cosine` the three files are
-`tables-cosine.txt`, `steps_vs_condition-cosine.png` and `trajectories-cosine.png`, so both
-schedules can share one `--out` folder.
-
-Protocol (printed with every table): each optimizer's lr is tuned per problem and per kappa over a
-fixed grid of the same density for every optimizer (about two points per decade, spanning 3.5
-decades around where that optimizer's best lies; GD's grid is c / kappa because its stable range
-scales with the sharpest curvature), and each cell reports that optimizer's best grid point (`*`
-marks a best at a grid end; for GD, c = 1.9 sits just under its stability limit c = 2). With
-`--schedule cosine` every optimizer, Sophia included, also gets the same cosine decay to 0 over a
-horizon T tuned from 1/64, 1/32, ..., 1/2, 1 of the step cap; a cell then reports its best (lr, T).
-Everything else is fixed at the usual defaults: Adam betas (0.9, 0.999) (torch's), Lion betas (0.9,
-0.99), Sophia betas (0.965, 0.99) and rho = 0.04 (official), no weight decay, Hessian refreshed
-every k = 10 steps after the step (official timing, h starts at 0). SophiaG's GNB estimate samples
-labels (one per refresh with exact gradients, B with noisy ones, `bs` to match), so its cells are
-also averaged over 32 runs. A miss prints `>cap` with the grid lr that got lowest.
-
-What a full run measured (2026-11-25, cap 4000; steps to reach and hold the target; `*`: best at
-a grid end; tables and figures in docs/results/toy/):
-
-    kappa = 1e3             GD      Adam    Lion    SophiaG  SophiaH
-    constant lr
-    heterogeneous           3475    128     >4000   403      414        f <= 1e-6
-    quadratic               3475    186     >4000   576      588        f <= 1e-6
-    noisy-heterogeneous     >4000   2289    3403    453      453        mean f <= 1e-3, B = 100
-    noisy-quadratic         >4000   131     3404    631      622        mean f <= 1e-3, B = 100
-    cosine decay, horizon tuned (--schedule cosine)
-    heterogeneous           >4000   128     242*    373      381
-    quadratic               >4000   174     246*    564      578
-    noisy-heterogeneous     3223*   110     235*    224      232
-    noisy-quadratic         3223*   127     231*    398      384
-
-Counts on the noisy problems move by up to ~15% with the random stream (an earlier run of the same
-protocol: 2181 and 529 where this one has 2289 and 453). In some exact cells Adam's best lr is
-the top of its grid (0.3): a wider grid could only make Adam faster.
-
-Over kappa = 1 .. 1e4 Sophia's count stays within ~400-650 steps on every problem and GD's grows
-like kappa. Whether Sophia beats tuned Adam depends on the gradients:
-
-- With exact gradients Adam needs fewer steps at every kappa on both starts. Its second moment
-  remembers the large gradient its first sign-like overshoot in the sharp coordinate produces
-  (|g_x| ~ kappa * lr), so its effective step there drops to ~1 / kappa at once: Adam learns the
-  curvature scale from its own oscillation (tests/test_toy.py checks this; plain signGD, which
-  cannot, fails the heterogeneous problem at every lr). Near the optimum every method here is then
-  limited by its momentum: the ringing decays like beta1^t, ~130 steps to 1e-6 for Adam's 0.9
-  against ~390 for Sophia's 0.965, and Sophia's Hessian EMA, started at 0 without bias correction,
-  underestimates h for hundreds of steps.
-- With noisy gradients on the heterogeneous start SophiaG wins from kappa = 100 on (453 vs 2289
-  steps at 1e3; Adam misses the cap at 1e4), and Adam's count grows like sqrt(kappa). Adam divides
-  the sharp coordinate's gradient by its noise scale sqrt(kappa / B), so its jitter there stays ~lr
-  whatever the curvature and costs ~lr * sqrt(kappa / B) of loss; holding a target near the noise
-  floor forces lr ~ 1 / sqrt(kappa), and the flat coordinate, which has far to go, crawls. Sophia
-  divides by the curvature, so its jitter costs ~(lr / rho) / B whatever kappa.
-- From the equal-distance start the flat coordinate's large early gradients keep Adam's steps
-  cautious there and the sharp one's huge early gradients give it a Newton-like step, so Adam wins
-  even with noise.
-- With a cosine decay whose horizon is tuned as well (what pre-training does), Adam needs fewer
-  steps than Sophia on all four problems, noisy-heterogeneous included (110 vs 224 at 1e3): the
-  decaying lr lowers Adam's noise floor, which is all Sophia's constant-lr advantage rested on.
-  Lion, with its best lr at the top of its grid, also beats Sophia on all four.
-
-The noisy-heterogeneous result depends on how close the target is to the noise floor. At kappa =
-1e3 (Adam vs SophiaG steps, cap 4000): B = 10: 653 vs 326 (target 1e-2), >4000 vs 2051 (1e-3);
-B = 100: 172 vs 179 (1e-2), 2251 vs 529 (1e-3), >4000 vs 3486 (1e-4); B = 1000: 40 vs 166 (1e-2),
-732 vs 264 (1e-3), >4000 vs 541 (1e-4). Sophia wins where the target forces Adam's lr below
-~4 * target * sqrt(B / kappa), i.e. where gradient noise, not curvature, limits the step; with
-little noise relative to the target Adam wins as on the exact problems. On noisy-quadratic the same
-sweep gives Adam fewer steps in every cell where either reaches the target (e.g. B = 100: 100 vs
-361, 136 vs 575, 991 vs 3487). The toy therefore shows Sophia's curvature-independence
-everywhere, and a win over tuned Adam only with a constant lr in that noisy regime.
-
-Hessian estimates, consistent with each optimizer's semantics:
-- SophiaG uses the GNB estimator. f is the negative log-likelihood (up to a constant) of the
-  Gaussian model above, so the "sampled-label" loss is mean_b 0.5 * ||o - t_b||^2 with
-  t_b ~ N(o, I); bs times its squared gradient has expectation exactly diag(H).
-- SophiaH uses `sophia.hessian.hutchinson` on f itself (exact here: H is diagonal and constant, the
-  same for every mini-batch loss).
-
-All optimizers here are elementwise, so the script runs every (lr, kappa, replicate) cell of a grid
-at once: one parameter group per (lr, horizon), holding one row per kappa and replicate. The cells
-never interact.
+The loss is f(x, y) = 0.5 * (kappa * x^2 + y^2). There are two starts: `heterogeneous` puts the
+sharp coordinate kappa times closer to its optimum, and `quadratic` gives equal distances. Each
+start is run with exact gradients or with mini-batch gradients (`noisy-*`). For each optimizer the
+lr is tuned per problem and per kappa (1 .. 1e4) over a fixed grid, and the script tabulates the
+steps needed to reach the target and hold it there. It writes `tables.txt`,
+`steps_vs_condition.png` and `trajectories.png` to --out, with a `-cosine` suffix under
+--schedule cosine. The problems, the protocol, the recorded results and what they mean are in
+docs/results/toy/README.md.
 """
 from __future__ import annotations
 
@@ -128,11 +26,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-
-try:
-    import sophia  # noqa: F401
-except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sophia import Lion, SophiaG, SophiaH
 from sophia.hessian import hutchinson
