@@ -150,22 +150,16 @@ def prepare(
     with _exclusive_lock(out):
         if not force:
             found = _inspect(out, src, settings)
-            if found.status == "same":
+            meta = _reuse_or_refuse(found, out, force_hint="--force", refusal=lambda diff: (
+                f"{out} already holds a complete prepare with different settings "
+                f"(name: existing -> requested):\n{diff}\n"
+                "Refusing to overwrite it: that would silently re-split data that runs may "
+                "already use. Re-run with --force (prepare(..., force=True)) to replace it, "
+                "or write to another folder with --out."), prefix="")
+            if meta is not None:
                 log.info("%s already holds this prepare (settings %s); skipping. Use --force to "
                          "redo it.", out, settings_hash)
-                return found.meta
-            if found.status == "unverified":
-                _warn_unverified(out, "--force")
-                return found.meta
-            if found.status == "different":
-                raise DataError(
-                    f"{out} already holds a complete prepare with different settings "
-                    "(name: existing -> requested):\n"
-                    f"{_difference_lines(found.differences, prefix='')}\n"
-                    "Refusing to overwrite it: that would silently re-split data that runs may "
-                    "already use. Re-run with --force (prepare(..., force=True)) to replace it, "
-                    "or write to another folder with --out."
-                )
+                return meta
             if found.status == "broken":
                 log.warning("%s: %s Preparing it again with the same settings.", out,
                             found.problem)
@@ -176,6 +170,20 @@ def prepare(
             fsync_dir(out)
         return _run(src, out, tok, settings, settings_hash, workers=workers,
                     max_docs=max_docs, force=force, progress=progress)
+
+
+def _reuse_or_refuse(found, out: Path, *, force_hint: str, refusal, prefix: str
+                     ) -> dict[str, Any] | None:
+    """The meta of a folder that can be used as it is (same settings, or an old unverifiable one,
+    with a warning); ``DataError(refusal(differences))`` for one holding other data; else None."""
+    if found.status == "same":
+        return found.meta
+    if found.status == "unverified":
+        _warn_unverified(out, force_hint)
+        return found.meta
+    if found.status == "different":
+        raise DataError(refusal(_difference_lines(found.differences, prefix=prefix)))
+    return None
 
 
 def ensure_prepared(
@@ -215,20 +223,15 @@ def ensure_prepared(
                              **{k: options[k] for k in _SOURCE_OPTIONS if k in options})
     out = Path(out_dir)
     found = _inspect(out, src, settings)
-    if found.status == "same":
-        return found.meta
-    if found.status == "unverified":
-        _warn_unverified(out, "`python -m data.prepare ... --force`")
-        return found.meta
-    if found.status == "different":
-        raise DataError(
-            f"data.dir={out} holds data prepared from a different source or with different "
-            "settings than this run asks for (existing -> requested):\n"
-            f"{_difference_lines(found.differences, prefix='data.')}\n"
-            "Training on it would silently use the wrong data. Point data.dir at another folder, "
-            f"or replace this one: delete {out} (data.prepare_if_missing=true then prepares it "
-            f"again) or run `{_prepare_command(src, out, settings, force=True)}`."
-        )
+    meta = _reuse_or_refuse(found, out, force_hint="`python -m data.prepare ... --force`",
+                            refusal=lambda diff: (
+        f"data.dir={out} holds data prepared from a different source or with different "
+        f"settings than this run asks for (existing -> requested):\n{diff}\n"
+        "Training on it would silently use the wrong data. Point data.dir at another folder, "
+        f"or replace this one: delete {out} (data.prepare_if_missing=true then prepares it "
+        f"again) or run `{_prepare_command(src, out, settings, force=True)}`."), prefix="data.")
+    if meta is not None:
+        return meta
     if not prepare_if_missing:
         reason, needs_force = _why_unusable(out, found)
         command = _prepare_command(src, out, settings, force=needs_force)
