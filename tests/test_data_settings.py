@@ -207,8 +207,10 @@ def test_cli_default_val_fraction_matches_the_training_config(name, tmp_path, mo
     assert dp.default_val_fraction(source) == expected
 
 
-def test_help_names_the_default_val_fractions():
-    text = " ".join(dp._parser().format_help().split())
+def test_help_names_the_default_val_fractions(capsys):
+    with pytest.raises(SystemExit):
+        dp.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert "stdlib 0.02" in text and "openwebtext 0.0005" in text
     assert "any other source 0.01" in text
 
