@@ -13,6 +13,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # ~350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # ~774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # ~1.56B
+    # ~30M with GPT-2's vocabulary (10.6M outside the embeddings): a single-GPU study in minutes.
+    "gpt2-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=512),
     # Tiny CPU presets. With the byte tokenizer (vocab 257) nano has ~0.12M parameters.
     "gpt2-nano": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
     "gpt2-micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),

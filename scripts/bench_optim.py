@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import gc
 import platform
 import statistics
@@ -41,13 +42,15 @@ import torch
 
 from engine.benchmarking import command_line, cpu_threads, machine_name, synchronizer, write_json
 from model import GPT, GPTConfig
-from model.param_groups import weight_decay_groups
-from sophia import Lion, SophiaG
+from model.param_groups import MUON_INCLUDE, weight_decay_groups
+from sophia import Lion, MuonAdamW, SophiaG, SophiaH
 
-# bytes moved per fp32 parameter by an ideal single-pass step (reads + writes)
-BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "lion": 20}
+# bytes moved per fp32 parameter by an ideal single-pass step (reads + writes). Muon is not
+# elementwise (Newton-Schulz matmuls on its side): its rows report time only.
+BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "sophiah": 24, "lion": 20, "muon": None}
 PATHS = {"adamw": ("foreach", "fused"), "lion": ("reference", "foreach", "fused"),
-         "sophiag": ("reference", "foreach", "fused")}
+         "sophiag": ("reference", "foreach", "fused"), "sophiah": ("reference", "foreach", "fused"),
+         "muon": ("foreach", "fused")}  # the path of Muon's AdamW side
 
 
 @dataclass
@@ -65,6 +68,18 @@ def param_shapes(model: str) -> list[list[torch.Size]]:
     with torch.device("meta"):
         gpt = GPT(GPTConfig.from_preset(model))
     return [[p.shape for p in g["params"]] for g in weight_decay_groups(gpt, 0.1)]
+
+
+def muon_owned(model: str | None) -> list[list[bool]]:
+    """Per tensor of :func:`param_shapes`, whether Muon's side owns it in training (the hidden
+    matrices of the transformer blocks); with --shapes, every 2-D tensor."""
+    if model is None:
+        return []
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig.from_preset(model))
+    names = {id(p): n for n, p in gpt.named_parameters()}
+    return [[p.dim() == 2 and any(fnmatch.fnmatch(names[id(p)], pat) for pat in MUON_INCLUDE)
+             for p in g["params"]] for g in weight_decay_groups(gpt, 0.1)]
 
 
 def parse_shapes(spec: str) -> list[list[torch.Size]]:
@@ -91,17 +106,28 @@ def materialise(groups: list[list[torch.Size]], device: torch.device,
 
 
 # -------------------------------------------------------------------------------- optimizers
-def build(optimizer: str, path: str,
-          groups: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+def build(optimizer: str, path: str, groups: list[list[torch.nn.Parameter]],
+          owned: list[list[bool]] | None = None) -> torch.optim.Optimizer:
     """``optimizer`` on code path ``path`` over ``groups`` (the first decays), with the training
-    hyperparameters; SophiaG's state is pre-filled so its first step is a typical one."""
+    hyperparameters; Sophia's state is pre-filled so its first step is a typical one. ``owned``
+    marks the tensors Muon's side takes (the rest go to its AdamW side)."""
     pg = [{"params": ps, "weight_decay": 0.1 if i == 0 else 0.0} for i, ps in enumerate(groups)]
     kw = {"foreach": path == "foreach", "fused": path == "fused"}
     if optimizer == "adamw":
         return torch.optim.AdamW(pg, lr=6e-4, betas=(0.9, 0.95), **kw)
     if optimizer == "lion":
         return Lion(pg, lr=1e-4, betas=(0.9, 0.99), **kw)
-    opt = SophiaG(pg, lr=6e-4, betas=(0.965, 0.99), rho=0.05, **kw)
+    if optimizer == "muon":
+        flags = owned or [[p.dim() == 2 for p in ps] for ps in groups]
+        muon = [p for ps, fs in zip(groups, flags) for p, f in zip(ps, fs) if f]
+        adamw = [{"params": [p for p, f in zip(ps, fs) if not f], "weight_decay": 0.0}
+                 for ps, fs in zip(groups, flags)]
+        return MuonAdamW(muon, [g for g in adamw if g["params"]], lr=0.02, adamw_lr=6e-4,
+                         fused=kw["fused"], foreach=kw["foreach"] or None)
+    if optimizer == "sophiah":
+        opt = SophiaH(pg, lr=6e-4, betas=(0.965, 0.99), rho=0.05, **kw)
+    else:
+        opt = SophiaG(pg, lr=6e-4, betas=(0.965, 0.99), rho=0.05, **kw)
     gen = torch.Generator(device=groups[0][0].device).manual_seed(1)
     for ps in groups:  # a plausible h (GNB estimates are squares of small gradients)
         for p in ps:
@@ -109,6 +135,13 @@ def build(optimizer: str, path: str,
             opt.state[p]["exp_avg"] = torch.zeros_like(p)
             opt.state[p]["step"] = torch.tensor(0.0)
     return opt
+
+
+def _step(opt: torch.optim.Optimizer, kwargs: dict) -> None:
+    opt.step(**kwargs)
+    telemetry = getattr(opt, "telemetry", None)
+    if telemetry is not None:
+        telemetry()  # 0-d tensors, no host sync: their cost is in the device time
 
 
 def copy_bandwidth(device: torch.device, mb: int, repeats: int, sync: Callable[[], None]) -> float:
@@ -129,8 +162,12 @@ def copy_bandwidth(device: torch.device, mb: int, repeats: int, sync: Callable[[
 
 # ----------------------------------------------------------------------------------- running
 def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse.Namespace,
-                device: torch.device, sync: Callable[[], None], copy_gbps: float) -> dict:
-    """Time every (optimizer, path) contender on one parameter set; its row per contender."""
+                device: torch.device, sync: Callable[[], None], copy_gbps: float,
+                owned: list[list[bool]] | None = None) -> dict:
+    """Time every (optimizer, path) contender on one parameter set; its row per contender.
+
+    Each step includes what training reads after it: the optimizer's telemetry (Sophia's clip
+    fraction and norms, the update RMS), computed in the same pass where the path allows."""
     groups = materialise(groups_shapes, device)
     n_params = sum(p.numel() for ps in groups for p in ps)
     contenders = []
@@ -138,9 +175,9 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
         for path in PATHS[optimizer]:
             if path not in args.paths:
                 continue
-            opt = build(optimizer, path, groups)
+            opt = build(optimizer, path, groups, owned)
             kw = {"bs": 480 * 1024} if optimizer == "sophiag" else {}
-            contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: o.step(**kw), []))
+            contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: _step(o, kw), []))
 
     for c in contenders:  # warmup; the first step of a fused path compiles
         for i in range(args.warmup):
@@ -163,13 +200,14 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
     rows = []
     for c in contenders:
         sec = statistics.median(c.times)
-        nbytes = BYTES_FLOOR[c.optimizer] * n_params
+        floor = BYTES_FLOOR[c.optimizer]
+        nbytes = floor * n_params if floor else None
         rows.append({
             "optimizer": c.optimizer, "path": c.path,
             "ms_per_step": sec * 1e3, "ms_min": min(c.times) * 1e3,
             "first_step_s": c.first_step_s,
-            "bytes_per_step": nbytes, "gbps": nbytes / sec / 1e9,
-            "copy_fraction": nbytes / sec / 1e9 / copy_gbps,
+            "bytes_per_step": nbytes, "gbps": nbytes / sec / 1e9 if nbytes else None,
+            "copy_fraction": nbytes / sec / 1e9 / copy_gbps if nbytes else None,
         })
     base = {r["path"]: r["ms_per_step"] for r in rows if r["optimizer"] == "adamw"}
     for r in rows:
@@ -194,9 +232,10 @@ def print_table(result: dict) -> None:
         for r in model["rows"]:
             ratios = [f"{r[k]:.2f}x" if r[k] is not None else "n/a"
                       for k in ("vs_adamw_foreach", "vs_adamw_fused")]
-            print(f"{r['optimizer']:<9} {r['path']:<9} {r['ms_per_step']:>9.2f} "
-                  f"{r['gbps']:>9.2f} {r['copy_fraction']:>7.0%} {ratios[0]:>17} "
-                  f"{ratios[1]:>15} {r['first_step_s']:>13.2f}")
+            gbps = f"{r['gbps']:>9.2f} {r['copy_fraction']:>7.0%}" if r["gbps"] else \
+                f"{'n/a':>9} {'n/a':>8}"
+            print(f"{r['optimizer']:<9} {r['path']:<9} {r['ms_per_step']:>9.2f} {gbps} "
+                  f"{ratios[0]:>17} {ratios[1]:>15} {r['first_step_s']:>13.2f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -245,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             names = [m.strip() for m in args.model.split(",") if m.strip()]
             sets = [(m, param_shapes(m)) for m in names]
-        models = [bench_model(name, shapes, args, device, sync, copy_gbps) for name, shapes in sets]
+        models = [bench_model(name, shapes, args, device, sync, copy_gbps,
+                              muon_owned(None if args.shapes else name)) for name, shapes in sets]
         result = {
             "device": machine_name(device), "device_type": device.type,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
