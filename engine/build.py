@@ -77,8 +77,9 @@ def prepare_data(cfg: DictConfig, env: DistEnv) -> tuple[Path, dict[str, Any]]:
 
 def build_model_config(cfg: DictConfig, data_vocab: int) -> GPTConfig:
     """The ``model`` group over its preset; the vocabulary follows the data unless set."""
+    # preset picks the shape and init_from the starting weights; neither is a GPTConfig field.
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items()
-                 if k != "preset" and v is not None}
+                 if k not in ("preset", "init_from") and v is not None}
     if "vocab_size" not in overrides:
         overrides["vocab_size"] = -(-data_vocab // 64) * 64  # pad to a multiple of 64, as GPT-2
     elif overrides["vocab_size"] < data_vocab:
@@ -91,6 +92,43 @@ def build_model_config(cfg: DictConfig, data_vocab: int) -> GPTConfig:
         return GPTConfig.from_preset(cfg.model.preset, **overrides)
     except ValueError as err:
         raise HarnessError(f"Invalid model settings: {err}") from err
+
+
+def init_from_hf(model: GPT, source: str, cfg: DictConfig, run_dir: Path, env: DistEnv,
+                 data_vocab: int) -> None:
+    """``model.init_from``: load a Hugging Face GPT-2 (local directory or hub id) into ``model``
+    on every rank, before compile/DDP; the checkpoint must fit the run's model settings.
+
+    A run that will resume from its own checkpoint skips this: the resume would overwrite these
+    weights anyway (run() resumes after build_trainer), and skipping it means a resumed run needs
+    neither the network nor the HF directory any more.
+    """
+    from engine.checkpoint import find_resume_checkpoint
+    from model.hf import HFConversionError, load_hf_weights
+
+    resume = find_resume_checkpoint(cfg.checkpoint.resume, run_dir)
+    if resume is not None:
+        if env.is_main:
+            print(f"model.init_from={source} not loaded: the run resumes from {resume}", flush=True)
+        return
+
+    def load() -> dict[str, Any]:
+        try:
+            return load_hf_weights(model, source, data_vocab=data_vocab)
+        except HFConversionError as err:
+            raise HarnessError(str(err)) from err
+
+    # Rank 0 first, so that a hub id is downloaded once into the HF cache, not by every rank.
+    info = load() if env.is_main else None
+    if env.is_distributed:
+        dist.barrier()
+        if not env.is_main:
+            info = load()
+    if env.is_main:
+        pad = info["padding_rows"]
+        print(f"model.init_from={source}: loaded Hugging Face GPT-2 weights (vocab "
+              f"{info['hf_vocab_size']}" + (f"; {pad} padding rows set to the mean embedding"
+                                            if pad else "") + ")", flush=True)
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
@@ -140,7 +178,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
                         env.world_size)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    raw_model = GPT(model_cfg).to(env.device)
+    raw_model = GPT(model_cfg)
+    if cfg.model.get("init_from"):
+        init_from_hf(raw_model, str(cfg.model.init_from), cfg, Path(run_dir), env,
+                     int(meta["vocab_size"]))
+    raw_model = raw_model.to(env.device)
     dtype = resolve_dtype(cfg.dtype, env.device)
     model: torch.nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
     if env.is_distributed:

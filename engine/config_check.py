@@ -27,10 +27,11 @@ SECTION_KEYS: dict[str, frozenset[str]] = {
                         "max_rollbacks", "stop_at_step", "peak_flops", "prefetch"}),
     "checkpoint": frozenset({"interval", "keep_last", "resume", "allow_config_change"}),
     "wandb": frozenset({"mode", "project", "entity", "group", "name"}),
-    "model": frozenset({"preset", *(f.name for f in dataclasses.fields(GPTConfig))}),
+    "model": frozenset({"preset", "init_from",
+                        *(f.name for f in dataclasses.fields(GPTConfig))}),
     "data": frozenset({"name", "source", "tokenizer", "dir", "prepare_if_missing", "val_fraction",
                        "seed", "split_blank_lines", "hf_id", "revision", "text_column",
-                       "max_docs"}),
+                       "max_docs", "val_split"}),
 }
 
 # What to tell a user who left a mandatory value (``???``) unset.
