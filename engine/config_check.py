@@ -19,12 +19,14 @@ from model import GPTConfig
 # Every key the engine reads, by section ("" is the top level). The root config (configs/config.yaml)
 # and the data group's files must declare exactly these; tests/test_config_keys.py holds them together.
 SECTION_KEYS: dict[str, frozenset[str]] = {
-    "": frozenset({"seed", "device", "dtype", "compile", "train", "checkpoint", "wandb", "model",
-                   "optimizer", "data"}),
+    "": frozenset({"seed", "device", "dtype", "compile", "train", "eval", "checkpoint", "wandb",
+                   "model", "optimizer", "data"}),
     "train": frozenset({"max_steps", "global_batch_tokens", "micro_batch_size", "block_size",
                         "grad_clip", "warmup_steps", "decay_steps", "min_lr_ratio", "log_interval",
                         "eval_interval", "eval_batches", "eval_at_start", "on_nonfinite",
                         "max_rollbacks", "stop_at_step", "peak_flops", "prefetch"}),
+    "eval": frozenset({"hellaswag_interval", "hellaswag_task_file", "hellaswag_limit",
+                       "hellaswag_batch_size"}),
     "checkpoint": frozenset({"interval", "keep_last", "resume", "allow_config_change"}),
     "wandb": frozenset({"mode", "project", "entity", "group", "name"}),
     "model": frozenset({"preset", "init_from",

@@ -19,9 +19,10 @@ from typing import Any, Iterable, Mapping
 
 from engine.errors import HarnessError
 
+# eval.* adds measurements without touching the training computation (it draws no random numbers).
 FREE_KEYS = ("train.stop_at_step", "train.log_interval", "train.prefetch", "compile",
              "checkpoint.resume", "checkpoint.interval", "checkpoint.keep_last",
-             "checkpoint.allow_config_change", "data.prepare_if_missing", "wandb.*")
+             "checkpoint.allow_config_change", "data.prepare_if_missing", "wandb.*", "eval.*")
 
 
 # Settings of one invocation only: a saved one is not carried into the next.

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from engine.batching import BatchPlan
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv
+from engine.downstream import MultipleChoiceEval
 from engine.hessian import HessianRefresher
 from engine.lr_schedule import lr_multiplier
 from engine.metrics import MetricsLogger, StepStats
@@ -74,6 +75,7 @@ class Trainer:
     hessian: HessianRefresher | None = None
     logger: MetricsLogger = field(default_factory=lambda: MetricsLogger([]))
     prefetch: bool = False  # on CUDA: overlap reading batches with compute
+    hellaswag: MultipleChoiceEval | None = None  # eval.hellaswag_interval > 0
     step: int = 0
     counters: Counters = field(default_factory=Counters)
     last_val_loss: float = math.nan
@@ -165,6 +167,13 @@ class Trainer:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return (total / self.settings.eval_batches).item()
 
+    def downstream(self) -> dict[str, float]:
+        """Zero-shot downstream accuracies (``eval/hellaswag_*``) when configured, else {}."""
+        if self.hellaswag is None:
+            return {}
+        return self.hellaswag(self.raw_model, self.env.device, self.autocast, self.env.rank,
+                              self.env.world_size)
+
     def position(self) -> dict[str, Any]:
         """Where the run stands: step and the cumulative tokens, FLOPs and training seconds."""
         c, h = self.counters, self.hessian.cost if self.hessian else None
@@ -178,10 +187,13 @@ class Trainer:
         stop = min(s.max_steps, s.stop_at_step) if s.stop_at_step else s.max_steps
         if self.hessian is not None and self.hessian.warm_start and self.step == 0:
             self.refresh_hessian(-1)
-        if s.eval_at_start and self.step == 0 and s.eval_interval > 0:
-            self.last_val_loss = self.evaluate()
+        if s.eval_at_start and self.step == 0 and (s.eval_interval > 0 or self.hellaswag):
+            record = self.position()
+            if s.eval_interval > 0:
+                self.last_val_loss = record["val/loss"] = self.evaluate()
+            record.update(self.downstream())
             if self.env.is_main:
-                self.logger.log({**self.position(), "val/loss": self.last_val_loss})
+                self.logger.log(record)
 
         last = self.position()  # the previous log point: throughput is over the last interval
         t_mark = time.perf_counter()
@@ -196,9 +208,11 @@ class Trainer:
             log_now = self.is_log_step(self.step)
             eval_now = s.eval_interval > 0 and (self.step % s.eval_interval == 0
                                                 or self.step == s.max_steps)
+            downstream_now = self.hellaswag is not None and self.hellaswag.due(self.step,
+                                                                                s.max_steps)
             ckpt_now = (s.checkpoint_interval > 0 and self.step % s.checkpoint_interval == 0) \
                 or self.step == stop
-            if not (log_now or eval_now or ckpt_now):
+            if not (log_now or eval_now or downstream_now or ckpt_now):
                 continue
             if self.env.device.type == "cuda":
                 torch.cuda.synchronize(self.env.device)
@@ -221,6 +235,8 @@ class Trainer:
             if eval_now:  # excluded from time/elapsed: t_mark is reset after it
                 self.last_val_loss = self.evaluate()
                 record.update({**self.position(), "val/loss": self.last_val_loss})
+            if downstream_now:  # likewise excluded from time/elapsed
+                record.update({**self.position(), **self.downstream()})
             if record and self.env.is_main:
                 self.logger.log(record)
             if ckpt_now:

@@ -426,3 +426,34 @@ def test_training_hook_refuses_bad_settings_by_key(tmp_path, kwargs, needle):
             "tokenizer": "byte", **kwargs}
     with pytest.raises(TaskError, match=needle):
         downstream.build_multiple_choice_eval(**args)
+
+
+def test_training_logs_hellaswag_on_its_schedule_and_it_matches_the_standalone_score(
+        tiny_data, tmp_path):
+    """eval.hellaswag_interval=5: eval/hellaswag_* at step 0, every 5 steps and the last step,
+    equal to scoring the final weights directly; the metric changes nothing in training."""
+    from engine.checkpoint import list_checkpoints, load_checkpoint
+    from engine.run import run
+    from train_helpers import read_metrics
+
+    task = write_task(tmp_path / "task.jsonl", TASK_ROWS)
+    base = tiny_overrides(tiny_data, **{"train.max_steps": 12, "checkpoint.interval": 0,
+                                        "train.eval_interval": 0})
+    run(compose_cfg(base + ["eval.hellaswag_interval=5", f"eval.hellaswag_task_file={task}"]),
+        tmp_path / "with")
+    run(compose_cfg(base), tmp_path / "without")
+    rows = read_metrics(tmp_path / "with")
+    scored = [r for r in rows if "eval/hellaswag_acc" in r]
+    assert [r["step"] for r in scored] == [0, 5, 10, 12]
+    assert all(0 <= r["eval/hellaswag_acc_norm"] <= 1 for r in scored)
+
+    state = load_checkpoint(list_checkpoints(tmp_path / "with" / "checkpoints")[-1])
+    model = GPT(GPTConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    direct = downstream.evaluate_multiple_choice(
+        model, downstream.load_task(task), get_tokenizer("byte").encode, device="cpu")
+    assert scored[-1]["eval/hellaswag_acc"] == pytest.approx(direct["acc"])
+    assert scored[-1]["eval/hellaswag_acc_norm"] == pytest.approx(direct["acc_norm"])
+    other = read_metrics(tmp_path / "without")
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == \
+        [r["train/loss"] for r in other if "train/loss" in r]
