@@ -3,12 +3,35 @@
     python -m data.prepare openwebtext                       # -> prepared/openwebtext-gpt2
     python -m data.prepare stdlib --tokenizer byte           # offline corpus, no download
     python -m data.prepare input.txt --split-blank-lines --val-fraction 0.1 --out prepared/shk
+    python -m data.prepare shakespeare --tokenizer byte      # nanoGPT's shakespeare_char split
 
 Documents are tokenized in parallel (``--workers`` processes) in fixed-size chunks whose results
 are consumed in submission order, so the output is byte-identical for any worker count, and only
-a bounded window of chunks is ever in flight, so memory stays bounded. Each document goes to
-``val`` with probability ``val_fraction`` through a hash of (seed, document index): the split is
-deterministic and needs no pass over the data to decide.
+a bounded window of chunks is ever in flight, so memory stays bounded.
+
+The split (``--val-split``, ``val_split``):
+
+* ``documents``: each document goes to ``val`` with probability ``val_fraction`` through a hash of
+  (seed, document index): deterministic, and it needs no pass over the data to decide.
+* ``tail``: the token stream (every document and its EOT, in source order) is cut in two, as
+  nanoGPT cuts ``input.txt``: ``val`` is its last ``round(val_fraction * n)`` tokens, ``train``
+  the first ``n - round(val_fraction * n)``, both in order (``tail_sizes``). Everything is written
+  to ``train.bin.tmp`` first; at the end the last tokens are copied to ``val.bin.tmp`` in bounded
+  pieces and train is cut to its share, so memory stays bounded here too. A document counts for
+  the split holding its EOT.
+* ``auto`` (the default): ``documents``, unless the source has fewer non-empty documents (after
+  ``max_docs``) than ``auto_min_documents(val_fraction, seed)``, that is
+  ``max(ceil(2 / val_fraction), i + 1)`` with ``i`` the index of the first document the hash
+  sends to val; then ``tail``, with a warning.
+  So val expects at least two documents and gets at least one, or the split is by tokens: a
+  single text file read whole gets nanoGPT's split. Deciding reads at most that many documents
+  ahead (none when the source knows its count).
+
+meta.json records the split used as ``val_split`` (and the one asked for as
+``val_split_requested``); ``settings`` records the split used, never ``auto``, so a folder split
+one way is refused when another way is asked for, and ``auto`` is compared as what it means for
+that folder's document count. A folder prepared before this option existed was split by
+documents.
 
 Defaults follow the training configs (configs/data/*.yaml), so a prepare by hand and a training
 run that prepares on its own agree on one split: ``--val-fraction`` depends on the source (stdlib
@@ -18,8 +41,9 @@ run that prepares on its own agree on one split: ``--val-fraction`` depends on t
 Settings: meta.json records under ``settings`` everything that decides the prepared bytes: the
 identity of the source (a local file or folder's resolved path and a fingerprint of its files'
 names, sizes and mtimes; the stdlib's Python version and file sizes; a Hugging Face id,
-revision, split, config, data_dir and data_files), the tokenizer, val_fraction, seed, max_docs
-and, where they matter for the source, text_column and split_blank_lines. Preparing into a folder
+revision, split, config, data_dir and data_files; tiny Shakespeare's checksum), the tokenizer,
+val_fraction, val_split, seed, max_docs and, where they matter for the source, text_column and
+split_blank_lines. Preparing into a folder
 that already holds a complete prepare:
 
 * same settings: skipped; checking costs a ``stat`` of the source files, nothing is read;
@@ -50,9 +74,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import shlex
@@ -81,20 +107,26 @@ CHUNK_DOCS = 1024  # ... or this many documents, whichever comes first
 CHECKPOINT_SECONDS = 30.0  # how often the resume state is made durable
 CHECKPOINT_CHUNKS = 256  # ... or every this many chunks
 
+# How val is cut out of the token stream (see ``_choose_val_split`` for "auto").
+VAL_SPLITS = ("auto", "documents", "tail")
+# "auto" keeps the per-document split only when val can expect this many documents.
+AUTO_MIN_EXPECTED_VAL_DOCS = 2
+TAIL_COPY_TOKENS = 1 << 22  # tokens per read when the tail split copies val out of the stream
+
 # Keyword arguments of ``resolve_source``: the options that shape what a source yields.
 _SOURCE_OPTIONS = ("text_column", "revision", "split", "split_blank_lines", "hf_id", "hf_name",
                    "hf_data_dir", "hf_data_files")
 # What ``ensure_prepared`` passes on to ``prepare``. ``force`` is deliberately absent: training
 # must never overwrite prepared data; that takes an explicit `python -m data.prepare ... --force`.
-_ENSURE_OPTIONS = frozenset(_SOURCE_OPTIONS + ("max_docs", "workers", "progress"))
+_ENSURE_OPTIONS = frozenset(_SOURCE_OPTIONS + ("max_docs", "val_split", "workers", "progress"))
 # Recorded settings that are prepare() parameters, hence also keys of the training config's data
 # group; the others (source_fingerprint, python) are facts about the source.
-_PARAMETER_KEYS = frozenset(("source", "tokenizer", "val_fraction", "seed", "max_docs")
-                            + _SOURCE_OPTIONS)
+_PARAMETER_KEYS = frozenset(("source", "tokenizer", "val_fraction", "val_split", "seed",
+                             "max_docs") + _SOURCE_OPTIONS)
 # Order of the lines that list differences: the source first, as it explains most of the rest.
 _KEY_ORDER = ("source", "source_fingerprint", "python", "hf_id", "revision", "hf_name",
               "hf_data_dir", "hf_data_files", "split", "text_column", "split_blank_lines",
-              "tokenizer", "val_fraction", "seed", "max_docs")
+              "tokenizer", "val_fraction", "val_split", "seed", "max_docs")
 _NOTES = {
     "source_fingerprint": "the source files' names, sizes or modification times changed since "
                           "they were prepared",
@@ -120,6 +152,7 @@ def prepare(
     split: str = "train",
     max_docs: int | None = None,
     split_blank_lines: bool = False,
+    val_split: str = "auto",
     hf_id: str | None = None,
     hf_name: str | None = None,
     hf_data_dir: str | None = None,
@@ -130,7 +163,10 @@ def prepare(
     """Prepare ``source`` into ``out_dir`` and return its meta (see the module docstring).
 
     ``out_dir`` defaults to ``prepared/<source name>-<tokenizer>`` under the current directory and
-    ``val_fraction`` to the source's default (``data.sources.default_val_fraction``). When
+    ``val_fraction`` to the source's default (``data.sources.default_val_fraction``).
+    ``val_split`` is ``documents`` (each document to val with probability ``val_fraction``),
+    ``tail`` (the last ``round(val_fraction * tokens)`` tokens, as nanoGPT splits a text file) or
+    ``auto`` (``documents`` unless the source has too few documents; ``_choose_val_split``). When
     ``out_dir`` already holds a complete prepare, returns its meta if the settings match and
     raises ``DataError`` listing the differences if they do not; ``force`` redoes it either way.
     """
@@ -138,13 +174,12 @@ def prepare(
     if workers < 1:
         raise DataError(f"workers={workers} must be at least 1.")
     src, settings = _resolve(
-        source, tokenizer, val_fraction, seed, max_docs, text_column=text_column,
+        source, tokenizer, val_fraction, seed, max_docs, val_split, text_column=text_column,
         revision=revision, split=split, split_blank_lines=split_blank_lines, hf_id=hf_id,
         hf_name=hf_name, hf_data_dir=hf_data_dir, hf_data_files=hf_data_files,
     )
     tok = get_tokenizer(tokenizer)  # fail here, in the main process, if tiktoken files are missing
     out = Path(out_dir) if out_dir is not None else Path("prepared") / f"{src.name}-{tok.name}"
-    settings_hash = _settings_hash(settings)
 
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(out):
@@ -158,7 +193,7 @@ def prepare(
                 "or write to another folder with --out."), prefix="")
             if meta is not None:
                 log.info("%s already holds this prepare (settings %s); skipping. Use --force to "
-                         "redo it.", out, settings_hash)
+                         "redo it.", out, meta.get("settings_hash"))
                 return meta
             if found.status == "broken":
                 log.warning("%s: %s Preparing it again with the same settings.", out,
@@ -168,8 +203,14 @@ def prepare(
         with contextlib.suppress(FileNotFoundError):
             os.remove(out / META_NAME)
             fsync_dir(out)
-        return _run(src, out, tok, settings, settings_hash, workers=workers,
-                    max_docs=max_docs, force=force, progress=progress)
+        # "auto" becomes the split it stands for before anything is written: the recorded
+        # settings, and the resume state's hash, always name the split the bins really hold.
+        requested_split = settings["val_split"]
+        if requested_split == "auto":
+            settings = {**settings, "val_split": _choose_val_split(src, settings)}
+        return _run(src, out, tok, settings, _settings_hash(settings), workers=workers,
+                    max_docs=max_docs, force=force, progress=progress,
+                    requested_split=requested_split)
 
 
 def _reuse_or_refuse(found, out: Path, *, force_hint: str, refusal, prefix: str
@@ -210,8 +251,8 @@ def ensure_prepared(
       command.
 
     ``options`` are ``prepare``'s keyword arguments text_column, revision, split, max_docs,
-    split_blank_lines, hf_id, hf_name, hf_data_dir, hf_data_files, workers and progress; a
-    ``None`` value means "not set". ``val_fraction=None`` takes the source's default.
+    split_blank_lines, val_split, hf_id, hf_name, hf_data_dir, hf_data_files, workers and
+    progress; a ``None`` value means "not set". ``val_fraction=None`` takes the source's default.
     """
     unknown = sorted(set(options) - _ENSURE_OPTIONS)
     if unknown:
@@ -220,6 +261,7 @@ def ensure_prepared(
                         "there is no force: use `python -m data.prepare ... --force`.)")
     options = {k: v for k, v in options.items() if v is not None}
     src, settings = _resolve(source, tokenizer, val_fraction, seed, options.get("max_docs"),
+                             options.get("val_split", "auto"),
                              **{k: options[k] for k in _SOURCE_OPTIONS if k in options})
     out = Path(out_dir)
     found = _inspect(out, src, settings)
@@ -246,8 +288,9 @@ def ensure_prepared(
 # Settings: what decides the prepared bytes, and how an existing folder compares
 
 
-def _resolve(source, tokenizer, val_fraction, seed, max_docs, **source_options):
-    """Validate the arguments and resolve the source: (Source, the settings meta.json records)."""
+def _resolve(source, tokenizer, val_fraction, seed, max_docs, val_split, **source_options):
+    """Validate the arguments and resolve the source: (Source, the settings meta.json records,
+    except that ``val_split`` may still be "auto")."""
     if tokenizer not in TOKENIZERS:
         raise DataError(f"Unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}.")
     if val_fraction is None:
@@ -262,6 +305,10 @@ def _resolve(source, tokenizer, val_fraction, seed, max_docs, **source_options):
                         "OpenWebText, small corpora want 0.01-0.1.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"seed={seed!r} must be a non-negative integer.")
+    if val_split not in VAL_SPLITS:
+        raise DataError(f"val_split={val_split!r} is not a split mode; choose documents (each "
+                        "document to val by a hash), tail (the last val_fraction of the tokens, "
+                        "as nanoGPT) or auto (documents unless there are too few).")
     if max_docs is not None and int(max_docs) < 1:
         raise DataError(f"max_docs={max_docs} must be a positive number of documents (or unset).")
     src = resolve_source(source, **source_options)
@@ -270,10 +317,65 @@ def _resolve(source, tokenizer, val_fraction, seed, max_docs, **source_options):
         **src.settings,
         "tokenizer": tokenizer,
         "val_fraction": val_fraction,
+        "val_split": val_split,
         "seed": int(seed),
         "max_docs": None if max_docs is None else int(max_docs),
     }
     return src, _as_json(settings)
+
+
+def auto_min_documents(val_fraction: float, seed: int) -> int:
+    """The fewest documents for which ``val_split="auto"`` keeps the per-document split.
+
+    That is ``max(ceil(2 / val_fraction), i + 1)``, ``i`` being the index of the first document
+    the hash (``val_mask``) sends to val: val must expect at least
+    ``AUTO_MIN_EXPECTED_VAL_DOCS`` documents and actually get one. Below it, a per-document split
+    holds out no document, or one or two whose share of the tokens is luck. It depends only on
+    (val_fraction, seed), so whether a source of N documents gets the tail split is known from N
+    alone, also for a folder prepared earlier (its meta.json records N)."""
+    if val_fraction <= 0:
+        return 0  # nothing goes to val either way
+    expected = math.ceil(AUTO_MIN_EXPECTED_VAL_DOCS / val_fraction - 1e-9)
+    # The first val document is typically near 1 / val_fraction; past 64x that (probability
+    # e^-128) searching on would only cost time, and "that many documents" is as good a bound.
+    limit, batch, start = 64 * expected, 1 << 16, 0
+    while start < limit:
+        hits = np.flatnonzero(val_mask(np.arange(start, start + batch, dtype=np.uint64), seed,
+                                       val_fraction))
+        if hits.size:
+            return max(expected, start + int(hits[0]) + 1)
+        start += batch
+    return max(expected, limit)
+
+
+def _auto_split_for(documents: int, val_fraction: float, seed: int) -> str:
+    return "documents" if documents >= auto_min_documents(val_fraction, seed) else "tail"
+
+
+def _choose_val_split(src: Source, settings: dict[str, Any]) -> str:
+    """What ``val_split="auto"`` means for this source: ``tail`` when it has fewer non-empty
+    documents (after max_docs) than ``auto_min_documents``, with a warning; else ``documents``.
+
+    Counting stops at that many documents, so a large corpus is read only that far ahead (about
+    4,000 documents for OpenWebText at 0.0005), and not at all when the source knows its count."""
+    f, seed, max_docs = settings["val_fraction"], settings["seed"], settings["max_docs"]
+    need = auto_min_documents(f, seed)
+    if need == 0:
+        return "documents"
+    cap = need if max_docs is None else min(need, max_docs)
+    if src.num_documents is not None:
+        count = min(src.num_documents, cap)
+    else:
+        count = sum(1 for _ in itertools.islice((d for d in src.documents() if d), cap))
+    if count >= need:
+        return "documents"
+    log.warning("%s has %d document%s, fewer than the %d that a per-document split needs at "
+                "val_fraction=%g (val should expect at least %d documents and get one): splitting "
+                "by tokens instead, the last %g of them go to val (val_split=tail, as nanoGPT "
+                "splits a text file). Choose explicitly with --val-split tail|documents "
+                "(data.val_split).", src.spec, count, "" if count == 1 else "s", need, f,
+                AUTO_MIN_EXPECTED_VAL_DOCS, f)
+    return "tail"
 
 
 def _as_json(obj: Any) -> Any:
@@ -311,6 +413,7 @@ def _legacy_settings(meta: dict[str, Any]) -> dict[str, Any]:
             known.setdefault(k, None)
     if isinstance(known.get("hf_data_files"), str):
         known["hf_data_files"] = [known["hf_data_files"]]
+    known["val_split"] = "documents"  # the only split there was
     return _as_json(known)
 
 
@@ -367,10 +470,14 @@ def _inspect(out: Path, src: Source, settings: dict[str, Any]) -> _Existing:
         return _Existing("none", problem=e)
     recorded = meta.get("settings")
     if isinstance(recorded, dict):
+        recorded = {"val_split": "documents", **recorded}  # written before val_split existed
+        settings = _settle_auto(meta, recorded, settings)
         diffs = _differences(recorded, settings)
         status = "different" if diffs else "same"
     else:
-        diffs = _differences(_legacy_settings(meta), settings, common_only=True)
+        recorded = _legacy_settings(meta)
+        settings = _settle_auto(meta, recorded, settings)
+        diffs = _differences(recorded, settings, common_only=True)
         if diffs:
             status = "different"
         elif meta.get("settings_hash") == _legacy_settings_hash(src, settings):
@@ -385,6 +492,23 @@ def _inspect(out: Path, src: Source, settings: dict[str, Any]) -> _Existing:
     except DataError as e:
         return _Existing("broken", meta, problem=e)
     return _Existing(status, meta)
+
+
+def _settle_auto(meta: dict[str, Any], recorded: dict[str, Any], requested: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """``requested`` with ``val_split="auto"`` replaced by the split it means for the recorded
+    prepare, decided from its document count without reading the source.
+
+    That count only describes this source when every other setting matches; otherwise the
+    differences listed already explain the refusal, and a guessed split would only add noise."""
+    if requested.get("val_split") != "auto":
+        return requested
+    others = _differences({**recorded, "val_split": "auto"}, requested)
+    documents = meta.get("documents")
+    if others or not isinstance(documents, int):
+        return {**requested, "val_split": recorded.get("val_split", "documents")}
+    return {**requested, "val_split": _auto_split_for(documents, requested["val_fraction"],
+                                                      requested["seed"])}
 
 
 def _warn_unverified(out: Path, fix: str) -> None:
@@ -415,8 +539,12 @@ def _prepare_command(src: Source, out: Path, settings: dict[str, Any], *,
             "--seed", str(settings["seed"])]
     if settings.get("max_docs") is not None:
         args += ["--max-docs", str(settings["max_docs"])]
-    if settings.get("split_blank_lines") is False:
+    if settings.get("val_split", "auto") != "auto":
+        args += ["--val-split", settings["val_split"]]
+    if settings.get("split_blank_lines") is False and src.spec != "shakespeare":
         args.append("--no-split-blank-lines")
+    elif settings.get("split_blank_lines") is True and src.spec == "shakespeare":
+        args.append("--split-blank-lines")
     if settings.get("text_column", "text") != "text":
         args += ["--text-column", settings["text_column"]]
     if src.kind == "hf":
@@ -460,7 +588,9 @@ def _exclusive_lock(out: Path):
 class _SplitWriter:
     """Appends token arrays to ``<split>.bin.tmp`` and tracks what is durably on disk."""
 
-    def __init__(self, out: Path, split: str, state: dict[str, int] | None) -> None:
+    def __init__(self, out: Path, split: str, state: dict[str, int] | None,
+                 eot: int = -1) -> None:
+        self.eot = eot
         self.path = tmp_bin_path(out, split)
         self.final = bin_path(out, split)
         self.tokens = self.docs = self.bytes = 0
@@ -482,6 +612,13 @@ class _SplitWriter:
             self.max_id = max(self.max_id, int(tokens.max()))
         self.docs += docs
 
+    def reset(self) -> None:
+        """Back to empty (what a half-done earlier attempt wrote is dropped)."""
+        self.tokens = self.docs = self.bytes = 0
+        self.max_id = -1
+        self.f.seek(0)
+        self.f.truncate(0)
+
     def sync(self) -> dict[str, int]:
         self.f.flush()
         os.fsync(self.f.fileno())
@@ -489,6 +626,7 @@ class _SplitWriter:
                 "max_id": self.max_id}
 
     def finish(self) -> None:
+        self.f.truncate(self.bytes)  # the tail split has counted train down to its share
         self.sync()
         self.f.close()
         os.replace(self.path, self.final)
@@ -530,14 +668,18 @@ def _load_state(out: Path, settings: dict[str, Any], settings_hash: str) -> dict
 
 
 def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_docs, force,
-         progress) -> dict[str, Any]:
+         progress, requested_split) -> dict[str, Any]:
     state = None if force else _load_state(out, settings, settings_hash)
     if state is None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(out / STATE_NAME)
     start_doc = state["docs_done"] if state else 0
     text_bytes = state["text_bytes"] if state else 0
-    writers = {s: _SplitWriter(out, s, state[s] if state else None) for s in SPLITS}
+    # The tail split streams every document into train.bin.tmp, then moves the last tokens to val
+    # once their number is known; ``tail_done`` records (durably) that this move has happened.
+    tail = settings["val_split"] == "tail"
+    tail_done = bool(state.get("tail_done")) if state else False
+    writers = {s: _SplitWriter(out, s, state[s] if state else None, tok.eot) for s in SPLITS}
     if state:
         log.info("resuming the interrupted prepare in %s at document %d", out, start_doc)
 
@@ -556,14 +698,19 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
 
     def checkpoint() -> None:
         new_state = {"settings_hash": settings_hash, "settings": settings, "docs_done": docs_done,
-                     "text_bytes": text_bytes, **{s: w.sync() for s, w in writers.items()}}
+                     "text_bytes": text_bytes, "tail_done": tail_done,
+                     **{s: w.sync() for s, w in writers.items()}}
         atomic_write_json(out / STATE_NAME, new_state)
 
     try:
         for start, (tokens, lengths, nbytes) in _encode_ordered(
                 _chunks(docs, start_doc), tok.name, workers):
             n = len(lengths)
-            is_val = val_mask(np.arange(start, start + n, dtype=np.uint64), seed, val_fraction)
+            if tail:  # the whole stream goes to train.bin.tmp first
+                is_val = np.zeros(n, dtype=bool)
+            else:
+                is_val = val_mask(np.arange(start, start + n, dtype=np.uint64), seed,
+                                  val_fraction)
             if not is_val.any():
                 writers["train"].write(tokens, n)
             else:
@@ -586,6 +733,10 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
             raise DataError(f"Source {src.spec!r} yielded no non-empty documents; nothing to "
                             "prepare. Check the path, split and --text-column.")
         checkpoint()  # the state now covers everything, should the renames below be interrupted
+        if tail and not tail_done:
+            _move_tail_to_val(writers["train"], writers["val"], val_fraction, tok.dtype)
+            tail_done = True
+            checkpoint()  # train's recorded size is now its share: a resume truncates, not redoes
         for w in writers.values():
             w.finish()
         fsync_dir(out)
@@ -616,6 +767,8 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
         "source_info": src.info,
         "revision": src.info.get("revision"),
         "val_fraction": settings["val_fraction"],
+        "val_split": settings["val_split"],
+        "val_split_requested": requested_split,
         "seed": settings["seed"],
         "max_docs": settings["max_docs"],
         "settings": settings,
@@ -625,10 +778,50 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
     with contextlib.suppress(FileNotFoundError):
         os.remove(out / STATE_NAME)
     if val.tokens == 0 and settings["val_fraction"] > 0:
-        log.warning("no document landed in val (%d documents, val_fraction=%g): raise "
-                    "--val-fraction or split the text into more documents (--split-blank-lines).",
-                    meta["documents"], settings["val_fraction"])
+        if tail:
+            log.warning("val is empty: round(%g x %d tokens) is 0. Raise --val-fraction or "
+                        "prepare more text.", settings["val_fraction"], meta["train_tokens"])
+        else:
+            log.warning("no document landed in val (%d documents, val_fraction=%g): raise "
+                        "--val-fraction, split the text into more documents "
+                        "(--split-blank-lines), or split by tokens (--val-split tail).",
+                        meta["documents"], settings["val_fraction"])
     return meta
+
+
+def tail_sizes(tokens: int, val_fraction: float) -> tuple[int, int]:
+    """(train, val) token counts of the tail split of a ``tokens``-long stream: val is the last
+    ``round(val_fraction * tokens)`` tokens (Python's round, half to even), train the rest."""
+    n_val = round(val_fraction * tokens)
+    return tokens - n_val, n_val
+
+
+def _move_tail_to_val(train: _SplitWriter, val: _SplitWriter, val_fraction: float,
+                      dtype: np.dtype) -> None:
+    """Copy the last ``tail_sizes`` val tokens of the train stream to val, then count train as
+    its first part only. Train's file is cut to that size by ``finish`` (its recorded ``bytes``),
+    so until the caller's checkpoint the whole stream stays on disk and a crash redoes the copy.
+    Reads in bounded pieces: memory does not grow with the corpus."""
+    n_train, n_val = tail_sizes(train.tokens, val_fraction)
+    eot_moved = 0
+    val.reset()
+    train.f.flush()
+    if n_val:
+        with open(train.path, "rb") as f:
+            f.seek(n_train * dtype.itemsize)
+            left = n_val
+            while left:
+                piece = np.fromfile(f, dtype=dtype, count=min(left, TAIL_COPY_TOKENS))
+                if len(piece) == 0:  # pragma: no cover - the file was shortened under us
+                    raise DataError(f"{train.path} ended before its recorded {train.tokens} "
+                                    "tokens; run the prepare again with --force.")
+                eot_moved += int(np.count_nonzero(piece == train.eot))
+                val.write(piece, 0)
+                left -= len(piece)
+    # A document counts for the split that holds its end-of-text token.
+    val.docs = eot_moved
+    train.docs -= eot_moved
+    train.tokens, train.bytes = n_train, n_train * dtype.itemsize
 
 
 def _progress_bar(total, initial, *, enabled, desc):
@@ -698,12 +891,15 @@ def _encode_ordered(chunks: Iterable[tuple[int, list[str]]], tokenizer_name: str
         return
     # spawn: safe with threads in the parent (tqdm, datasets' streaming, torch) on every platform.
     ctx = mp.get_context("spawn")
+    # Under `python -m data.prepare` this module is __main__, which the workers are not shown
+    # (see _main_module_hidden): hand them the function of the importable module instead.
+    encode = importlib.import_module("data.prepare")._encode_chunk
     with _main_module_hidden():
         pool = ctx.Pool(workers)
     with pool:
         pending: deque = deque()
         for start, docs in chunks:
-            pending.append((start, pool.apply_async(_encode_chunk, (tokenizer_name, docs))))
+            pending.append((start, pool.apply_async(encode, (tokenizer_name, docs))))
             if len(pending) >= 2 * workers:
                 s, r = pending.popleft()
                 yield s, r.get()
@@ -743,8 +939,11 @@ def _parser() -> argparse.ArgumentParser:
                     "already holds a complete prepare is skipped when its recorded settings "
                     "match and refused (listing the differences) when they do not; --force "
                     "replaces it.",
-        epilog="SOURCE: openwebtext | stdlib | hf:<dataset id> | a .txt/.jsonl/.parquet file or "
-               "a folder of them.",
+        epilog="SOURCE: openwebtext | stdlib | shakespeare (tiny Shakespeare, downloaded once "
+               "into a cache) | hf:<dataset id> | a .txt/.jsonl/.parquet file or a folder of "
+               "them. nanoGPT's split of input.txt (the last 10% of the characters as val): "
+               "python -m data.prepare input.txt --tokenizer byte --val-fraction 0.1 "
+               "--val-split tail --no-split-blank-lines",
     )
     p.add_argument("source")
     p.add_argument("--out", default=None,
@@ -755,6 +954,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="probability that a document goes to val (default by source, as in the "
                         f"training configs: {by_source}, any other source "
                         f"{DEFAULT_VAL_FRACTION:g})")
+    p.add_argument("--val-split", choices=VAL_SPLITS, default="auto",
+                   help="how val is cut out: documents (each document to val with probability "
+                        "--val-fraction, by a hash of its index), tail (the last --val-fraction "
+                        "of the tokens, as nanoGPT splits input.txt), or auto (default): "
+                        "documents, unless the source has fewer than max(ceil(2 / val_fraction), "
+                        "1 + the index of the first document hashed to val) documents, then tail "
+                        "with a warning")
     p.add_argument("--seed", type=int, default=2357, help="seed of the val split (default 2357)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"tokenizer processes (default: half the cores, here {default_workers()})")
@@ -763,9 +969,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="Hugging Face revision (openwebtext default: refs/convert/parquet)")
     p.add_argument("--split", default="train", help="Hugging Face split to read (default train)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    p.add_argument("--split-blank-lines", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--split-blank-lines", action=argparse.BooleanOptionalAction, default=None,
                    help=".txt files: one document per blank-line-separated paragraph (default, as "
-                        "data=local does), or with --no-split-blank-lines one per file")
+                        "data=local does), or with --no-split-blank-lines one per file; the "
+                        "shakespeare source defaults to one document, as data=shakespeare")
     p.add_argument("--hf-id", default=None,
                    help="openwebtext only: use this Hugging Face dataset id (a parquet mirror)")
     p.add_argument("--hf-name", default=None, help="Hugging Face config name")
@@ -781,14 +988,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    split_blank_lines = args.split_blank_lines
+    if split_blank_lines is None:  # as the data config of that source does
+        split_blank_lines = args.source != "shakespeare"
     t0 = time.perf_counter()
     try:
         meta = prepare(
             args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
             seed=args.seed, workers=args.workers, text_column=args.text_column,
             revision=args.revision, split=args.split, max_docs=args.max_docs,
-            split_blank_lines=args.split_blank_lines, hf_id=args.hf_id, hf_name=args.hf_name,
-            hf_data_dir=args.hf_data_dir, hf_data_files=args.data_files, force=args.force,
+            split_blank_lines=split_blank_lines, val_split=args.val_split, hf_id=args.hf_id,
+            hf_name=args.hf_name, hf_data_dir=args.hf_data_dir, hf_data_files=args.data_files,
+            force=args.force,
             progress=not args.no_progress,
         )
     except DataError as e:
@@ -796,8 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or str(Path("prepared") / f"{meta['source_name']}-{meta['tokenizer']}")
     print(f"{out}: {meta['train_tokens']:,} train tokens ({meta['train_documents']:,} documents), "
-          f"{meta['val_tokens']:,} val tokens ({meta['val_documents']:,} documents), "
-          f"{meta['tokenizer']} vocab {meta['vocab_size']}, {meta['dtype']}, "
+          f"{meta['val_tokens']:,} val tokens ({meta['val_documents']:,} documents, split "
+          f"{meta['val_split']}), {meta['tokenizer']} vocab {meta['vocab_size']}, {meta['dtype']}, "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -10,6 +10,8 @@ Spec strings:
     openwebtext           Hugging Face ``Skylion007/openwebtext`` at ``refs/convert/parquet``
     hf:<id>               any Hugging Face dataset with a text column (streamed)
     stdlib                the .py sources of the running Python's standard library (offline)
+    shakespeare           tiny Shakespeare (nanoGPT's ``input.txt``, 1,115,394 ASCII bytes), read
+                          from a cache and downloaded there once when missing (``SHAKESPEARE_URL``)
     PATH                  a .txt / .jsonl / .parquet file, or a folder of them (recursive)
 
 Each source also carries ``settings``: the facts that decide the prepared bytes (a local source's
@@ -45,8 +47,16 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
 # byte` and a training run with data=stdlib agree on one split instead of re-splitting each other's
 # data: nanoGPT's 0.0005 for OpenWebText's 8M documents, 0.02 for the stdlib's ~2,000 files
 # (0.0005 would leave val one or two files), 0.01 for anything else.
-DEFAULT_VAL_FRACTIONS = {"stdlib": 0.02, "openwebtext": 0.0005}
+DEFAULT_VAL_FRACTIONS = {"stdlib": 0.02, "openwebtext": 0.0005, "shakespeare": 0.1}
 DEFAULT_VAL_FRACTION = 0.01
+
+# tiny Shakespeare as nanoGPT's data/shakespeare_char/prepare.py downloads it. The checksum pins the
+# exact bytes: the URL is a moving branch, and a truncated or altered download must never be
+# prepared under the name "shakespeare" (its recorded settings could not tell the difference).
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_BYTES = 1_115_394
 
 
 def default_val_fraction(spec: str | os.PathLike) -> float:
@@ -59,12 +69,14 @@ class Source:
     """A resolved corpus: ``documents()`` streams its documents (str) in a fixed order."""
 
     name: str
-    kind: str  # "hf" | "local" | "stdlib"
+    kind: str  # "hf" | "local" | "stdlib" | "download" (shakespeare)
     spec: str
     documents: Callable[[], Iterator[str]] = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
     fingerprint: str = ""  # changes when the underlying data changes
-    num_documents: int | None = None  # for the progress bar, when cheap to know
+    # Non-empty documents (data.prepare skips empty ones), when cheap to know: the progress bar's
+    # total, and what val_split="auto" decides on without reading the corpus.
+    num_documents: int | None = None
     # What decides the prepared bytes besides the tokenizer and split: recorded in meta.json and
     # compared before an existing prepare is reused. Only settings that matter for this source are
     # listed (text_column only where there are .jsonl/.parquet files, ...), so an irrelevant
@@ -103,11 +115,14 @@ def resolve_source(
         )
     if spec == "stdlib":
         return _stdlib_source()
+    if spec == "shakespeare":
+        return _shakespeare_source(split_blank_lines=split_blank_lines)
     path = Path(spec).expanduser()
     if path.exists():
         return _local_source(path, text_column=text_column, split_blank_lines=split_blank_lines)
     raise DataError(
-        f"Unknown data source {spec!r}: it is neither a built-in name (openwebtext, stdlib), "
+        f"Unknown data source {spec!r}: it is neither a built-in name (openwebtext, stdlib, "
+        "shakespeare), "
         "nor hf:<dataset id>, nor an existing .txt/.jsonl/.parquet file or folder. Check the "
         "path, or use 'stdlib' for an offline corpus that needs no download."
     )
@@ -228,7 +243,8 @@ def _local_source(path: Path, *, text_column: str, split_blank_lines: bool) -> S
     info = {"path": str(path), "files": len(files), "text_column": text_column,
             "split_blank_lines": split_blank_lines}
     one_doc_per_file = all(f.suffix.lower() == ".txt" for f in files) and not split_blank_lines
-    num = len(files) if one_doc_per_file else None
+    # An empty file is an empty document, which is skipped; a non-empty one never decodes to "".
+    num = sum(1 for f in files if f.stat().st_size > 0) if one_doc_per_file else None
     fingerprint = _files_fingerprint(files, root=path)
     settings: dict[str, Any] = {"source_fingerprint": fingerprint}
     suffixes = {f.suffix.lower() for f in files}
@@ -336,8 +352,88 @@ def _stdlib_source() -> Source:
     settings = {"python": version,
                 "source_fingerprint": _files_fingerprint(files, root=root, mtimes=False)}
     return Source(name="stdlib", kind="stdlib", spec="stdlib", documents=documents, info=info,
-                  fingerprint=_files_fingerprint(files, root=root), num_documents=len(files),
+                  fingerprint=_files_fingerprint(files, root=root),
+                  num_documents=sum(1 for f in files if f.stat().st_size > 0),
                   settings=settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny Shakespeare: one download, then offline
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora are kept: ``$SOPHIA_BENCH_CACHE``, else
+    ``$XDG_CACHE_HOME/sophia-bench``, else ``~/.cache/sophia-bench``."""
+    explicit = os.environ.get("SOPHIA_BENCH_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sophia-bench"
+
+
+def shakespeare_path() -> Path:
+    """The cached tiny Shakespeare (maybe not there yet: ``fetch_shakespeare`` makes it)."""
+    return cache_dir() / "tinyshakespeare" / "input.txt"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_shakespeare(timeout: float = 60.0) -> Path:
+    """The cached tiny Shakespeare, downloaded from ``SHAKESPEARE_URL`` first when missing.
+
+    The bytes are checked against ``SHAKESPEARE_SHA256`` either way; the download is written to a
+    temporary file and renamed, so an interrupted one never leaves a partial cache behind."""
+    path = shakespeare_path()
+    if path.exists():
+        data = path.read_bytes()
+        if _sha256(data) != SHAKESPEARE_SHA256:
+            raise DataError(
+                f"The cached tiny Shakespeare {path} ({len(data):,} bytes) is not the expected "
+                f"file ({SHAKESPEARE_BYTES:,} bytes, sha256 {SHAKESPEARE_SHA256}). Delete it to "
+                "download it again, or pass your copy as the source (data.source=/path/to/"
+                "input.txt).")
+        return path
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=timeout) as response:
+            data = response.read()
+    except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
+        raise DataError(
+            f"Could not download tiny Shakespeare from {SHAKESPEARE_URL}: {type(e).__name__}: "
+            f"{e}. Offline, download that file elsewhere and either put it at {path} or pass it "
+            "as the source (data.source=/path/to/input.txt, or `python -m data.prepare "
+            "/path/to/input.txt`).") from e
+    if _sha256(data) != SHAKESPEARE_SHA256:
+        raise DataError(
+            f"The download of {SHAKESPEARE_URL} ({len(data):,} bytes, sha256 {_sha256(data)}) is "
+            f"not tiny Shakespeare as expected ({SHAKESPEARE_BYTES:,} bytes, sha256 "
+            f"{SHAKESPEARE_SHA256}); nothing was cached. If the file moved, pass a good copy as "
+            "the source (data.source=/path/to/input.txt).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _shakespeare_source(*, split_blank_lines: bool) -> Source:
+    # Nothing is downloaded until documents() runs, so checking an existing prepare needs no
+    # network. The checksum stands in for a fingerprint: it is what the prepared bytes come from.
+    info = {"url": SHAKESPEARE_URL, "sha256": SHAKESPEARE_SHA256,
+            "path": str(shakespeare_path()), "split_blank_lines": split_blank_lines}
+
+    def documents() -> Iterator[str]:
+        yield from _read_file(fetch_shakespeare(), text_column="text",
+                              split_blank_lines=split_blank_lines)
+
+    settings = {"source_fingerprint": SHAKESPEARE_SHA256,
+                "split_blank_lines": bool(split_blank_lines)}
+    return Source(name="shakespeare", kind="download", spec="shakespeare", documents=documents,
+                  info=info, fingerprint=SHAKESPEARE_SHA256,
+                  num_documents=None if split_blank_lines else 1, settings=settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def prepare_data(cfg: DictConfig, env: DistEnv) -> tuple[Path, dict[str, Any]]:
     if d.source is None:
         return Path(d.dir), read_meta(d.dir)
     optional = {k: d.get(k) for k in ("hf_id", "revision", "text_column", "max_docs",
-                                      "split_blank_lines")}
+                                      "split_blank_lines", "val_split")}
 
     def ensure(allow_prepare: bool) -> dict[str, Any]:
         return ensure_prepared(d.source, d.dir, prepare_if_missing=allow_prepare,

@@ -88,8 +88,9 @@ def test_same_settings_are_skipped_without_reading_the_corpus(tmp_path, forbid_r
     meta = prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST)
     assert meta["settings"] == {
         "source": str(src.resolve()), "source_fingerprint": meta["settings"]["source_fingerprint"],
-        "split_blank_lines": True, "tokenizer": "byte", "val_fraction": 0.1, "seed": 2357,
-        "max_docs": None}  # no text_column: a .txt file has no columns
+        "split_blank_lines": True, "tokenizer": "byte", "val_fraction": 0.1,
+        "val_split": "documents", "seed": 2357,
+        "max_docs": None}  # no text_column: a .txt file has no columns; auto meant documents
     before = snapshot(out)
     forbid_reading()
     assert prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST) == meta
