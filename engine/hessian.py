@@ -5,10 +5,16 @@ See docs/design.md#hessian-schedule for the rules this implements.
 After the regular optimizer step of an iteration with ``step % k == k - 1`` (the official timing)
 the refresher draws fresh micro-batches from the ``hessian`` stream and
 
-- GNB (SophiaG): samples y ~ softmax(logits), backpropagates the mean CE against y (averaged across
-  micro-batches, and across ranks by DDP), optionally clips like the official script, then calls
-  ``optimizer.update_hessian()``; ``bs`` for the next steps is the number of tokens that loss was
-  averaged over, across all ranks.
+- GNB (SophiaG, ``gnb``, the official estimator): samples y ~ softmax(logits), backpropagates the
+  mean CE against y (averaged across micro-batches, and across ranks by DDP), optionally clips like
+  the official script, then calls ``optimizer.update_hessian()``; ``bs`` for the next steps is the
+  number of tokens that loss was averaged over, across all ranks.
+- GNB mean of squares (SophiaG, ``gnb_msq``): the same passes and labels, but each micro-batch's
+  sampled-label gradient g_j is squared on its own (no DDP all-reduce of gradients), the squares are
+  summed over micro-batches and ranks (one all-reduce), and the estimate
+  mean_j(tokens_j * g_j^2) goes to ``optimizer.update_hessian(estimate, bs=bs)`` with the same
+  ``bs``. Unbiased for the same Gauss-Newton diagonal, with relative noise ~sqrt(2/m) instead of
+  ~sqrt(2) for m micro-batches in all.
 - Hutchinson (SophiaH): u * (H u) by double backward on the unwrapped model under the math
   attention backend, averaged across micro-batches and ranks, then ``update_hessian(estimates)``.
 
@@ -58,14 +64,21 @@ class HessianCost:
         self.seconds = float(state.get("hessian_seconds", 0.0))
 
 
+# Estimators of the diagonal Hessian; the two GNB ones feed SophiaG (which takes `bs`), Hutchinson
+# feeds SophiaH.
+ESTIMATORS = ("gnb", "gnb_msq", "hutchinson")
+GNB_ESTIMATORS = ("gnb", "gnb_msq")
+
+
 class HessianRefresher:
     """Runs the Hessian estimate on the schedule and keeps its cost separately."""
 
     def __init__(self, estimator: str, k: int, plan: BatchPlan, micro_batches: int | None,
                  env: DistEnv, seed: int, flops_per_token: float, warm_start: bool = False,
                  grad_clip: float = 0.0):
-        if estimator not in ("gnb", "hutchinson"):
-            raise ValueError(f"unknown Hessian estimator {estimator!r}; choose gnb or hutchinson")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown Hessian estimator {estimator!r}; choose one of "
+                             f"{', '.join(ESTIMATORS)}")
         micro_batches = plan.accum_steps if micro_batches is None else int(micro_batches)
         if not 1 <= micro_batches <= plan.accum_steps:
             from engine.errors import HarnessError
@@ -88,7 +101,7 @@ class HessianRefresher:
     def step_kwargs(self) -> dict[str, int]:
         """Extra arguments of the optimizer's ``step``: SophiaG's clip threshold scales with ``bs``,
         the number of tokens its estimate was averaged over; Hutchinson's needs none."""
-        return {"bs": self.tokens_per_refresh} if self.estimator == "gnb" else {}
+        return {"bs": self.tokens_per_refresh} if self.estimator in GNB_ESTIMATORS else {}
 
     def due(self, step: int) -> bool:
         """Is a refresh due after optimizer step ``step`` (0-based)?"""
@@ -102,6 +115,8 @@ class HessianRefresher:
         t0 = time.perf_counter()
         if self.estimator == "gnb":
             self._gnb(step, model, optimizer, get_batch, autocast)
+        elif self.estimator == "gnb_msq":
+            self._gnb_msq(step, model, optimizer, get_batch, autocast)
         else:
             self._hutchinson(step, raw_model, optimizer, get_batch, autocast)
         optimizer.zero_grad(set_to_none=True)
@@ -110,6 +125,7 @@ class HessianRefresher:
         tokens = self.tokens_per_refresh
         self.cost.tokens += tokens
         # A Hutchinson pass is a forward, a backward and a double backward: about 2x the GNB cost.
+        # gnb_msq runs exactly gnb's forward and backward passes (its squaring is elementwise).
         self.cost.flops += tokens * self.flops_per_token * (2.0 if self.estimator == "hutchinson" else 1.0)
         self.cost.seconds += time.perf_counter() - t0
 
@@ -136,6 +152,56 @@ class HessianRefresher:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         optimizer.update_hessian()
 
+    def _gnb_msq(self, step, model, optimizer, get_batch, autocast) -> None:
+        """The mean of per-micro-batch GNB squares: estimate = mean_j(t * g_j^2) over the M
+        micro-batches of all ranks (t tokens each), fed as ``update_hessian(estimate, bs=M * t)``.
+
+        Each g_j is the gradient of one micro-batch's mean sampled-label loss (not divided by the
+        number of micro-batches), so t * g_j^2 is one official GNB draw at batch size t; averaging
+        M of them keeps the expectation (the Gauss-Newton diagonal of the mean loss) and divides
+        the variance by M. The gradients are never averaged across ranks (``no_sync`` on every
+        micro-batch): only the summed squares are, by one all-reduce.
+        """
+        batch_step, stream = _stream_at(step)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        # One flat buffer per (device, dtype) with a view per parameter, so the cross-rank sum is
+        # one all-reduce per buffer (one in practice) and no copy.
+        buffers, squares = _flat_zeros(params)
+        seen = [False] * len(params)
+        no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(self.micro_batches):
+            x, _ = get_batch(batch_step, micro, stream)
+            with no_sync():
+                with autocast():
+                    logits, _ = model(x)
+                gnb_loss(logits, generator=self._generator(step, micro)).backward()
+            with torch.no_grad():
+                have = [i for i, p in enumerate(params) if p.grad is not None]
+                grads = [params[i].grad for i in have]
+                torch._foreach_addcmul_([squares[i] for i in have], grads, grads)
+            for i in have:
+                seen[i] = True
+            optimizer.zero_grad(set_to_none=True)
+        if self.env.is_distributed:
+            for buf in buffers:
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        total_micro = self.micro_batches * self.env.world_size
+        tokens = self.plan.tokens_per_micro_batch
+        # estimate = mean_j(t * g_j^2) = (t / M) * sum_j g_j^2, in place in the buffers
+        for buf in buffers:
+            buf.mul_(tokens / total_micro)
+        bs = self.tokens_per_refresh
+        if self.grad_clip > 0:
+            # The official clip scales g to norm <= c, i.e. its stored g^2 (the estimate / bs) to a
+            # sum <= c^2. The same rule on this estimate / bs, whose sum estimates E||g||^2 of
+            # the official gradient: the coefficient clip_grad_norm_ would use, squared.
+            norm = torch.sqrt(sum(buf.double().sum() for buf in buffers) / bs)
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for buf in buffers:
+                buf.mul_(coef.square().to(buf.dtype))
+        optimizer.update_hessian([sq if s else None for sq, s in zip(squares, seen)], bs=bs)
+
     def _hutchinson(self, step, raw_model, optimizer, get_batch, autocast) -> None:
         batch_step, stream = _stream_at(step)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -154,3 +220,20 @@ class HessianRefresher:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
                 t.div_(self.env.world_size)
         optimizer.update_hessian(total)
+
+
+def _flat_zeros(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed flat buffers, one per (device, dtype) of ``params``, and a view shaped like each
+    parameter into its buffer (in ``params`` order)."""
+    sizes: dict[tuple, int] = {}
+    for p in params:
+        key = (p.device, p.dtype)
+        sizes[key] = sizes.get(key, 0) + p.numel()
+    flat = {key: torch.zeros(n, device=key[0], dtype=key[1]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    views = []
+    for p in params:
+        key = (p.device, p.dtype)
+        views.append(flat[key][offsets[key]:offsets[key] + p.numel()].view_as(p))
+        offsets[key] += p.numel()
+    return list(flat.values()), views

@@ -22,7 +22,9 @@ _SOPHIA_KEYS = {"name", "lr", "betas", "rho", "weight_decay", "k", "hessian_micr
 OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
     "adamw": frozenset({"name", "lr", "betas", "eps", "weight_decay", "decay_rule", "fused"}),
     "lion": frozenset({"name", "lr", "betas", "weight_decay", "decay_rule", "foreach", "fused"}),
-    "sophia": frozenset(_SOPHIA_KEYS),
+    # SophiaG chooses between its two GNB estimators; SophiaH has no such key, since Hutchinson is
+    # what makes it SophiaH (a key with one legal value would be a knob that does nothing).
+    "sophia": frozenset(_SOPHIA_KEYS | {"hessian_estimator"}),
     "sophiah": frozenset(_SOPHIA_KEYS | {"eps"}),
     "muon": frozenset({"name", "lr", "adamw_lr", "momentum", "nesterov", "ns_steps",
                        "adjust_lr_fn", "weight_decay", "adamw_betas", "adamw_weight_decay",
@@ -50,7 +52,7 @@ class OptimizerSetup:
 
     optimizer: torch.optim.Optimizer
     name: str
-    hessian_estimator: str | None  # "gnb", "hutchinson" or None
+    hessian_estimator: str | None  # "gnb", "gnb_msq", "hutchinson" or None
     k: int  # Hessian refresh after steps with step % k == k - 1 (0: no Hessian)
     telemetry: Callable[[], Mapping[str, torch.Tensor]] = _no_telemetry
     want_telemetry: Callable[[bool], None] = _always_on
@@ -71,6 +73,25 @@ def _check_k(cfg: Mapping[str, Any]) -> int:
             f"(the paper uses 10)."
         )
     return k
+
+
+# optimizer.hessian_estimator for optimizer=sophia: the official GNB estimate (bs * g^2 of the
+# loss averaged over the whole Hessian batch) or the mean of per-micro-batch squares (same passes,
+# variance / m); see engine/hessian.py.
+SOPHIA_ESTIMATORS = ("gnb", "gnb_msq")
+
+
+def _sophia_estimator(cfg: Mapping[str, Any]) -> str:
+    estimator = cfg.get("hessian_estimator", "gnb")
+    if estimator not in SOPHIA_ESTIMATORS:
+        hint = (" Hutchinson estimates feed SophiaH: use optimizer=sophiah." if estimator == "hutchinson"
+                else "")
+        raise HarnessError(
+            f"optimizer.hessian_estimator={estimator!r} is not one of {', '.join(SOPHIA_ESTIMATORS)}: "
+            f"gnb is the official estimate, gnb_msq the lower-variance mean of per-micro-batch "
+            f"squares at the same cost.{hint}"
+        )
+    return estimator
 
 
 def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module,
@@ -106,7 +127,8 @@ def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module,
 
             opt = SophiaG(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
                           foreach=cfg.get("foreach"), fused=cfg.get("fused"))
-            return OptimizerSetup(opt, name, "gnb", _check_k(cfg), telemetry=opt.telemetry)
+            return OptimizerSetup(opt, name, _sophia_estimator(cfg), _check_k(cfg),
+                                  telemetry=opt.telemetry)
         from sophia import SophiaH
 
         opt = SophiaH(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),

@@ -25,13 +25,17 @@ fresh subprocess per variant (a coarse number: the allocator and page granularit
 Part 2, ``micro_batches``: how good is one GNB estimate (no EMA) made from m micro-batches?
 A small GPT (default gpt2-nano on the byte-tokenized stdlib corpus, briefly trained so its
 predictions are not uniform) gets the sampled-label gradient g_j of each of many micro-batches.
-From those:
+From those, the estimators of ``optimizer.hessian_estimator`` (``--estimators``, default both):
 
-- ``squared-mean`` (what the engine does for ``optimizer.hessian_micro_batches=m``): one loss
-  averaged over m micro-batches, h = (m * tokens) * (mean_j g_j)^2;
-- ``mean-of-squares`` (same FLOPs, not what the engine does): h = mean_j (tokens * g_j^2);
-- the reference: mean-of-squares over ``--ref-micro-batches`` (default 64) other micro-batches,
+- ``gnb`` (the official estimate, the default): one loss averaged over the m micro-batches,
+  h = (m * tokens) * (mean_j g_j)^2;
+- ``gnb_msq`` (same passes and FLOPs): the mean of per-micro-batch squares,
+  h = mean_j (tokens * g_j^2);
+- the reference: gnb_msq over ``--ref-micro-batches`` (default 64) other micro-batches,
   an unbiased estimate of E[h] = the Gauss-Newton diagonal of the mean loss.
+
+Both estimators are computed from the same g_j in each trial (a paired comparison), with the
+formulas the engine uses (``engine/hessian.py``; tests/test_gnb_msq.py checks the engine's).
 
 Reported per m, averaged over ``--trials`` independent draws: the relative L2 error
 ||h - h_ref|| / ||h_ref||, the same with the reference's own sampling noise removed
@@ -60,6 +64,8 @@ from engine.build import DTYPES
 from sophia.hessian import _chunk_rows, _draw_rows, _uniforms, gnb_loss
 
 VARIANTS = ("legacy", "reference", "fused", "fused-saved-p")
+# Part 2's estimators, named as optimizer.hessian_estimator names them.
+ESTIMATORS = ("gnb", "gnb_msq")
 
 
 # ------------------------------------------------------------------------------ part 1: loss
@@ -273,18 +279,18 @@ def bench_micro_batches(args: argparse.Namespace, device: torch.device) -> dict[
     del s1, s2
     results = []
     for m in args.micro_batches:
-        errs = {"squared-mean": [], "mean-of-squares": []}
-        l1_errs = {"squared-mean": [], "mean-of-squares": []}
+        errs: dict[str, list[float]] = {name: [] for name in args.estimators}
+        l1_errs: dict[str, list[float]] = {name: [] for name in args.estimators}
         for _ in range(args.trials):
             g_sum = sq_sum = 0.0
             for _ in range(m):
                 g = sampled_grad()
                 g_sum, sq_sum = g_sum + g, sq_sum + g**2
-            estimates = {
-                "squared-mean": (m * tokens_per_mb) * (g_sum / m) ** 2,
-                "mean-of-squares": tokens_per_mb * sq_sum / m,
-            }
-            for name, h in estimates.items():
+            for name in args.estimators:
+                if name == "gnb":  # bs * g^2 for the loss averaged over all m micro-batches
+                    h = (m * tokens_per_mb) * (g_sum / m) ** 2
+                else:  # gnb_msq: mean_j (tokens * g_j^2)
+                    h = tokens_per_mb * sq_sum / m
                 errs[name].append(float((h - h_ref).norm() / ref_norm))
                 l1_errs[name].append(abs(float(h.sum() / h_ref.sum()) - 1))
         for name in errs:
@@ -333,10 +339,10 @@ def print_tables(result: dict[str, Any]) -> None:
               f"({mb['model']}, {mb['params']} params, data {mb['data']}, trained "
               f"{mb['train_steps']} steps); reference: {mb['ref_micro_batches']} micro-batches, "
               f"own noise {mb['ref_noise']:.3f}; {mb['trials']} trials")
-        print(f"{'estimator':<17}{'m':>3}{'rel L2 err':>12}{'denoised':>10}{'L1 norm err':>13}"
+        print(f"{'estimator':<10}{'m':>3}{'rel L2 err':>12}{'denoised':>10}{'L1 norm err':>13}"
               f"{'cost vs all':>13}{'overhead @k':>13}")
         for r in mb["rows"]:
-            print(f"{r['estimator']:<17}{r['micro_batches']:>3}{r['rel_l2_err']:>12.3f}"
+            print(f"{r['estimator']:<10}{r['micro_batches']:>3}{r['rel_l2_err']:>12.3f}"
                   f"{r['rel_l2_err_denoised']:>10.3f}{r['rel_l1_norm_err']:>13.3f}"
                   f"{r['cost_vs_all']:>13.3f}{100 * r['overhead_vs_training']:>12.2f}%")
         print(f"(cost vs all: Hessian-pass FLOPs relative to all {mb['accum']} micro-batches of a "
@@ -370,6 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--mb-seq", type=int, default=64, help="tokens per row")
     g.add_argument("--train-steps", type=int, default=300, help="AdamW steps before measuring")
     g.add_argument("--micro-batches", default="1,2,4,8")
+    g.add_argument("--estimators", default=",".join(ESTIMATORS),
+                   help=f"optimizer.hessian_estimator values to measure ({', '.join(ESTIMATORS)})")
     g.add_argument("--ref-micro-batches", type=int, default=64)
     g.add_argument("--trials", type=int, default=16)
     g.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step")
@@ -379,6 +387,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.parts = [s for s in args.parts.split(",") if s]
     args.variants = [s for s in args.variants.split(",") if s]
     args.micro_batches = [int(s) for s in args.micro_batches.split(",") if s]
+    args.estimators = [s for s in args.estimators.split(",") if s]
+    for e in args.estimators:
+        if e not in ESTIMATORS:
+            p.error(f"--estimators: unknown estimator {e!r}; choose from {', '.join(ESTIMATORS)}")
     for part in args.parts:
         if part not in ("loss", "micro_batches"):
             p.error(f"--parts: unknown part {part!r}; choose loss and/or micro_batches")

@@ -20,7 +20,9 @@ Outputs in `--out` (default `compare_out/`):
   include Hessian passes); large numbers read 120k, 1.5M, 3.2G;
 - `diagnostics.png`: a 2x2 grid of lr, grad-clip trigger rate (`grad/clip_rate`), Sophia's clip
   fraction (`sophia/clip_frac`) and win rate (`sophia/win_rate`) against steps;
-- `speedup.json` and a table on stdout (below).
+- `speedup.json` and a table on stdout (below);
+- with `--scaling`, or by default when the runs span two or more model sizes, `scaling.png`,
+  `scaling.json` and the size-match tables on stdout (see "Scaling view" below).
 Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
 whose curves coincide (a clip rate of 1.0 for all, say) all stay visible.
 
@@ -49,10 +51,31 @@ aligned by evaluation index and truncated to the shortest member.
    the same rule, so for a monotone curve it is B's last evaluation point. A twice as fast as B
    reads 0.5. If A (or, with `--target-loss`, B) never reaches the target the ratio is null and the
    table says "not reached"; a zero denominator or a missing axis also gives null, with a reason.
+
+Scaling view (exact definition)
+-------------------------------
+- Size N: non-embedding parameters, every parameter but the token and position embeddings
+  (12 n_layer n_embd^2 plus LayerNorms and biases), from the run's `config.yaml` model section
+  (`non_embedding_params`; the model is built on the meta device).
+- Lines: one per optimizer (plus any overrides that differ between runs other than seeds, model
+  size overrides `model=`, `model.*=` and `experiment=`, and those that do not change the result).
+  The runs of a line at one size are its seeds: drawn as the mean with a min/max band, recorded
+  with mean, min, max and std.
+- `scaling.png`, three panels: final val loss against N; final val loss against total training
+  FLOPs (the `flops` metric: Hessian passes included); val loss at a matched budget against N,
+  where a size's budget is the smallest total FLOPs of any run of that size and each run's val loss
+  there is interpolated linearly between its evaluations.
+- Size matches, for each ordered pair of lines (A, B) and each size N of A, for both the final and
+  the matched-budget loss: the size at which B's mean loss, interpolated linearly in log N, equals
+  A's loss at N (first crossing), and its ratio to N. "A at 10M matches B at 20M (2.00x)" means B
+  needs twice the parameters for A's loss. None when B is already at or below it at its smallest
+  size or never reaches it: nothing is extrapolated.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import re
@@ -186,6 +209,7 @@ class Run:
     records: list[dict]
     optimizer: str
     overrides: list[str]
+    config: dict | None = None  # the resolved config.yaml (None for a bare W&B history)
 
     def seed(self) -> str | None:
         for o in self.overrides:
@@ -241,6 +265,15 @@ def _load_yaml(path: Path):
         return None
 
 
+def _run_config(run_dir: Path) -> dict | None:
+    """The run's resolved config.yaml, else Hydra's composed .hydra/config.yaml, else None."""
+    for cfg_path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        cfg = _load_yaml(cfg_path) if cfg_path.exists() else None
+        if isinstance(cfg, dict):
+            return cfg
+    return None
+
+
 def _optimizer_name(run_dir: Path, overrides: list[str]) -> str | None:
     for cfg_path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
         cfg = _load_yaml(cfg_path) if cfg_path.exists() else None
@@ -271,7 +304,8 @@ def load_run(run_dir: Path) -> Run:
         raise CompareError(f"{metrics} holds no metrics. The run probably stopped before its first "
                            f"log line; rerun it or leave it out of the comparison.")
     overrides = _overrides(run_dir)
-    return Run(run_dir, records, _optimizer_name(run_dir, overrides) or run_dir.name, overrides)
+    return Run(run_dir, records, _optimizer_name(run_dir, overrides) or run_dir.name, overrides,
+               _run_config(run_dir))
 
 
 def load_wandb_run(wandb_dir: Path) -> Run:
@@ -667,6 +701,287 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
     return paths
 
 
+# --------------------------------------------------------------------------- scaling view
+
+
+# Overrides that choose the model's size (or an experiment preset, which fixes the size together
+# with the optimizer): left out of a scaling line's label, so one optimizer's runs at all sizes
+# form one line.
+SIZE_OVERRIDE_KEYS: frozenset[str] = frozenset({"model", "experiment"})
+
+
+def is_size_override(override: str) -> bool:
+    """Whether `override` sets the model (`model=...`, `model.*=...`) or an experiment preset."""
+    key = _override_key(override)
+    return key in SIZE_OVERRIDE_KEYS or key.startswith("model.")
+
+
+@functools.cache
+def _non_embedding_params(model_items: tuple) -> int:
+    import torch
+
+    from model import GPT, GPTConfig
+
+    settings = dict(model_items)
+    preset = settings.pop("preset", None)
+    # Keys of the model section that are not GPTConfig fields (init_from: the starting weights)
+    # do not change the shape.
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    fields = {k: v for k, v in settings.items() if v is not None and k in known}
+    cfg = GPTConfig.from_preset(preset, **fields) if preset else GPTConfig(**fields)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = GPT(cfg)
+    embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def non_embedding_params(model_cfg: dict | None) -> int | None:
+    """Non-embedding parameters of a run's `model` config section (preset plus non-null fields).
+
+    Every parameter except the token embedding (tied with the output head) and the position
+    embedding: the transformer blocks and the final LayerNorm, i.e. 12 n_layer n_embd^2 plus the
+    LayerNorm weights (2 n_layer + 1) n_embd, plus biases when `bias` is true. This is the N of
+    scaling-law fits (Kaplan et al. 2020); `GPT.num_params(non_embedding=True)` keeps the tied
+    token embedding and so differs by vocab x n_embd. The model is built on the meta device, so
+    the count follows model/gpt.py exactly. None when the section is missing or invalid.
+    """
+    if not isinstance(model_cfg, dict):
+        return None
+    fields = {k: v for k, v in model_cfg.items() if k != "vocab_size"}  # embeddings only
+    try:
+        return _non_embedding_params(tuple(sorted(fields.items())))
+    except (TypeError, ValueError):
+        return None
+
+
+def value_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
+    """The piecewise-linear curve (xs, ys) at `x` (xs non-decreasing); None outside [xs[0], xs[-1]]."""
+    if not xs or x < xs[0] or x > xs[-1]:
+        return None
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, x1 = xs[i - 1], xs[i]
+            return ys[i] if x1 == x0 else ys[i - 1] + (x - x0) * (ys[i] - ys[i - 1]) / (x1 - x0)
+    return ys[-1]
+
+
+def matching_size(sizes: Sequence[float], losses: Sequence[float], target: float) -> tuple[float | None, str | None]:
+    """The size at which a line (losses at increasing sizes) reaches `target`, interpolated
+    linearly in log size: the first crossing, as in `steps_to_reach`. Returns (size, None), or
+    (None, reason) when it is already at or below the target at its smallest size or never
+    reaches it (nothing is extrapolated)."""
+    if not sizes:
+        return None, "has no sizes"
+    if losses[0] <= target:
+        return None, f"is already at or below it at its smallest size, {si_format(sizes[0])}"
+    x = steps_to_reach([math.log(n) for n in sizes], losses, target)
+    if x is None:
+        return None, f"stays above it up to its largest size, {si_format(sizes[-1])}"
+    return math.exp(x), None
+
+
+@dataclass
+class ScalingPoint:
+    """One line (optimizer) at one model size: the statistics over its runs (seeds)."""
+
+    line: str
+    params: int
+    runs: list[Run]
+    final: list[float]  # final val loss of each run
+    flops: list[float]  # total training FLOPs of each run (Hessian passes included)
+    budget: float | None = None  # the size's matched FLOPs budget
+    at_budget: list[float] = field(default_factory=list)  # each run's val loss at that budget
+
+    @staticmethod
+    def stats(values: Sequence[float]) -> dict | None:
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return {"mean": mean, "min": min(values), "max": max(values), "std": std, "n": len(values)}
+
+
+def scaling_points(runs: Sequence[Run], metric: str = "val/loss") -> tuple[list[ScalingPoint], list[str]]:
+    """Group runs into (line, size) points; returns the points and notes on the runs left out.
+
+    A line is the optimizer plus the overrides that differ between the runs, leaving out seeds,
+    size overrides (`is_size_override`) and those that do not change the result; the runs of a
+    line at one size are its repeats (seeds). The matched budget of a size is the smallest total
+    FLOPs among all runs of that size, and each run's loss there is read off its `metric` curve
+    against FLOPs (linear interpolation between evaluations).
+    """
+    notes, usable = [], []
+    for run in runs:
+        n = non_embedding_params((run.config or {}).get("model"))
+        xs, ys = series(run.records, "flops", metric)
+        train = (run.config or {}).get("train")
+        max_steps = train.get("max_steps") if isinstance(train, dict) else None
+        last = max(r["step"] for r in run.records)
+        if n is None:
+            notes.append(f"{run.path}: no model settings in its config.yaml, so no model size")
+        elif not ys:
+            notes.append(f"{run.path}: no {metric} points with a flops value")
+        elif isinstance(max_steps, int) and last < max_steps:
+            # a final loss only compares with other final losses once the run has finished
+            notes.append(f"{run.path}: unfinished (step {last} of {max_steps})")
+        else:
+            usable.append((run, n, xs, ys))
+    common = set.intersection(*(set(r.overrides) for r, *_ in usable)) if usable else set()
+    points: dict[tuple[str, int], ScalingPoint] = {}
+    curves = {}
+    for run, n, xs, ys in usable:
+        parts = [run.optimizer] + [o for o in run.overrides if o not in common and not is_noise_override(o)
+                                   and not is_size_override(o) and _override_key(o) not in ("optimizer", "seed")]
+        line = " ".join(parts)
+        pt = points.setdefault((line, n), ScalingPoint(line, n, [], [], []))
+        pt.runs.append(run)
+        pt.final.append(ys[-1])
+        pt.flops.append(xs[-1])
+        curves[id(run)] = (xs, ys)
+    for n in {n for _, n in points}:
+        at_size = [pt for (_, m), pt in points.items() if m == n]
+        budget = min(f for pt in at_size for f in pt.flops)
+        for pt in at_size:
+            pt.budget = budget
+            pt.at_budget = [v for v in (value_at(*curves[id(r)], budget) for r in pt.runs) if v is not None]
+    return sorted(points.values(), key=lambda p: (p.line, p.params)), notes
+
+
+SCALING_METRICS = {"final": "final validation loss", "matched_budget": "validation loss at matched FLOPs"}
+
+
+def _line_values(points: Sequence[ScalingPoint], line: str, metric: str) -> tuple[list[float], list[float]]:
+    pts = [p for p in points if p.line == line and (p.final if metric == "final" else p.at_budget)]
+    vals = [ScalingPoint.stats(p.final if metric == "final" else p.at_budget)["mean"] for p in pts]
+    return [float(p.params) for p in pts], vals
+
+
+def size_matches(points: Sequence[ScalingPoint], metric: str = "final") -> list[dict]:
+    """For each ordered pair of lines (A, B) and each size N of A: the size at which B's loss
+    (mean over seeds, interpolated linearly in log size) equals A's loss at N.
+
+    `ratio` = that size / N: 2.0 reads "A at size N matches B at twice the size". None, with a
+    `note`, when B's line does not cross A's loss within the sizes run.
+    """
+    lines = sorted({p.line for p in points})
+    rows = []
+    for a in lines:
+        sizes_a, losses_a = _line_values(points, a, metric)
+        for b in lines:
+            if a == b:
+                continue
+            sizes_b, losses_b = _line_values(points, b, metric)
+            for n, loss in zip(sizes_a, losses_a):
+                size, note = matching_size(sizes_b, losses_b, loss)
+                rows.append({"a": a, "b": b, "size_a": n, "loss_a": loss, "size_b": size,
+                             "ratio": None if size is None else size / n,
+                             "note": None if note is None else f"{b} {note}"})
+    return rows
+
+
+def format_size_matches(rows: Sequence[dict], metric: str) -> str:
+    lines = [f"Model size at which B matches A's {SCALING_METRICS[metric]} (B's line interpolated in log "
+             f"size; ratio > 1: B needs a larger model):"]
+    for r in rows:
+        head = f"  {r['a']} at {si_format(r['size_a'])} params ({r['loss_a']:.4f})"
+        if r["size_b"] is None:
+            lines.append(f"{head}: no match ({r['note']})")
+        else:
+            lines.append(f"{head} matches {r['b']} at {si_format(r['size_b'])} params ({r['ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
+def scaling_report(points: Sequence[ScalingPoint]) -> dict:
+    """scaling.json: every point's statistics and run paths, and the size matches per metric."""
+    return {
+        "definition": (
+            "params: non-embedding parameters (all but the token and position embeddings), from each run's "
+            "config.yaml; final: each run's last val/loss; flops: its total training FLOPs, Hessian passes "
+            "included; matched_budget: its val/loss at the size's budget, the smallest total FLOPs of any run of "
+            "that size (linear interpolation between evaluations); mean/min/max/std over a line's runs (seeds) at "
+            "one size. size_matches: for each size N of line A, the size at which line B's mean loss (linear in "
+            "log size) equals A's, and its ratio to N; null when B does not cross it within its sizes"),
+        "points": [{"line": p.line, "params": p.params, "runs": [str(r.path) for r in p.runs],
+                    "final": ScalingPoint.stats(p.final), "flops": ScalingPoint.stats(p.flops),
+                    "budget_flops": p.budget, "matched_budget": ScalingPoint.stats(p.at_budget)}
+                   for p in points],
+        "size_matches": {m: size_matches(points, m) for m in SCALING_METRICS},
+    }
+
+
+def scaling_figure(points: Sequence[ScalingPoint]):
+    """1x3: final val loss against non-embedding params and against total FLOPs, and val loss at the
+    matched FLOPs budget against params; one line per optimizer, a min/max band over seeds."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    lines = sorted({p.line for p in points})
+    styles = plot_styles(lines)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2), squeeze=False)
+    panels = [("params", "final", "final validation loss vs model size", "non-embedding parameters"),
+              ("flops", "final", "final validation loss vs training FLOPs",
+               "total training FLOPs (incl. Hessian passes)"),
+              ("params", "matched_budget", "validation loss at matched FLOPs vs model size",
+               "non-embedding parameters")]
+    for ax, (x_key, metric, title, x_label) in zip(axes[0], panels):
+        for line in lines:
+            pts = [p for p in points if p.line == line and (p.final if metric == "final" else p.at_budget)]
+            if not pts:
+                continue
+            st = styles[line]
+            stats = [ScalingPoint.stats(p.final if metric == "final" else p.at_budget) for p in pts]
+            xs = [p.params if x_key == "params" else ScalingPoint.stats(p.flops)["mean"] for p in pts]
+            ax.plot(xs, [s["mean"] for s in stats], color=st.color, linestyle=st.linestyle, marker=st.marker,
+                    linewidth=st.linewidth, markersize=st.markersize, markerfacecolor="none", markeredgewidth=1.2,
+                    label=line)
+            if any(s["n"] > 1 for s in stats):
+                ax.fill_between(xs, [s["min"] for s in stats], [s["max"] for s in stats], color=st.color,
+                                alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        # 1-2-5 ticks: tiny-model sweeps often span less than a decade, where 10^k ticks leave
+        # one label or none
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(si_format))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, pos: ""))
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3, which="both")
+    _add_legend(fig, styles)
+    return fig
+
+
+def write_scaling(runs: Sequence[Run], out: Path, forced: bool) -> list[Path]:
+    """The scaling view (scaling.png, scaling.json and the size-match tables on stdout) when the runs
+    span at least two model sizes; with `forced` and fewer, a note says why there is none."""
+    points, notes = scaling_points(runs)
+    sizes = sorted({p.params for p in points})
+    if len(sizes) < 2:
+        if forced:
+            for note in notes:
+                print(f"note: scaling: left out {note}", file=sys.stderr)
+            found = (f"only one model size ({si_format(sizes[0])} non-embedding parameters)" if sizes
+                     else "no run with a model size and val/loss points")
+            print(f"note: the scaling view needs runs of at least two model sizes; found {found}. "
+                  f"Add runs of other sizes (e.g. model=gpt2-nano, or model.n_layer=...).", file=sys.stderr)
+        return []
+    for note in notes:
+        print(f"note: scaling: left out {note}", file=sys.stderr)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = scaling_figure(points)
+    fig.savefig(out / "scaling.png", dpi=100)
+    plt.close(fig)
+    report = scaling_report(points)
+    for metric, rows in report["size_matches"].items():
+        print(format_size_matches(rows, metric))
+    (out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
+    return [out / "scaling.png", out / "scaling.json"]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -683,6 +998,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--metric", default="val/loss", help="metric for the speed-up table (default: val/loss)")
     p.add_argument("--no-group-seeds", dest="group_seeds", action="store_false",
                    help="draw every seed as its own line instead of mean and min/max band")
+    p.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the scaling view (scaling.png, scaling.json); default: when the runs span "
+                        "two or more model sizes")
     args = p.parse_args(argv)
 
     def warn(message, category, filename, lineno, file=None, line=None):
@@ -713,6 +1031,9 @@ def _run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for path in plot(groups, out, args.smooth):
             print(f"wrote {path}")
+        if args.scaling is not False:
+            for path in write_scaling(runs, out, forced=bool(args.scaling)):
+                print(f"wrote {path}")
 
         curves = [metric_curve(label, members, args.metric) for label, members in groups.items()]
         missing = [c.label for c in curves if not c.loss]

@@ -25,7 +25,7 @@ pass over memory by `sophia._fused`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -177,6 +177,34 @@ class SophiaBase(MultiPathOptimizer):
             "hessian_l2": hessian_l2,
             "update_rms": (update_sq / numel).sqrt(),
         }
+
+    def _align(
+        self, estimates: Sequence[Tensor | None] | Mapping[Tensor, Tensor]
+    ) -> list[Tensor | None]:
+        """One estimate (or None) per parameter in param_groups order, shapes checked."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if isinstance(estimates, Mapping):
+            by_id = {id(p): est for p, est in estimates.items()}
+            if not by_id.keys() <= {id(p) for p in params}:
+                raise ValueError(
+                    "update_hessian got an estimate for a tensor that is not a parameter of "
+                    "this optimizer; key the dict by the optimizer's own parameters."
+                )
+            aligned = [by_id.get(id(p)) for p in params]
+        else:
+            aligned = list(estimates)
+            if len(aligned) != len(params):
+                raise ValueError(
+                    f"update_hessian got {len(aligned)} estimates for {len(params)} "
+                    "parameters; pass one entry (or None) per parameter, in param_groups order."
+                )
+        for i, (p, est) in enumerate(zip(params, aligned)):
+            if est is not None and est.shape != p.shape:
+                raise ValueError(
+                    f"Hessian estimate of shape {tuple(est.shape)} does not match its "
+                    f"parameter's shape {tuple(p.shape)} (entry {i})."
+                )
+        return aligned
 
     def telemetry(self) -> dict[str, Tensor]:
         """Statistics of the last step as 0-d device tensors (no host sync until you read them).

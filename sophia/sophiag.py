@@ -10,6 +10,9 @@ and `update_hessian()` doing `h = beta2 * h + (1 - beta2) * g * g` with whatever
 caller left in `.grad`: the gradient of the loss against labels sampled from the model (see
 `sophia.hessian.gnb_loss`). The GNB estimate is B * g_hat^2; the state keeps g_hat^2 and B enters
 the denominator, so B must be the real number of tokens the sampled loss was averaged over.
+`update_hessian(estimates, bs=B)` feeds a precomputed estimate instead (stored as estimate / B,
+so the same `step(bs=B)` uses it as is): the harness's lower-variance mean of per-micro-batch
+squares goes in this way.
 
 About lr: the code's `lr` is the paper's rho * eta. When the ratio is clipped the update is
 `lr * sign(m)`, exactly Lion's step size, so SophiaG learning rates are comparable with Lion's,
@@ -17,7 +20,7 @@ not AdamW's. `paper_to_code_lr` converts.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,16 +81,57 @@ class SophiaG(SophiaBase):
         ))
 
     @torch.no_grad()
-    def update_hessian(self) -> None:
-        """h = beta2 * h + (1 - beta2) * g * g for every parameter whose .grad is set.
+    def update_hessian(
+        self, estimates: Sequence[Tensor | None] | Mapping[Tensor, Tensor] | None = None,
+        *, bs: float | None = None,
+    ) -> None:
+        """Fold a diagonal Hessian estimate into h.
 
-        Call it right after backward of the sampled-label loss (`sophia.hessian.gnb_loss`).
+        Without arguments (the official call): h = beta2 * h + (1 - beta2) * g * g for every
+        parameter whose .grad is set. Call it right after backward of the sampled-label loss
+        (`sophia.hessian.gnb_loss`); the step's `bs` turns the EMA of g^2 into the estimate.
+
+        With `estimates` (e.g. the mean of per-micro-batch GNB squares): h = beta2 * h +
+        (1 - beta2) * estimate / bs, so that `step(bs=bs)` divides |m| by rho * (EMA of the
+        estimates) exactly where the official path uses rho * bs * (EMA of g^2). Pass the same `bs`
+        to `step`; h stays in the official units (comparable `hessian_l1`, state dicts).
+
+        Args:
+            estimates: estimates of the Hessian diagonal (the quantity bs * g^2 estimates), a
+                sequence aligned with `[p for g in opt.param_groups for p in g["params"]]` (None
+                entries are skipped) or a dict param -> tensor, as for `SophiaH.update_hessian`.
+            bs: required with `estimates`: the `bs` the following steps are given.
         """
+        if estimates is None:
+            if bs is not None:
+                raise ValueError(
+                    f"update_hessian(bs={bs!r}) without estimates: bs only scales precomputed "
+                    "estimates; call update_hessian() to square .grad, or pass estimates too."
+                )
+            per_group = []
+            for group in self.param_groups:
+                _, grads, _, hessians, _ = self._gather(group)
+                per_group.append((group, hessians, grads))
+            self._update_hessian_ema(per_group, square=True)
+            return
+        if bs is None:
+            raise ValueError(
+                "update_hessian(estimates) needs bs=, the batch size later passed to step(bs=...): "
+                "h stores estimate / bs so that the step's rho * bs * h is the estimate."
+            )
+        check_batch_size(bs)
+        # SophiaH's alignment only reads self.param_groups: shared rather than copied.
+        aligned = iter(self._align(estimates))
         per_group = []
         for group in self.param_groups:
-            _, grads, _, hessians, _ = self._gather(group)
-            per_group.append((group, hessians, grads))
-        self._update_hessian_ema(per_group, square=True)
+            hessians, values = [], []
+            for p in group["params"]:
+                est = next(aligned)
+                if est is not None:
+                    values.append(est.detach() / bs)
+                    hessians.append(self._init_state(self.state[p], p)["hessian"])
+            per_group.append((group, hessians, values))
+        self._update_hessian_ema(per_group, square=False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, bs: int = 5120) -> Any:

@@ -83,34 +83,6 @@ class SophiaH(SophiaBase):
             per_group.append((group, hessians, ests))
         self._update_hessian_ema(per_group, square=False)
 
-    def _align(
-        self, estimates: Sequence[Tensor | None] | Mapping[Tensor, Tensor]
-    ) -> list[Tensor | None]:
-        """One estimate (or None) per parameter in param_groups order, shapes checked."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        if isinstance(estimates, Mapping):
-            by_id = {id(p): est for p, est in estimates.items()}
-            if not by_id.keys() <= {id(p) for p in params}:
-                raise ValueError(
-                    "update_hessian got an estimate for a tensor that is not a parameter of "
-                    "this optimizer; key the dict by the optimizer's own parameters."
-                )
-            aligned = [by_id.get(id(p)) for p in params]
-        else:
-            aligned = list(estimates)
-            if len(aligned) != len(params):
-                raise ValueError(
-                    f"update_hessian got {len(aligned)} estimates for {len(params)} "
-                    "parameters; pass one entry (or None) per parameter, in param_groups order."
-                )
-        for i, (p, est) in enumerate(zip(params, aligned)):
-            if est is not None and est.shape != p.shape:
-                raise ValueError(
-                    f"Hessian estimate of shape {tuple(est.shape)} does not match its "
-                    f"parameter's shape {tuple(p.shape)} (entry {i})."
-                )
-        return aligned
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One SophiaH update; `closure` optionally re-evaluates the model and returns the loss."""

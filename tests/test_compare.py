@@ -26,11 +26,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_run(run_dir: Path, *, optimizer: str, overrides: list[str], steps: int, loss_at, eval_every: int = 50,
               tokens_per_step: int = 1000, seconds_per_step: float = 0.1, flops_per_token: int = 600,
-              with_val: bool = True, sophia: bool = False) -> Path:
-    """A run directory in the engine's format whose loss follows `loss_at(step)` exactly."""
+              with_val: bool = True, sophia: bool = False, model: dict | None = None,
+              max_steps: int | None = None) -> Path:
+    """A run directory in the engine's format whose loss follows `loss_at(step)` exactly; `model`
+    adds a model section (and train.max_steps, default `steps`) to its config.yaml."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (run_dir / "config.yaml").write_text(f"optimizer:\n  name: {optimizer}\n  lr: 0.001\nseed: 1\n")
+    config = f"optimizer:\n  name: {optimizer}\n  lr: 0.001\nseed: 1\n"
+    if model is not None:
+        config += "model:\n" + "".join(f"  {k}: {v}\n" for k, v in model.items())
+        config += f"train:\n  max_steps: {max_steps or steps}\n"
+    (run_dir / "config.yaml").write_text(config)
     lines = []
     for step in range(0, steps + 1, 10):
         rec = {"step": step, "tokens": step * tokens_per_step, "flops": step * tokens_per_step * flops_per_token,
@@ -401,3 +407,152 @@ def test_figures_are_labelled_readable_and_show_every_run(tmp_path):
     finally:
         plt.close(loss)
         plt.close(diag)
+
+
+# --------------------------------------------------------------------------- scaling view
+
+
+def _nano(n_layer: int, n_embd: int = 32, **extra) -> dict:
+    return {"preset": "gpt2-nano", "n_layer": n_layer, "n_embd": n_embd, "n_head": 2, "vocab_size": "null",
+            "bias": "false", **extra}
+
+
+def test_non_embedding_params_from_config():
+    for n_layer, n_embd in [(1, 32), (3, 64), (2, 48)]:
+        n = compare.non_embedding_params(_nano(n_layer, n_embd) | {"bias": False, "vocab_size": None})
+        assert n == 12 * n_layer * n_embd**2 + (2 * n_layer + 1) * n_embd  # blocks + LayerNorm weights
+    # biases: 9d per block in the linears, 2d in its LayerNorms, d in the final LayerNorm
+    assert compare.non_embedding_params({"preset": "gpt2-nano", "bias": True}) == (
+        12 * 2 * 64**2 + (2 * 2 + 1) * 64 + 2 * 11 * 64 + 64)
+    # the model's own count keeps the tied token embedding: the two differ by exactly vocab x n_embd
+    from model import GPT, GPTConfig
+
+    gpt = GPT(GPTConfig.from_preset("gpt2-micro", vocab_size=320))
+    assert compare.non_embedding_params({"preset": "gpt2-micro", "vocab_size": 320}) == (
+        gpt.num_params(non_embedding=True) - 320 * 128)
+    # keys that are not GPTConfig fields (the starting weights) leave the count alone
+    assert compare.non_embedding_params({"preset": "gpt2-micro", "init_from": "gpt2"}) == (
+        gpt.num_params(non_embedding=True) - 320 * 128)
+    assert compare.non_embedding_params(None) is None
+    assert compare.non_embedding_params({"preset": "no-such-model"}) is None
+
+
+def test_matching_size_interpolates_in_log_size():
+    sizes, losses = [1e4, 1e5, 1e6], [4.0, 3.0, 2.0]
+    assert compare.matching_size(sizes, losses, 2.5)[0] == pytest.approx(math.sqrt(1e5 * 1e6))
+    assert compare.matching_size(sizes, losses, 3.0)[0] == pytest.approx(1e5)
+    size, note = compare.matching_size(sizes, losses, 4.5)
+    assert size is None and "already at or below it at its smallest size" in note
+    size, note = compare.matching_size(sizes, losses, 1.5)
+    assert size is None and "stays above it up to its largest size, 1M" in note  # no extrapolation
+    assert compare.value_at([0, 10, 20], [5.0, 4.0, 2.0], 15) == pytest.approx(3.0)
+    assert compare.value_at([0, 10], [5.0, 4.0], 11) is None
+
+
+def _scaling_sweep(root: Path, steps: int = 200) -> dict:
+    """B (adamw) at n_layer 1..16, A (sophia) at n_layer 1..4, two seeds each (final losses +-0.01
+    around the line). B's loss is 5 - 0.3 ln(N / 1e4); A's loss at size N is B's at 2N, and A spends
+    10% more FLOPs per step (Hessian passes). Returns {(optimizer, n_layer): N}."""
+    def loss_b(n):
+        return 5.0 - 0.3 * math.log(n / 1e4)
+
+    sizes = {}
+    for opt, layers, tokens in (("adamw", (1, 2, 4, 8, 16), 1000), ("sophia", (1, 2, 4), 1100)):
+        for n_layer in layers:
+            n = compare.non_embedding_params(_nano(n_layer) | {"bias": False, "vocab_size": None})
+            sizes[opt, n_layer] = n
+            final = loss_b(n) if opt == "adamw" else loss_b(2 * n)
+            for seed, delta in ((1, -0.01), (2, 0.01)):
+                write_run(root / f"{opt}-{n_layer}-{seed}", optimizer=opt, steps=steps, tokens_per_step=tokens,
+                          overrides=[f"optimizer={opt}", f"model.n_layer={n_layer}", f"seed={seed}",
+                                     "model=gpt2-nano"],
+                          loss_at=lambda s, f=final + delta: f + 0.002 * (steps - s), model=_nano(n_layer))
+    return sizes
+
+
+def test_scaling_finds_the_size_at_which_b_matches_a(tmp_path, capsys):
+    sizes = _scaling_sweep(tmp_path / "runs")
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path / "runs" / d) for d in sorted(p.name for p in (tmp_path / "runs").iterdir())]
+                        + ["--out", str(out)]) == 0  # several sizes: the scaling view is automatic
+    printed = capsys.readouterr().out
+    assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((out / "scaling.json").read_text())
+    final = [r for r in report["size_matches"]["final"] if r["a"] == "sophia" and r["b"] == "adamw"]
+    assert [r["size_a"] for r in final] == [sizes["sophia", n] for n in (1, 2, 4)]
+    for r in final:  # Sophia at size N matches AdamW at 2N
+        assert r["size_b"] == pytest.approx(2 * r["size_a"], rel=1e-9) and r["ratio"] == pytest.approx(2.0)
+        assert f"sophia at {compare.si_format(r['size_a'])} params" in printed
+    assert f"matches adamw at {compare.si_format(2 * sizes['sophia', 1])} params (2.00x)" in printed
+    # the other way round AdamW's losses lie above every Sophia size's: nothing to interpolate
+    back = [r for r in report["size_matches"]["final"] if r["a"] == "adamw" and r["b"] == "sophia"]
+    assert back[0]["size_b"] is None and "already at or below it at its smallest size" in back[0]["note"]
+    # seeds: one point per (line, size), mean/min/max/std over the two seeds
+    pts = {(p["line"], p["params"]): p for p in report["points"]}
+    assert set(pts) == {(opt, n) for (opt, _), n in sizes.items()}
+    p = pts["adamw", sizes["adamw", 1]]
+    assert len(p["runs"]) == 2 and p["final"]["n"] == 2
+    assert p["final"]["max"] - p["final"]["min"] == pytest.approx(0.02)
+    assert p["final"]["std"] == pytest.approx(0.02 / math.sqrt(2))
+    # matched budget: the size's smallest total FLOPs (AdamW's); Sophia's loss there is read off
+    # its curve at step 200 / 1.1, where it is 0.002 * (200 - 200 / 1.1) above its final loss
+    q = pts["sophia", sizes["sophia", 2]]
+    assert q["budget_flops"] == pytest.approx(200 * 1000 * 600)
+    assert q["matched_budget"]["mean"] == pytest.approx(q["final"]["mean"] + 0.002 * (200 - 200 / 1.1))
+    assert pts["adamw", sizes["adamw", 2]]["matched_budget"]["mean"] == pytest.approx(
+        pts["adamw", sizes["adamw", 2]]["final"]["mean"])
+
+
+def test_scaling_figure_draws_seed_bands(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    _scaling_sweep(tmp_path)
+    points, notes = compare.scaling_points(compare.collect_runs(sorted(tmp_path.iterdir())))
+    assert notes == []
+    fig = compare.scaling_figure(points)
+    try:
+        assert [ax.get_xscale() for ax in fig.axes] == ["log"] * 3
+        titles = [ax.get_title() for ax in fig.axes]
+        assert any("model size" in t for t in titles) and any("FLOPs" in t for t in titles)
+        for ax in fig.axes:
+            assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # a band per line
+            assert len(ax.get_lines()) == 2
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == ["adamw", "sophia"]
+    finally:
+        plt.close(fig)
+
+
+def test_scaling_needs_two_sizes_and_says_so(tmp_path, capsys):
+    for opt in ("adamw", "sophia"):
+        write_run(tmp_path / opt, optimizer=opt, overrides=[f"optimizer={opt}"], steps=100, loss_at=linear(0.01),
+                  model=_nano(2))
+    args = [str(tmp_path / "adamw"), str(tmp_path / "sophia"), "--out", str(tmp_path / "out")]
+    assert compare.main(args) == 0  # one size, no flag: no scaling view, no note
+    assert "scaling" not in capsys.readouterr().err and not (tmp_path / "out" / "scaling.png").exists()
+    assert compare.main(args + ["--scaling"]) == 0
+    err = capsys.readouterr().err
+    assert "scaling view needs runs of at least two model sizes" in err and "only one model size (24.7k non-embedding" in err
+    assert not (tmp_path / "out" / "scaling.json").exists()
+
+
+def test_scaling_leaves_out_unfinished_and_sizeless_runs(tmp_path, capsys):
+    _scaling_sweep(tmp_path / "runs")
+    write_run(tmp_path / "runs" / "cut", optimizer="adamw", overrides=["optimizer=adamw", "seed=9"], steps=100,
+              loss_at=linear(0.01), model=_nano(3), max_steps=200)
+    write_run(tmp_path / "runs" / "bare", optimizer="adamw", overrides=["optimizer=adamw", "seed=8"], steps=100,
+              loss_at=linear(0.01))
+    out = tmp_path / "out"
+    assert compare.main([str(p) for p in sorted((tmp_path / "runs").iterdir())] + ["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"left out {tmp_path / 'runs' / 'cut'}: unfinished (step 100 of 200)" in err
+    assert f"left out {tmp_path / 'runs' / 'bare'}: no model settings" in err
+    report = json.loads((out / "scaling.json").read_text())
+    assert all("cut" not in r and "bare" not in r for p in report["points"] for r in p["runs"])
+    assert compare.main([str(p) for p in sorted((tmp_path / "runs").iterdir())]
+                        + ["--out", str(tmp_path / "o2"), "--no-scaling"]) == 0
+    assert not (tmp_path / "o2" / "scaling.png").exists()

@@ -289,7 +289,7 @@ def test_bench_hessian_runs_and_reports(tmp_path: Path) -> None:
     assert all(r["ms"] > 0 and r["peak_extra_bytes"] is None for r in result["loss"])
     rows = result["micro_batches"]["rows"]
     assert {(r["estimator"], r["micro_batches"]) for r in rows} == {
-        (e, m) for e in ("squared-mean", "mean-of-squares") for m in (1, 2)}
+        (e, m) for e in ("gnb", "gnb_msq") for m in (1, 2)}
     for r in rows:
         assert r["cost_vs_all"] == r["micro_batches"] / 4 and r["tokens"] == r["micro_batches"] * 16
         assert 0 < r["rel_l2_err"] < float("inf") and r["rel_l2_err_denoised"] <= r["rel_l2_err"]
@@ -298,3 +298,7 @@ def test_bench_hessian_runs_and_reports(tmp_path: Path) -> None:
     assert one[0] == pytest.approx(one[1])
     with pytest.raises(SystemExit):
         bench.main(["--micro-batches", "16", "--accum", "8"])
+    with pytest.raises(SystemExit):
+        bench.main(["--estimators", "gnb,hutchinson"])
+    only = bench.parse_args(["--estimators", "gnb_msq"])
+    assert only.estimators == ["gnb_msq"]

@@ -149,6 +149,38 @@ def test_torchrun_two_ranks_match_one_process(optimizer, tiny_data, tmp_path):
             torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.distributed
+def test_torchrun_two_ranks_match_one_process_with_gnb_msq(tiny_data, tmp_path):
+    """gnb_msq under DDP: each rank squares its own micro-batch's sampled-label gradient (no
+    gradient all-reduce) and one all-reduce sums the squares, so 2 gloo ranks x 1 micro-batch give
+    the Hessian estimate of 1 process x 2 micro-batches (same rows, same label draws)."""
+    extra = {"train.max_steps": 10, "checkpoint.interval": 0, "train.eval_interval": 5,
+             "train.log_interval": 5, "optimizer.k": 3, "optimizer.hessian_estimator": "gnb_msq"}
+    ddp_dir = tmp_path / "ddp"
+    res = run_train_cli(tiny_overrides(tiny_data, "sophia", **extra) + [f"hydra.run.dir={ddp_dir}"],
+                        cwd=tmp_path, torchrun_nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = tmp_path / "single"
+    run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), single)
+    a, b = read_metrics(ddp_dir), read_metrics(single)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train/loss", "val/loss", "hessian/l1"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+        assert ra["tokens"] == rb["tokens"] and ra["tokens_hessian"] == rb["tokens_hessian"]
+    ca = load_checkpoint(list_checkpoints(ddp_dir / "checkpoints")[-1])
+    cb = load_checkpoint(list_checkpoints(single / "checkpoints")[-1])
+    assert ca["rank_divergence"] == 0.0  # parameters and h identical on both ranks
+    ha = [s["hessian"] for s in ca["optimizer"]["state"].values()]
+    hb = [s["hessian"] for s in cb["optimizer"]["state"].values()]
+    assert len(ha) == len(hb) > 0 and all(h.abs().sum() > 0 for h in hb)  # 3 refreshes happened
+    for x, y in zip(ha, hb):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-9)
+    for name, t in cb["model"].items():
+        torch.testing.assert_close(ca["model"][name], t, rtol=1e-4, atol=1e-5)
+
+
 def _muon_bf16_atol(cfg):
     """Per-parameter bound on how far 1 and 2 processes may drift apart on Muon's side.
 
