@@ -20,6 +20,8 @@ Outputs in `--out` (default `compare_out/`):
   include Hessian passes); large numbers read 120k, 1.5M, 3.2G;
 - `diagnostics.png`: a 2x2 grid of lr, grad-clip trigger rate (`grad/clip_rate`), Sophia's clip
   fraction (`sophia/clip_frac`) and win rate (`sophia/win_rate`) against steps;
+- `downstream.png`, when some run logged them (`eval.hellaswag_interval`): HellaSwag `acc` and
+  `acc_norm` against training tokens;
 - `speedup.json` and a table on stdout (below);
 - with `--scaling`, or by default when the runs span two or more model sizes, `scaling.png`,
   `scaling.json` and the size-match tables on stdout (see "Scaling view" below).
@@ -684,8 +686,41 @@ def diagnostics_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | 
     return fig
 
 
+# (metrics.jsonl key, panel title); both plotted against training tokens.
+DOWNSTREAM_PANELS: list[tuple[str, str]] = [
+    ("eval/hellaswag_acc", "HellaSwag accuracy (summed log-likelihood, acc)"),
+    ("eval/hellaswag_acc_norm", "HellaSwag accuracy (per-token log-likelihood, acc_norm)"),
+]
+
+
+def has_downstream(groups: dict[str, list[Run]]) -> bool:
+    """Did any run log a downstream accuracy?"""
+    return any(key in rec for runs in groups.values() for r in runs for rec in r.records
+               for key, _ in DOWNSTREAM_PANELS)
+
+
+def downstream_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | None = None):
+    """The 1x2 downstream figure: HellaSwag acc and acc_norm against training tokens."""
+    import matplotlib.pyplot as plt
+
+    styles = styles or plot_styles(list(groups))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], DOWNSTREAM_PANELS):
+        _draw(ax, groups, styles, "tokens", key, 1)
+        ax.set_ylim(-0.02, 1.02)  # accuracies: chance is 0.25 with 4 endings
+        ax.axhline(0.25, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("training tokens (incl. Hessian passes)")
+        ax.set_ylabel("accuracy (chance 0.25)")
+        _si_axis(ax.xaxis)
+        ax.grid(alpha=0.3)
+    _add_legend(fig, styles)
+    return fig
+
+
 def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
-    """Write `loss.png` (2x4) and `diagnostics.png` (2x2) into `out`; returns the paths."""
+    """Write `loss.png` (2x4) and `diagnostics.png` (2x2) into `out`, and `downstream.png` when
+    some run has downstream accuracies; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -693,8 +728,11 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
 
     styles = plot_styles(list(groups))
     paths = []
-    for name, fig in (("loss.png", loss_figure(groups, smooth_n, styles)),
-                      ("diagnostics.png", diagnostics_figure(groups, styles))):
+    figures = [("loss.png", loss_figure(groups, smooth_n, styles)),
+               ("diagnostics.png", diagnostics_figure(groups, styles))]
+    if has_downstream(groups):
+        figures.append(("downstream.png", downstream_figure(groups, styles)))
+    for name, fig in figures:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
         paths.append(out / name)

@@ -556,3 +556,27 @@ def test_scaling_leaves_out_unfinished_and_sizeless_runs(tmp_path, capsys):
     assert compare.main([str(p) for p in sorted((tmp_path / "runs").iterdir())]
                         + ["--out", str(tmp_path / "o2"), "--no-scaling"]) == 0
     assert not (tmp_path / "o2" / "scaling.png").exists()
+
+
+def test_downstream_accuracies_get_their_own_figure_only_when_logged(tmp_path):
+    for name, acc in (("a", 0.30), ("b", 0.35)):
+        run = write_run(tmp_path / name, optimizer=name, overrides=[f"optimizer={name}"], steps=100,
+                        loss_at=linear(0.01))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            if r["step"] % 50 == 0:
+                r["eval/hellaswag_acc"], r["eval/hellaswag_acc_norm"] = acc, acc + 0.02
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert (out / "downstream.png").read_bytes()[:8] == PNG_MAGIC
+    groups = {name: [compare.load_run(tmp_path / name)] for name in ("a", "b")}
+    fig = compare.downstream_figure(groups)
+    axes = fig.axes[:2]
+    assert [ax.get_title() for ax in axes] == [t for _, t in compare.DOWNSTREAM_PANELS]
+    assert [[line.get_ydata()[-1] for line in ax.get_lines() if line.get_label() in groups]
+            for ax in axes] == [[0.30, 0.35], [0.32, 0.37]]
+    plain = tmp_path / "plain"
+    write_run(plain, optimizer="c", overrides=[], steps=50, loss_at=linear(0.01))
+    assert compare.main([str(plain), "--out", str(tmp_path / "o2")]) == 0
+    assert not (tmp_path / "o2" / "downstream.png").exists()
