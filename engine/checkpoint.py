@@ -101,6 +101,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` stands for: ``path`` itself, or for a run directory (or its
+    ``checkpoints/`` folder) its newest complete checkpoint. The tools that read a run (sample,
+    evaluate, export) all take either."""
+    path = Path(path)
+    if not path.exists():
+        raise HarnessError(f"{path} does not exist; pass a checkpoint (RUN_DIR/checkpoints/ckpt_*.pt) "
+                           f"or a run directory.")
+    if not path.is_dir():
+        return path
+    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    if not found:
+        raise HarnessError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. The "
+                           f"run has not saved one yet (train.py saves every checkpoint.interval "
+                           f"steps and at the end); pass another run directory or a .pt file.")
+    return found[-1]
+
+
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     """``None``/``""`` -> fresh start; ``auto`` -> newest checkpoint of this run dir, if any;
     a directory -> its newest checkpoint; a file -> that file."""

@@ -38,23 +38,8 @@ from model import GPT, GPTConfig
 TASKS = ("hellaswag",)
 
 
-class EvalError(Exception):
+class EvalError(HarnessError):
     """A problem the user can fix; printed as one line without a traceback."""
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """``path`` itself, or for a run directory (or its ``checkpoints/`` folder) its newest
-    complete checkpoint."""
-    if not path.exists():
-        raise EvalError(f"{path} does not exist; pass a checkpoint (RUN_DIR/checkpoints/ckpt_*.pt) "
-                        f"or a run directory.")
-    if not path.is_dir():
-        return path
-    found = checkpoint.list_checkpoints(path / "checkpoints") or checkpoint.list_checkpoints(path)
-    if not found:
-        raise EvalError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt; the run "
-                        f"has not saved one yet, or pass another run directory or a .pt file.")
-    return found[-1]
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -132,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device} was requested but CUDA is not available; use "
                         f"--device cpu.")
-    path = resolve_checkpoint(args.checkpoint)
+    path = checkpoint.resolve_checkpoint(args.checkpoint)
     # The task first: a missing file or network fails before the (possibly large) model loads.
     try:
         task_file = downstream.task_file_path(args.task_file)
@@ -192,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as err:
             raise EvalError(f"cannot write the result to {out} ({err.strerror or err}); pass "
                             f"--out with a writable path.") from None
-    except EvalError as err:
+    except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.task}: acc {record['acc']:.4f} | acc_norm {record['acc_norm']:.4f} | "

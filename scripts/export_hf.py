@@ -55,19 +55,8 @@ BYTE_NOTE = ("No Hugging Face tokenizer: this run used the byte tokenizer. A tok
              "returns an empty GPT-2 tokenizer that encodes every text to [].")
 
 
-class ExportError(Exception):
+class ExportError(HarnessError):
     """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """``path`` itself, or for a run directory (or its ``checkpoints/`` folder) its newest checkpoint."""
-    if not path.is_dir():
-        return path
-    found = checkpoint.list_checkpoints(path / "checkpoints") or checkpoint.list_checkpoints(path)
-    if not found:
-        raise ExportError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. "
-                          f"Pass a run directory that has saved one, or a .pt file.")
-    return found[-1]
 
 
 def tiktoken_cache_dir() -> Path:
@@ -82,7 +71,7 @@ def export(ckpt_path: Path, out_dir: Path, *, keep_padding: bool = False, verify
            force: bool = False, log=print) -> dict[str, Any]:
     """Write the Hugging Face export of the checkpoint at ``ckpt_path`` (a file or a run dir) to
     ``out_dir``; returns the facts written to ``export_info.json``. Raises :class:`ExportError`."""
-    ckpt_path = resolve_checkpoint(Path(ckpt_path))
+    ckpt_path = checkpoint.resolve_checkpoint(Path(ckpt_path))
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ExportError(f"{out_dir} exists and is not an empty directory; choose a new OUT_DIR or "
@@ -266,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         export(args.checkpoint, args.out_dir, keep_padding=args.keep_padding,
                verify=not args.no_verify, force=args.force)
-    except ExportError as err:
+    except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except AssertionError as err:

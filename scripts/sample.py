@@ -31,21 +31,8 @@ from model import GPT, GPTConfig
 SEPARATOR = "-" * 40
 
 
-class SampleError(Exception):
+class SampleError(HarnessError):
     """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint file `path` stands for: `path` itself, or for a run directory (or its
-    `checkpoints/` folder) the newest complete checkpoint in it."""
-    if not path.is_dir():
-        return path
-    found = checkpoint.list_checkpoints(path / "checkpoints") or checkpoint.list_checkpoints(path)
-    if not found:
-        raise SampleError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. The run has not "
-                          f"saved one yet (train.py saves every checkpoint.interval steps and at the end); pass "
-                          f"another run directory or a .pt file.")
-    return found[-1]
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -152,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SampleError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}.")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SampleError(f"--device {args.device} was requested but CUDA is not available; use --device cpu.")
-        path = resolve_checkpoint(args.checkpoint)
+        path = checkpoint.resolve_checkpoint(args.checkpoint)
         if path != args.checkpoint:
             print(f"sampling from {path}", file=sys.stderr)
         ckpt = load_checkpoint(path)
@@ -160,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = resolve_tokenizer(ckpt, args.tokenizer, model.config.vocab_size)
         texts = sample(model, tok, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k or None, seed=args.seed, device=args.device)
-    except SampleError as e:
+    except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for i, text in enumerate(texts):

@@ -44,3 +44,14 @@ def tiny_data(tmp_path_factory, shakespeare_path) -> Path:
     prepare(str(shakespeare_path), out, tokenizer="byte", val_fraction=0.1, seed=0,
             split_blank_lines=True, workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run faster on one thread than on two that contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -346,7 +346,7 @@ def test_cli_scores_a_training_checkpoint_and_writes_json(trained_run, tmp_path)
     assert not (tmp_path / "cache").exists()
 
     # The in-training entry point on the same weights agrees with the command line.
-    ckpt = evaluate_script.load_checkpoint(evaluate_script.resolve_checkpoint(trained_run))
+    ckpt = evaluate_script.load_checkpoint(evaluate_script.checkpoint.resolve_checkpoint(trained_run))
     model = evaluate_script.build_model(ckpt, "cpu")
     result = downstream.evaluate_multiple_choice(model, downstream.load_task(task, 3), BYTE.encode,
                                                  model.config.block_size, "cpu")

@@ -38,13 +38,7 @@ GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine are faster on one thread than on two that contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_model(config: GPTConfig, seed: int = 0) -> GPT:

@@ -22,13 +22,7 @@ TEXT = "hello world! " * 8
 sample_script = load_script("sample", "sample_script")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a loaded 2-core machine are far faster on one thread than on two that contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
