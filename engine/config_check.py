@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import HarnessError
 from engine.optimizers import OPTIMIZER_KEYS
+from engine.resume import flatten
 from model import GPTConfig
 
 # Every key the engine reads, by section ("" is the top level). The root config (configs/config.yaml)
@@ -60,19 +61,11 @@ def _unknown(section: str, found: Mapping[str, Any], allowed: frozenset[str], wh
     )
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise :class:`HarnessError` for a mandatory value left unset or a key nothing reads."""
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=False)  # "???" stays a string, nothing resolves
-    missing = [key for key, value in _flatten(cfg) if value == "???"]
+    missing = [key for key, value in flatten(cfg).items() if value == "???"]
     if missing:
         key = missing[0]
         raise HarnessError(f"{key} is not set. "

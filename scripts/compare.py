@@ -87,6 +87,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from engine.resume import override_key
+
 # Cost axes: name in the table -> key in metrics.jsonl.
 AXES: dict[str, str] = {"steps": "step", "tokens": "tokens", "flops": "flops", "seconds": "time/elapsed"}
 
@@ -424,14 +426,10 @@ NOISE_OVERRIDES: frozenset[str] = frozenset({
 })
 
 
-def _override_key(o: str) -> str:
-    return o.split("=", 1)[0].lstrip("+~")
-
-
 def is_noise_override(override: str) -> bool:
     """Whether `override` (`key=value`) leaves the training result unchanged (paths, logging, W&B,
     checkpointing, the device), so that a run label need not show it."""
-    key = _override_key(override)
+    key = override_key(override)
     return key in NOISE_OVERRIDES or key.startswith(NOISE_OVERRIDE_PREFIXES)
 
 
@@ -448,7 +446,7 @@ def make_labels(runs: Sequence[Run], group_seeds: bool = True) -> list[str]:
     for r in runs:
         parts = [r.optimizer]
         for o in r.overrides:
-            key = _override_key(o)
+            key = override_key(o)
             if o in common or key == "optimizer" or is_noise_override(o) or (group_seeds and key == "seed"):
                 continue
             parts.append(o)
@@ -750,7 +748,7 @@ SIZE_OVERRIDE_KEYS: frozenset[str] = frozenset({"model", "experiment"})
 
 def is_size_override(override: str) -> bool:
     """Whether `override` sets the model (`model=...`, `model.*=...`) or an experiment preset."""
-    key = _override_key(override)
+    key = override_key(override)
     return key in SIZE_OVERRIDE_KEYS or key.startswith("model.")
 
 
@@ -869,7 +867,7 @@ def scaling_points(runs: Sequence[Run], metric: str = "val/loss") -> tuple[list[
     curves = {}
     for run, n, xs, ys in usable:
         parts = [run.optimizer] + [o for o in run.overrides if o not in common and not is_noise_override(o)
-                                   and not is_size_override(o) and _override_key(o) not in ("optimizer", "seed")]
+                                   and not is_size_override(o) and override_key(o) not in ("optimizer", "seed")]
         line = " ".join(parts)
         pt = points.setdefault((line, n), ScalingPoint(line, n, [], [], []))
         pt.runs.append(run)
