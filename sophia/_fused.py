@@ -1,4 +1,4 @@
-"""Plumbing of the fused step path: one compiled, multi-tensor kernel per optimizer step.
+"""Plumbing of the fused step path: compiled, multi-tensor kernels, one pass over memory per step.
 
 Each optimizer file writes its fused maths once (`_fused_*_kernel`, a plain function over lists
 of tensors written like the reference path); this module compiles it with `torch.compile`
@@ -8,16 +8,26 @@ public names are `clear_fused_cache` and `fused_cache_size` (re-exported by `sop
 
 Why each piece is the way it is:
 
-- One compiled function per *group structure* (device, dtype, shapes, strides, maximize): a fresh
-  code object each, because dynamo keeps its cache and its recompile limit (8) per code object.
-  Shared by all optimizers in the process, so a second optimizer over the same shapes reuses it.
+- A group's tensors go to the compiled kernel in chunks of at most MAX_TENSORS_PER_KERNEL. In one
+  graph over many tensors, functionalisation puts every in-place write back at the graph's end,
+  and inductor refuses to fuse nodes more than 64 apart in graph order ("nodes are too far
+  away"). Past about 30 tensors, that made it give up fusing each tensor's telemetry sum into
+  its update loop: it stored the clip ratio of every coordinate to a temporary as large as the
+  parameters and read it back, 8 more bytes per coordinate plus fresh pages every step (at GPT-2
+  small's 75 tensors, 2.7x torch's fused AdamW on CPU instead of about 1x; docs/benchmarks.md).
+- One compiled function per *chunk structure* (device, dtype, shapes, maximize): a fresh code
+  object each, because dynamo keeps its cache and its recompile limit (8) per code object.
+  Shared by all optimizers in the process, so a second optimizer over the same shapes reuses it,
+  and so do the chunks of one model whose layers repeat the same shapes.
 - Hyperparameters (lr, betas, rho * bs, weight decay) enter as 0-d tensors on the parameters'
   device. A Python float would be baked into the graph, so an LR schedule would recompile every
   step; a tensor is just another kernel argument. They are immutable and cached by value, so a
   constant costs nothing after the first step and a scheduled lr costs one tiny fill per step,
   with no host-device synchronisation.
-- `fullgraph=True`: the whole step is one graph or an error, never a half-executed step, which is
-  what makes falling back to another path after a compile failure safe.
+- `fullgraph=True`: each chunk is one graph or an error, never a half-executed chunk. Every chunk
+  needs the same compiler, so a missing one fails the first chunk, before any tensor is written,
+  and falling back to another path is safe; a later chunk failing on its own is reported as a
+  partly applied step instead (never retried, which would apply the earlier chunks twice).
 """
 from __future__ import annotations
 
@@ -194,19 +204,51 @@ def _structure(tensorlists: Sequence[list[Tensor]], flags: tuple) -> tuple:
     return (params[0].device, params[0].dtype, tuple(p.shape for p in params), flags)
 
 
+# Most tensors one compiled call steps (see the module docstring). Inductor's limit is on node
+# distance, not tensors; 16 keeps the largest chunk's graph well inside it (fusion held up to 28
+# tensors and broke at 32 with torch 2.13), and tests/test_fused.py checks the generated code.
+MAX_TENSORS_PER_KERNEL = 16
+
+
 def run_fused(
     kernel: Callable,
     tensorlists: Sequence[list[Tensor]],
     scalar_args: Sequence[Tensor],
     flags: tuple = (),
     optimizer: str = "optimizer",
-):
-    """Call the compiled `kernel(*tensorlists, *scalar_args, *flags)`.
+) -> list:
+    """Call the compiled `kernel(*chunk_lists, *scalar_args, *flags)` on each chunk of tensors.
 
-    `flags` are Python constants the kernel branches on (e.g. maximize): part of the structure key.
-    A failure of the first call for a structure is a compile failure and raises
-    FusedCompileError; nothing has been written to any tensor at that point.
+    The lists are cut into aligned chunks of at most MAX_TENSORS_PER_KERNEL tensors; the result
+    is the kernel's return value for each chunk, in order. `flags` are Python constants the kernel
+    branches on (e.g. maximize): part of the structure key. If the first chunk fails to compile,
+    FusedCompileError is raised and nothing has been written to any tensor; a compile failure of
+    a later chunk raises a RuntimeError saying the step was partly applied.
     """
+    n = len(tensorlists[0])
+    results = []
+    for start in range(0, n, MAX_TENSORS_PER_KERNEL):
+        chunk = [tensors[start:start + MAX_TENSORS_PER_KERNEL] for tensors in tensorlists]
+        try:
+            results.append(_run_chunk(kernel, chunk, scalar_args, flags, optimizer))
+        except FusedCompileError as err:
+            if start == 0:
+                raise
+            raise RuntimeError(
+                f"{err} The first {start} of this group's {n} tensors were already stepped, so "
+                "this step cannot be retried on another path; restore the last checkpoint and "
+                "pass fused=False."
+            ) from err
+    return results
+
+
+def _run_chunk(
+    kernel: Callable,
+    tensorlists: Sequence[list[Tensor]],
+    scalar_args: Sequence[Tensor],
+    flags: tuple,
+    optimizer: str,
+):
     key = (kernel, _structure(tensorlists, flags))
     fn = _COMPILED.get(key)
     if fn is None:
@@ -228,4 +270,3 @@ def run_fused(
         ) from err
     _WARMED.add(key)
     return out
-

@@ -178,7 +178,7 @@ def _fused_lion(
             device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
             beta2, 1 - beta2, -lr,
         )
-        moved.append(run_fused(_fused_lion_kernel, tensorlists, hyper, optimizer="Lion"))
+        moved.extend(run_fused(_fused_lion_kernel, tensorlists, hyper, optimizer="Lion"))
     return moved
 
 

@@ -337,9 +337,9 @@ def _fused_sophia(
             device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
             denominator.scale, denominator.shift, floor, -lr,
         )
-        n, sq = run_fused(_fused_sophia_kernel, tensorlists, hyper, optimizer="Sophia")
-        clipped.append(n)
-        ratio_sq.append(sq)
+        for n, sq in run_fused(_fused_sophia_kernel, tensorlists, hyper, optimizer="Sophia"):
+            clipped.append(n)
+            ratio_sq.append(sq)
     # after the kernels, so that a compile failure leaves every tensor as it was
     torch._foreach_add_(state_steps, 1)
     return clipped, ratio_sq

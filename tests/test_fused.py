@@ -267,6 +267,94 @@ def test_compile_failure_with_fused_none_falls_back(cls: type, monkeypatch) -> N
     assert sophia.fused_cache_size() == 0
 
 
+def _compile_eagerly(monkeypatch, failing_from: int | None = None) -> list[int]:
+    """torch.compile replaced by the kernel itself, run eagerly (no compile time); from the
+    `failing_from`-th compiled structure on, it fails as a missing compiler would. Returns the
+    list of chunk sizes the kernels were called with."""
+    calls: list[int] = []
+    compiled = [0]
+
+    def fake_compile(fn, **kwargs):
+        compiled[0] += 1
+        fails = failing_from is not None and compiled[0] >= failing_from
+
+        def run(*args):
+            if fails:
+                raise RuntimeError("CppCompileError: no working C++ compiler")
+            calls.append(len(args[0]))
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sophia.clear_fused_cache()
+    return calls
+
+
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_fused_step_is_cut_into_chunks_that_give_the_reference_result(cls, monkeypatch) -> None:
+    calls = _compile_eagerly(monkeypatch)
+    monkeypatch.setattr(fused_mod, "MAX_TENSORS_PER_KERNEL", 2)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 2), (3, 2), (4,), (3, 2), (3, 2)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = cls(params, lr=1e-2, weight_decay=0.1, fused=True)
+    ref = cls(ref_params, lr=1e-2, weight_decay=0.1, fused=False)
+    for t in range(3):
+        _step(cls, params, opt, t)
+        _step(cls, ref_params, ref, t)
+    assert calls == [2, 2, 1] * 3  # chunks of at most 2 tensors, each stepped once per step
+    # (3,2)+(3,2) twice is one structure, (4,)+(3,2) and (3,2) are two more
+    assert sophia.fused_cache_size() == 3
+    for p, q in zip(params, ref_params):
+        _close(p, q)
+    for k, v in ref.telemetry().items():
+        torch.testing.assert_close(opt.telemetry()[k], v)
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_compile_failure_after_a_stepped_chunk_is_not_retried(fused, monkeypatch) -> None:
+    # A retry on another path would step the first chunk's tensors twice.
+    _compile_eagerly(monkeypatch, failing_from=2)
+    monkeypatch.setattr(fused_mod, "MAX_TENSORS_PER_KERNEL", 2)
+    monkeypatch.setattr(fused_mod, "default_fused", lambda params: True)  # as on CUDA
+    params = [nn.Parameter(torch.ones(2)) for _ in range(3)]
+    opt = SophiaG(params, lr=0.1, fused=fused)
+    for p in params:
+        p.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match=r"first 2 of this group's 3 tensors were already "
+                       r"stepped.*fused=False") as err:
+        opt.step()
+    assert not isinstance(err.value, fused_mod.FusedCompileError)
+    assert not torch.equal(params[0], torch.ones(2)) and torch.equal(params[2], torch.ones(2))
+
+
+@pytest.mark.slow
+def test_a_full_chunk_keeps_the_telemetry_sums_in_the_update_loop() -> None:
+    # Why run_fused cuts the step into chunks: over many tensors inductor stopped fusing Sophia's
+    # second telemetry sum into the update and stored every coordinate's clip ratio to a
+    # temporary as large as the parameter (2.7x slower on CPU). Checked on the generated code.
+    from torch._inductor.utils import run_and_get_code
+
+    n = 4100  # a size no other test compiles; over the 4096 at which inductor's CPU sums change
+    count = 2 * fused_mod.MAX_TENSORS_PER_KERNEL + 8
+    lists = [[torch.rand(n) for _ in range(count)] for _ in range(4)]
+    hyper = fused_mod.scalars(torch.device("cpu"), torch.float32,
+                              1.0, 0.99, 0.9, 0.1, 20.0, 1e-15, float("-inf"), -1e-3)
+    kernel = sophia.sophia._fused_sophia_kernel
+    temporary = f"empty_strided_cpu(({n}, )"
+
+    _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper)
+    assert len(codes) == 2  # the two full chunks share one compiled step, the rest is another
+    assert all(temporary not in code for code in codes)
+
+    # the same tensors in one graph: the detector above does see what chunking avoids
+    _, (whole,) = run_and_get_code(fused_mod._compile(kernel), *lists, *hyper)
+    if temporary not in whole:
+        pytest.skip(f"torch {torch.__version__} fuses {count} tensors in one graph; "
+                    "MAX_TENSORS_PER_KERNEL could be raised")
+
+
 def test_state_dict_keeps_and_defaults_fused() -> None:
     params, opt = _make(SophiaG, fused=False)
     _step(SophiaG, params, opt, 0)
