@@ -24,6 +24,15 @@ between device synchronisations; the reported time is the median over `--repeats
 Sophia's Hessian is filled with positive values first so its clipping is not trivial; the step
 timed is `step()` alone (Hessian refreshes are every k steps and cost a backward pass, which
 `scripts/bench_train.py` measures).
+
+Byte counts assume a read and a write cost the same, which is not true everywhere: on a 2-core
+CPU, writing back a line the same loop has just read cost far less than reading one more stream
+(docs/benchmarks.md). `--access-floor` therefore also times, in the same round-robin, a
+compiled one-pass kernel with each optimizer's *access pattern* and almost no arithmetic
+(AdamW: 4 tensors read, 3 of them written in place; SophiaG/SophiaH: 4 read, 2 written; Lion:
+3 read, 2 written) on flat tensors of up to 2^26 elements, scaled to the model's parameter
+count. Its row `floor` is what the device's memory system allows for that pattern, and
+`vs floor` says how close each step comes to it.
 """
 from __future__ import annotations
 
@@ -48,6 +57,9 @@ from sophia import Lion, MuonAdamW, SophiaG, SophiaH
 # bytes moved per fp32 parameter by an ideal single-pass step (reads + writes). Muon is not
 # elementwise (Newton-Schulz matmuls on its side): its rows report time only.
 BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "sophiah": 24, "lion": 20, "muon": None}
+# (tensors read, of which written in place) per parameter by each elementwise step
+ACCESS_PATTERN = {"adamw": (4, 3), "sophiag": (4, 2), "sophiah": (4, 2), "lion": (3, 2)}
+FLOOR_MAX_NUMEL = 2**26
 PATHS = {"adamw": ("foreach", "fused"), "lion": ("reference", "foreach", "fused"),
          "sophiag": ("reference", "foreach", "fused"), "sophiah": ("reference", "foreach", "fused"),
          "muon": ("foreach", "fused")}  # the path of Muon's AdamW side
@@ -60,6 +72,28 @@ class Contender:
     step: Callable[[], None]
     times: list[float]
     first_step_s: float = 0.0
+    scale: float = 1.0  # times are multiplied by this (access floors run on a sample)
+
+
+def _access_kernel(tensors: list[torch.Tensor], writes: int) -> None:
+    # Reads every tensor once and writes the first `writes` back in place, in one loop; the
+    # halving keeps the values bounded over many calls.
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    for t in tensors[:writes]:
+        t.mul_(0.5).add_(total, alpha=0.5 / len(tensors))
+
+
+def access_floor(reads: int, writes: int, n_params: int, device: torch.device) -> Contender:
+    """A contender timing the (reads, writes) pattern on flat tensors of up to FLOOR_MAX_NUMEL
+    elements, its times scaled to `n_params` coordinates."""
+    numel = min(n_params, FLOOR_MAX_NUMEL)
+    gen = torch.Generator(device=device).manual_seed(2)
+    tensors = [torch.rand(numel, device=device, generator=gen) for _ in range(reads)]
+    kernel = torch.compile(_access_kernel, fullgraph=True, dynamic=False)
+    return Contender("floor", f"{reads}R/{writes}W", lambda: kernel(tensors, writes), [],
+                     scale=n_params / numel)
 
 
 # ----------------------------------------------------------------------------- parameter sets
@@ -178,6 +212,11 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             opt = build(optimizer, path, groups, owned)
             kw = {"bs": 480 * 1024} if optimizer == "sophiag" else {}
             contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: _step(o, kw), []))
+    patterns = {}
+    if args.access_floor:
+        patterns = {ACCESS_PATTERN[o] for o in args.optimizers if o in ACCESS_PATTERN}
+        patterns = {p: access_floor(*p, n_params, device) for p in sorted(patterns)}
+        contenders += patterns.values()
 
     for c in contenders:  # warmup; the first step of a fused path compiles
         for i in range(args.warmup):
@@ -186,7 +225,7 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             c.step()
             sync()
             if i == 0:
-                c.first_step_s = time.perf_counter() - t0
+                c.first_step_s = (time.perf_counter() - t0) * c.scale
     for r in range(args.repeats):
         k = r % len(contenders)
         for c in contenders[k:] + contenders[:k]:
@@ -195,12 +234,18 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             for _ in range(args.steps):
                 c.step()
             sync()
-            c.times.append((time.perf_counter() - t0) / args.steps)
+            c.times.append((time.perf_counter() - t0) / args.steps * c.scale)
 
     rows = []
+    floor_ms = {p: statistics.median(c.times) * 1e3 for p, c in patterns.items()}
     for c in contenders:
         sec = statistics.median(c.times)
-        floor = BYTES_FLOOR[c.optimizer]
+        if c.optimizer == "floor":
+            reads, writes = map(int, c.path.replace("R", "").replace("W", "").split("/"))
+            floor, pattern_ms = 4 * (reads + writes), sec * 1e3
+        else:
+            floor = BYTES_FLOOR[c.optimizer]
+            pattern_ms = floor_ms.get(ACCESS_PATTERN.get(c.optimizer))
         nbytes = floor * n_params if floor else None
         rows.append({
             "optimizer": c.optimizer, "path": c.path,
@@ -208,12 +253,14 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             "first_step_s": c.first_step_s,
             "bytes_per_step": nbytes, "gbps": nbytes / sec / 1e9 if nbytes else None,
             "copy_fraction": nbytes / sec / 1e9 / copy_gbps if nbytes else None,
+            "floor_ms": pattern_ms,
+            "vs_floor": sec * 1e3 / pattern_ms if pattern_ms else None,
         })
     base = {r["path"]: r["ms_per_step"] for r in rows if r["optimizer"] == "adamw"}
     for r in rows:
         for path in ("foreach", "fused"):
             r[f"vs_adamw_{path}"] = r["ms_per_step"] / base[path] if path in base else None
-    del contenders, groups
+    del contenders, groups, patterns
     gc.collect()
     return {"name": name, "params": n_params, "tensors": sum(len(g) for g in groups_shapes),
             "rows": rows}
@@ -224,7 +271,8 @@ def print_table(result: dict) -> None:
     print(f"device: {result['device']} ({result['device_type']}, {result['threads']} threads), "
           f"torch {result['torch']}, copy bandwidth {result['copy_gbps']:.1f} GB/s")
     head = (f"{'optimizer':<9} {'path':<9} {'ms/step':>9} {'GB/s eff':>9} {'of copy':>8} "
-            f"{'vs AdamW foreach':>17} {'vs AdamW fused':>15} {'first step s':>13}")
+            f"{'vs AdamW foreach':>17} {'vs AdamW fused':>15} {'vs floor':>9} "
+            f"{'first step s':>13}")
     for model in result["models"]:
         print(f"\n{model['name']}: {model['params'] / 1e6:.2f}M parameters in "
               f"{model['tensors']} tensors")
@@ -234,8 +282,9 @@ def print_table(result: dict) -> None:
                       for k in ("vs_adamw_foreach", "vs_adamw_fused")]
             gbps = f"{r['gbps']:>9.2f} {r['copy_fraction']:>7.0%}" if r["gbps"] else \
                 f"{'n/a':>9} {'n/a':>8}"
+            vs_floor = f"{r['vs_floor']:.2f}x" if r.get("vs_floor") else "n/a"
             print(f"{r['optimizer']:<9} {r['path']:<9} {r['ms_per_step']:>9.2f} {gbps} "
-                  f"{ratios[0]:>17} {ratios[1]:>15} {r['first_step_s']:>13.2f}")
+                  f"{ratios[0]:>17} {ratios[1]:>15} {vs_floor:>9} {r['first_step_s']:>13.2f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -255,6 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     ap.add_argument("--copy-mb", type=int, default=1024, help="tensor size of the copy test")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--access-floor", action="store_true",
+                    help="also time each optimizer's memory access pattern alone (rows 'floor', "
+                         "column 'vs floor'; see the module docstring)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]

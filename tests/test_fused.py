@@ -408,7 +408,7 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     shapes = ",".join("x".join(map(str, s)) for s in SHAPES)
     rc = bench.main(["--shapes", shapes, "--device", "cpu", "--repeats", "3", "--warmup", "1",
-                     "--copy-mb", "4", "--json", str(out)])
+                     "--copy-mb", "4", "--access-floor", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["device"] and result["torch"] == torch.__version__ and result["command"]
@@ -420,14 +420,23 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     assert got >= {("adamw", "foreach"), ("adamw", "fused"), ("lion", "reference"),
                    ("lion", "foreach"), ("lion", "fused"), ("sophiag", "reference"),
                    ("sophiag", "foreach"), ("sophiag", "fused")}
-    floor = {"adamw": 28, "lion": 20, "sophiag": 24}
+    floors = {r["path"]: r for r in model["rows"] if r["optimizer"] == "floor"}
+    assert set(floors) == {"4R/3W", "4R/2W", "3R/2W"}  # AdamW's, the Sophias', Lion's
+    floor = {"adamw": 28, "lion": 20, "sophiag": 24, "floor": None}
+    pattern = {"adamw": "4R/3W", "lion": "3R/2W", "sophiag": "4R/2W"}
     for r in model["rows"]:
         assert r["ms_per_step"] > 0 and r["gbps"] > 0 and r["copy_fraction"] > 0
+        if r["optimizer"] == "floor":  # 4 bytes per tensor read or written
+            reads, writes = int(r["path"][0]), int(r["path"][3])
+            assert r["bytes_per_step"] == 4 * (reads + writes) * n and r["vs_floor"] == 1.0
+            continue
+        assert r["floor_ms"] == floors[pattern[r["optimizer"]]]["ms_per_step"]
+        assert r["vs_floor"] == pytest.approx(r["ms_per_step"] / r["floor_ms"])
         assert r["bytes_per_step"] == floor[r["optimizer"]] * n
         assert r["gbps"] == pytest.approx(r["bytes_per_step"] / (r["ms_per_step"] * 1e-3) / 1e9)
         assert r["vs_adamw_foreach"] > 0 and r["vs_adamw_fused"] > 0
     table = capsys.readouterr().out
-    assert "sophiag" in table and "ms/step" in table
+    assert "sophiag" in table and "ms/step" in table and "vs floor" in table
 
 
 @pytest.mark.slow
