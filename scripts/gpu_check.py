@@ -78,7 +78,7 @@ def phases(work: str = WORK) -> list[Phase]:
             f"hydra.sweep.dir={work}/smoke"]]),
         Phase("2 optimizer step", 40, [[
             py, "scripts/bench_optim.py", "--model", "gpt2-small", "--device", "cuda",
-            "--optimizers", "adamw,lion,sophiag,sophiah,muon", "--paths", "foreach,fused",
+            "--optimizers", "adamw,lion,sophiag,sophiah,muon", "--paths", "fused", "--access-floor",
             "--repeats", "20", "--steps", "5", "--warmup", "3", "--copy-mb", "2048",
             "--json", f"{work}/bench_optim.json"]]),
         Phase("3 training throughput", 150, [[
@@ -174,6 +174,11 @@ def judge(results: dict) -> list[str]:
                 verdict = "met" if ratio <= TARGET_OPTIM_FUSED else "NOT met"
                 lines.append(f"{model['name']}: fused {name} step = {ratio:.2f}x torch fused AdamW "
                              f"(target <= {TARGET_OPTIM_FUSED}x: {verdict})")
+        floors = {r["path"]: r["ms_per_step"] for r in model["rows"] if r["optimizer"] == "floor"}
+        if "4R/2W" in floors and "4R/3W" in floors:
+            lines.append(f"{model['name']}: memory floor of Sophia's access pattern = "
+                         f"{floors['4R/2W'] / floors['4R/3W']:.2f}x AdamW's (what this device "
+                         "allows; not a target)")
     train = (results.get("3 training throughput") or {}).get("bench_train") or {}
     accum = (train.get("settings") or {}).get("accum_steps")
     for row in train.get("rows", []):
