@@ -238,6 +238,9 @@ def sophia(
     `FusedCompileError` if torch.compile fails, before touching any tensor).
 
     SophiaG's rule is `Denominator(rho * bs, shift=1e-15)`, SophiaH's `Denominator(rho, floor=eps)`.
+    The fused path assumes the denominator is positive, as both optimizers ensure; where it is
+    not (a rule without floor fed a negative h), the fused step is clipped to lr per coordinate,
+    while the other paths follow the official code's unclipped |m| / d.
     """
     check_fused_and_foreach(fused, foreach, None)
     if fused:
@@ -328,6 +331,8 @@ def _fused_sophia(
     check_fused_supported(params, "Sophia")
     lr, beta1, weight_decay, maximize, denominator = settings
     floor = float("-inf") if denominator.floor is None else denominator.floor
+    # which parts of the denominator rule apply, exactly as the reference path decides
+    flags = (bool(denominator.shift), denominator.floor is not None)
     clipped: list[Tensor] = []
     ratio_sq: list[Tensor] = []
     grouped = group_by_device_and_dtype([params, grads, exp_avgs, hessians])
@@ -337,7 +342,7 @@ def _fused_sophia(
             device, dtype, -1.0 if maximize else 1.0, 1 - lr * weight_decay, beta1, 1 - beta1,
             denominator.scale, denominator.shift, floor, -lr,
         )
-        for n, sq in run_fused(_fused_sophia_kernel, tensorlists, hyper, optimizer="Sophia"):
+        for n, sq in run_fused(_fused_sophia_kernel, tensorlists, hyper, flags, "Sophia"):
             clipped.append(n)
             ratio_sq.append(sq)
     # after the kernels, so that a compile failure leaves every tensor as it was
@@ -349,20 +354,29 @@ def _fused_sophia_kernel(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor],
     grad_sign: Tensor, decay: Tensor, beta1: Tensor, one_minus_beta1: Tensor,
     denom_scale: Tensor, denom_shift: Tensor, denom_floor: Tensor, neg_lr: Tensor,
+    has_shift: bool, has_floor: bool,
 ) -> tuple[Tensor, Tensor]:
     # Compiled by sophia._fused: inductor turns each parameter's chain, telemetry sums included,
     # into one loop that reads p, g, m, h once and writes p, m once (24 bytes per fp32 coordinate).
-    # Every hyperparameter is a tensor so that SophiaG and SophiaH, and groups differing only in
-    # maximize (grad_sign = -1 / +1, exact), share one compiled kernel; adding a zero shift or
-    # flooring at -inf changes no value.
+    # Every hyperparameter is a tensor so that a changing lr or bs, other betas or rho, and
+    # maximize (grad_sign = -1 / +1, exact) reuse the compiled kernel. The shift and the floor
+    # are Python flags, as in the reference path: a no-op clamp at -inf still costs a max, a NaN
+    # check and a blend per vector, 12% of SophiaG's arithmetic on CPU.
+    # For a positive denominator d, u = clamp(m / d, -1, 1) equals sign(m) * min(|m| / d, 1)
+    # bit for bit ((-a) / d == -(a / d)), and it saves the sign's two compares and blends: 9%
+    # of the arithmetic. Both optimizers keep d > 0: SophiaH floors it at eps > 0, SophiaG
+    # refuses negative estimates and state (its h is otherwise an EMA of squares).
     clipped = []
     ratio_sq = []
     for param, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):
-        param.mul_(decay)
         exp_avg.mul_(beta1).add_(grad * grad_sign * one_minus_beta1)
-        denom = (hess * denom_scale + denom_shift).clamp(min=denom_floor)
-        ratio = (exp_avg.abs() / denom).clamp(max=1)
-        param.addcmul_(exp_avg.sign(), ratio * neg_lr)  # sign is +-1 or 0: same as value=-lr
-        clipped.append(count_true(ratio >= 1))
-        ratio_sq.append(ratio.to(acc_dtype(ratio.dtype)).square().sum())
+        denom = hess * denom_scale
+        if has_shift:
+            denom = denom + denom_shift
+        if has_floor:
+            denom = denom.clamp(min=denom_floor)
+        u = (exp_avg / denom).clamp(-1, 1)
+        param.mul_(decay).add_(u * neg_lr)
+        clipped.append(count_true(u.abs() >= 1))
+        ratio_sq.append(u.to(acc_dtype(u.dtype)).square().sum())
     return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()

@@ -46,6 +46,28 @@ def code_to_paper_lr(lr: float, rho: float) -> float:
     return lr / rho
 
 
+def _check_nonnegative(tensors: Iterable[Tensor], what: str) -> None:
+    """Raise a ValueError if any entry is negative (one host synchronisation per device).
+
+    SophiaG's h is an EMA of squares, so a negative entry can only come from outside (an
+    estimate or a state dict). Refusing it keeps the denominator rho * bs * h + 1e-15 positive,
+    which every path's clip relies on (the fused path computes clamp(m / denominator, -1, 1)).
+    """
+    lows: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            real = torch.view_as_real(t) if t.is_complex() else t
+            lows.setdefault(t.device, []).append(real.detach().amin().float())
+    for device_lows in lows.values():
+        low = float(torch.stack(device_lows).amin())
+        if low < 0:
+            raise ValueError(
+                f"SophiaG: {what} has a negative entry (minimum {low:.3g}). SophiaG's Hessian "
+                "estimates are Gauss-Newton squares and must be >= 0: pass squares (e.g. the mean "
+                "of per-micro-batch g^2), or use SophiaH for signed (Hutchinson) estimates."
+            )
+
+
 def _denominator(rho: float, bs: float) -> Denominator:
     # The 1e-15 is added exactly as the official code does; it keeps 0/0 at 0 while h is still 0.
     return Denominator(scale=rho * bs, shift=1e-15)
@@ -121,7 +143,9 @@ class SophiaG(SophiaBase):
             )
         check_batch_size(bs)
         # SophiaH's alignment only reads self.param_groups: shared rather than copied.
-        aligned = iter(self._align(estimates))
+        aligned = self._align(estimates)
+        _check_nonnegative((e for e in aligned if e is not None), "update_hessian's estimate")
+        aligned = iter(aligned)
         per_group = []
         for group in self.param_groups:
             hessians, values = [], []
@@ -132,6 +156,15 @@ class SophiaG(SophiaBase):
                     hessians.append(self._init_state(self.state[p], p)["hessian"])
             per_group.append((group, hessians, values))
         self._update_hessian_ema(per_group, square=False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load_state_dict, refusing a state whose h has a negative entry."""
+        _check_nonnegative(
+            (s["hessian"] for s in state_dict.get("state", {}).values()
+             if torch.is_tensor(s.get("hessian"))),
+            "the state dict's hessian",
+        )
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, bs: int = 5120) -> Any:

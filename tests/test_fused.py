@@ -6,8 +6,8 @@ validation errors; the compile-failure guard; no recompiles under a changing lr 
 run of scripts/bench_optim.py.
 
 Compiling on CPU takes seconds, so every compiled test uses the same parameter structure
-(SHAPES, one per group, groups sharing it): the whole file compiles two kernels, one that SophiaG
-and SophiaH share and one for Lion, and the bench test reuses them.
+(SHAPES, one per group, groups sharing it): the whole file compiles three kernels (SophiaG's,
+SophiaH's and Lion's) for it, and the bench test reuses them.
 """
 from __future__ import annotations
 
@@ -344,12 +344,13 @@ def test_a_full_chunk_keeps_the_telemetry_sums_in_the_update_loop() -> None:
     kernel = sophia.sophia._fused_sophia_kernel
     temporary = f"empty_strided_cpu(({n}, )"
 
-    _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper)
+    flags = (True, False)  # SophiaG's denominator: a shift, no floor
+    _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
     assert len(codes) == 2  # the two full chunks share one compiled step, the rest is another
     assert all(temporary not in code for code in codes)
 
     # the same tensors in one graph: the detector above does see what chunking avoids
-    _, (whole,) = run_and_get_code(fused_mod._compile(kernel), *lists, *hyper)
+    _, (whole,) = run_and_get_code(fused_mod._compile(kernel), *lists, *hyper, *flags)
     if temporary not in whole:
         pytest.skip(f"torch {torch.__version__} fuses {count} tensors in one graph; "
                     "MAX_TENSORS_PER_KERNEL could be raised")
@@ -444,8 +445,10 @@ def test_fused_cache_is_shared_and_clearable() -> None:
     # last in the file: it empties the cache the tests above fill
     params, opt = _make(SophiaG, fused=True)
     _step(SophiaG, params, opt, 0)
+    params, opt = _make(SophiaH, fused=True)
+    _step(SophiaH, params, opt, 0)
     compiled = sophia.fused_cache_size()
-    assert compiled >= 1
+    assert compiled >= 2  # SophiaG's denominator has a shift, SophiaH's a floor: two kernels
     for cls in (SophiaG, SophiaH):  # a second optimizer over the same structure reuses the step
         params, opt = _make(cls, fused=True, seed=1)
         _step(cls, params, opt, 0)

@@ -251,6 +251,29 @@ def test_update_hessian_refuses_inconsistent_arguments() -> None:
         opt.update_hessian([torch.ones(4)], bs=1)
 
 
+def test_negative_estimates_and_state_are_refused_before_anything_changes() -> None:
+    # A negative h could make SophiaG's denominator negative, where the clip is undefined.
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    opt = SophiaG([p, q])
+    opt.update_hessian([torch.ones(3), torch.ones(2)], bs=2)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"estimate has a negative entry \(minimum -0.5\).*"
+                       r"SophiaH for signed"):
+        opt.update_hessian([torch.ones(3), torch.tensor([1.0, -0.5])], bs=2)
+    assert torch.equal(opt.state[q]["hessian"], before["state"][1]["hessian"])
+    opt.update_hessian({p: torch.zeros(3)}, bs=2)  # zeros are fine
+
+    bad = SophiaG([p, q]).state_dict()
+    bad["state"] = {i: {k: v.clone() for k, v in st.items()} for i, st in before["state"].items()}
+    bad["state"][0]["hessian"][1] = -1e-3
+    fresh = SophiaG([p, q])
+    with pytest.raises(ValueError, match=r"state dict's hessian has a negative entry"):
+        fresh.load_state_dict(bad)
+    assert fresh.state_dict()["state"] == {}
+    fresh.load_state_dict(before)
+    assert torch.equal(fresh.state[p]["hessian"], before["state"][0]["hessian"])
+
+
 # ------------------------------------------------------------------------------ config, end to end
 def test_the_estimator_key_is_checked() -> None:
     model = nn.Linear(3, 2)
