@@ -90,7 +90,7 @@ def _triton_available() -> bool:
 
 
 # fused=None takes the fused path on CPU only for groups at least this large: compiling costs tens
-# of seconds (about 18 s for GPT-2 small's parameters on 2 cores) and each step saves about
+# of seconds (about 21 s for GPT-2 small's parameters on 2 cores) and each step saves about
 # 30 ns per parameter over the foreach path (docs/benchmarks.md), so only big groups repay it
 # within a few dozen steps. Tiny models (tests, the offline quickstart) never would.
 CPU_FUSED_MIN_NUMEL = 2**24
