@@ -15,8 +15,8 @@ Why each piece is the way it is:
   its update loop: it stored the clip ratio of every coordinate to a temporary as large as the
   parameters and read it back, 8 more bytes per coordinate plus fresh pages every step (at GPT-2
   small's 75 tensors, 2.7x torch's fused AdamW on CPU instead of about 1x; docs/benchmarks.md).
-- One compiled function per *chunk structure* (device, dtype, shapes, maximize): a fresh code
-  object each, because dynamo keeps its cache and its recompile limit (8) per code object.
+- One compiled function per *chunk structure* (device, dtype, shapes, the kernel's Python
+  flags): a fresh code object each, because dynamo keeps its cache and its recompile limit (8) per code object.
   Shared by all optimizers in the process, so a second optimizer over the same shapes reuses it,
   and so do the chunks of one model whose layers repeat the same shapes.
 - Hyperparameters (lr, betas, rho * bs, weight decay) enter as 0-d tensors on the parameters'

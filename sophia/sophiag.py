@@ -123,6 +123,10 @@ class SophiaG(SophiaBase):
                 sequence aligned with `[p for g in opt.param_groups for p in g["params"]]` (None
                 entries are skipped) or a dict param -> tensor, as for `SophiaH.update_hessian`.
             bs: required with `estimates`: the `bs` the following steps are given.
+
+        Raises:
+            ValueError: an estimate has a negative entry (checked before h changes, at the cost
+                of one host synchronisation per device); GNB estimates are squares.
         """
         if estimates is None:
             if bs is not None:
