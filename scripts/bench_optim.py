@@ -73,6 +73,7 @@ class Contender:
     times: list[float]
     first_step_s: float = 0.0
     scale: float = 1.0  # times are multiplied by this (access floors run on a sample)
+    pattern: tuple[int, int] | None = None  # (reads, writes) of an access-floor contender
 
 
 def _access_kernel(tensors: list[torch.Tensor], writes: int) -> None:
@@ -93,7 +94,7 @@ def access_floor(reads: int, writes: int, n_params: int, device: torch.device) -
     tensors = [torch.rand(numel, device=device, generator=gen) for _ in range(reads)]
     kernel = torch.compile(_access_kernel, fullgraph=True, dynamic=False)
     return Contender("floor", f"{reads}R/{writes}W", lambda: kernel(tensors, writes), [],
-                     scale=n_params / numel)
+                     scale=n_params / numel, pattern=(reads, writes))
 
 
 # ----------------------------------------------------------------------------- parameter sets
@@ -240,9 +241,8 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
     floor_ms = {p: statistics.median(c.times) * 1e3 for p, c in patterns.items()}
     for c in contenders:
         sec = statistics.median(c.times)
-        if c.optimizer == "floor":
-            reads, writes = map(int, c.path.replace("R", "").replace("W", "").split("/"))
-            floor, pattern_ms = 4 * (reads + writes), sec * 1e3
+        if c.pattern:
+            floor, pattern_ms = 4 * sum(c.pattern), sec * 1e3
         else:
             floor = BYTES_FLOOR[c.optimizer]
             pattern_ms = floor_ms.get(ACCESS_PATTERN.get(c.optimizer))

@@ -223,15 +223,32 @@ def test_fused_rejects_unsupported_dtypes_and_devices(cls: type) -> None:
     cls([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
 
 
-def _broken_compiler(monkeypatch) -> None:
-    """torch.compile as it behaves without a C++ compiler: the error comes at the first call."""
-    def compile_that_fails(fn, **kwargs):
+def _compile_eagerly(monkeypatch, failing_from: int | None = None) -> list[int]:
+    """torch.compile replaced by the kernel itself, run eagerly (no compile time); from the
+    `failing_from`-th compiled structure on, it fails as a missing compiler would. Returns the
+    list of chunk sizes the kernels were called with."""
+    calls: list[int] = []
+    compiled = [0]
+
+    def fake_compile(fn, **kwargs):
+        compiled[0] += 1
+        fails = failing_from is not None and compiled[0] >= failing_from
+
         def run(*args):
-            raise RuntimeError("CppCompileError: no working C++ compiler")
+            if fails:
+                raise RuntimeError("CppCompileError: no working C++ compiler")
+            calls.append(len(args[0]))
+            return fn(*args)
         return run
 
-    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    monkeypatch.setattr(torch, "compile", fake_compile)
     sophia.clear_fused_cache()  # or the kernels earlier tests compiled would be reused
+    return calls
+
+
+def _broken_compiler(monkeypatch) -> None:
+    """torch.compile as it behaves without a C++ compiler: the error comes at the first call."""
+    _compile_eagerly(monkeypatch, failing_from=1)
     assert sophia.fused_cache_size() == 0
 
 
@@ -265,29 +282,6 @@ def test_compile_failure_with_fused_none_falls_back(cls: type, monkeypatch) -> N
     for k, v in ref.telemetry().items():
         torch.testing.assert_close(opt.telemetry()[k], v)
     assert sophia.fused_cache_size() == 0
-
-
-def _compile_eagerly(monkeypatch, failing_from: int | None = None) -> list[int]:
-    """torch.compile replaced by the kernel itself, run eagerly (no compile time); from the
-    `failing_from`-th compiled structure on, it fails as a missing compiler would. Returns the
-    list of chunk sizes the kernels were called with."""
-    calls: list[int] = []
-    compiled = [0]
-
-    def fake_compile(fn, **kwargs):
-        compiled[0] += 1
-        fails = failing_from is not None and compiled[0] >= failing_from
-
-        def run(*args):
-            if fails:
-                raise RuntimeError("CppCompileError: no working C++ compiler")
-            calls.append(len(args[0]))
-            return fn(*args)
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    sophia.clear_fused_cache()
-    return calls
 
 
 @pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
