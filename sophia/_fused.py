@@ -8,13 +8,20 @@ public names are `clear_fused_cache` and `fused_cache_size` (re-exported by `sop
 
 Why each piece is the way it is:
 
-- A group's tensors go to the compiled kernel in chunks of at most MAX_TENSORS_PER_KERNEL. In one
-  graph over many tensors, functionalisation puts every in-place write back at the graph's end,
-  and inductor refuses to fuse nodes more than 64 apart in graph order ("nodes are too far
-  away"). Past about 30 tensors, that made it give up fusing each tensor's telemetry sum into
-  its update loop: it stored the clip ratio of every coordinate to a temporary as large as the
-  parameters and read it back, 8 more bytes per coordinate plus fresh pages every step (at GPT-2
-  small's 75 tensors, 2.7x torch's fused AdamW on CPU instead of about 1x; docs/benchmarks.md).
+- Inductor must keep each tensor's work in one loop: read p, g, m (and h) once, write p and m
+  once, telemetry sums in the same loop. Functionalisation moves every in-place write to the
+  end of the graph, and inductor refuses to fuse nodes more than 64 apart in graph order
+  ("nodes are too far away", a guard against peak memory that does not apply to in-place
+  updates). With its default heuristics, a graph over more than a handful of tensors therefore
+  computes the update in one loop and stores m (or a clip ratio) from a second loop that reads
+  the tensors again: GPT-2 small's SophiaG step took 2.7x torch's fused AdamW on CPU that way,
+  and Lion's step read 1.5x the bytes it needs (docs/benchmarks.md). So the kernels are
+  compiled with that one limit lifted for loops that share a tensor's data
+  (`_OnePassFusion`); loops of different tensors, which share only the hyperparameter scalars,
+  keep inductor's rule. tests/test_fused.py counts the loads and stores of the generated code.
+- A group's tensors go to the compiled kernel in chunks of at most MAX_TENSORS_PER_KERNEL: the
+  graphs stay small, chunks of a model's repeated layers share one compiled step, and with a
+  torch whose inductor has no hook for the distance rule the chunks keep the distance short.
 - One compiled function per *chunk structure* (device, dtype, shapes, the kernel's Python
   flags): a fresh code object each, because dynamo keeps its cache and its recompile limit (8) per code object.
   Shared by all optimizers in the process, so a second optimizer over the same shapes reuses it,
@@ -31,6 +38,7 @@ Why each piece is the way it is:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -187,15 +195,109 @@ def clear_fused_cache() -> None:
     _WARMED.clear()
 
 
+# Loops sharing at least this many bytes of reads are fused however far apart they are in the
+# graph: a tensor's data (4 bytes a float32 coordinate, every tensor but the tiniest), never the
+# 0-d hyperparameters all loops share.
+_MIN_SHARED_BYTES_TO_FUSE_FAR = 1024
+
+
+class _OnePassFusion:
+    """Inductor's fusion heuristics (the current `V.choices`), less the node-distance limit for
+    loops over the same tensor's data. Everything else is delegated unchanged."""
+
+    def __init__(self, inner: object | None = None):
+        if inner is None:
+            from torch._inductor.choices import InductorChoices
+
+            inner = InductorChoices()
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def uuid(self) -> str:
+        # part of inductor's cache key, so that code compiled under these heuristics and code
+        # compiled under the default ones are never mistaken for each other
+        return f"sophia._fused._OnePassFusion(min_shared_bytes={_MIN_SHARED_BYTES_TO_FUSE_FAR})"
+
+    def can_fuse_horizontal(self, scheduler, node1, node2, shared_data_score, *args, **kwargs):
+        if shared_data_score >= _MIN_SHARED_BYTES_TO_FUSE_FAR:
+            scheduler = _NoDistantNodes(scheduler)
+        return self._inner.can_fuse_horizontal(
+            scheduler, node1, node2, shared_data_score, *args, **kwargs
+        )
+
+
+class _NoDistantNodes:
+    """A view of inductor's scheduler in which no two nodes are too far apart to fuse."""
+
+    def __init__(self, scheduler: object):
+        self._scheduler = scheduler
+
+    def __getattr__(self, name: str):
+        return getattr(self._scheduler, name)
+
+    def are_long_distant_nodes(self, node1, node2) -> bool:
+        return False
+
+
+@functools.cache
+def _fusion_hook():
+    """inductor's `V` if it lets a heuristics handler decide horizontal fusion, else None."""
+    try:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+    except ImportError:
+        return None
+    return V if hasattr(InductorChoices, "can_fuse_horizontal") else None
+
+
+@functools.cache
+def _compile_options() -> dict:
+    # size_asserts off: dynamo's guards already check every input's shape and strides, and the
+    # generated code's second check of each tensor was a third of a chunk's call overhead.
+    options: dict = {"size_asserts": False}
+    if _fusion_hook() is None:
+        return options
+    from torch._inductor import config
+
+    # The heuristics handler in effect is not part of inductor's cache key, so code compiled
+    # under the default heuristics could be served for ours. Where the config can name a
+    # handler in the key (its uuid()), it does; elsewhere these steps skip inductor's cache.
+    if "inductor_choices_class" in getattr(config, "_cache_config_factory_keys", ()):
+        options["inductor_choices_class"] = _OnePassFusion
+    else:
+        options["fx_graph_cache"] = False
+    return options
+
+
+@contextlib.contextmanager
+def _one_pass_fusion():
+    """Inductor compiles under `_OnePassFusion` inside this context (a no-op without the hook).
+
+    Entered around every compiled call, since dynamo recompiles by itself when a guard fails.
+    Reading `V.choices` first also gives the thread its default handler outside any compile, so
+    the option above never becomes the handler of the thread's other compiles (a model's).
+    """
+    V = _fusion_hook()
+    if V is None:
+        yield
+        return
+    inner = V.choices
+    V.set_choices_handler(_OnePassFusion(inner))
+    try:
+        yield
+    finally:
+        V.set_choices_handler(inner)
+
+
 def _compile(kernel: Callable) -> Callable:
     # A copy of the function with its own code object gets its own dynamo cache (see module doc).
     fresh = types.FunctionType(
         kernel.__code__.replace(), kernel.__globals__, kernel.__name__,
         kernel.__defaults__, kernel.__closure__,
     )
-    # size_asserts off: dynamo's guards already check every input's shape and strides, and the
-    # generated code's second check of each tensor was a third of a chunk's call overhead.
-    return torch.compile(fresh, dynamic=False, fullgraph=True, options={"size_asserts": False})
+    return torch.compile(fresh, dynamic=False, fullgraph=True, options=_compile_options())
 
 
 def _structure(tensorlists: Sequence[list[Tensor]], flags: tuple) -> tuple:
@@ -206,9 +308,7 @@ def _structure(tensorlists: Sequence[list[Tensor]], flags: tuple) -> tuple:
     return (params[0].device, params[0].dtype, tuple(p.shape for p in params), flags)
 
 
-# Most tensors one compiled call steps (see the module docstring). Inductor's limit is on node
-# distance, not tensors; 16 keeps the largest chunk's graph well inside it (fusion held up to 28
-# tensors and broke at 32 with torch 2.13), and tests/test_fused.py checks the generated code.
+# Most tensors one compiled call steps (see the module docstring).
 MAX_TENSORS_PER_KERNEL = 16
 
 
@@ -229,18 +329,19 @@ def run_fused(
     """
     n = len(tensorlists[0])
     results = []
-    for start in range(0, n, MAX_TENSORS_PER_KERNEL):
-        chunk = [tensors[start:start + MAX_TENSORS_PER_KERNEL] for tensors in tensorlists]
-        try:
-            results.append(_run_chunk(kernel, chunk, scalar_args, flags, optimizer))
-        except FusedCompileError as err:
-            if start == 0:
-                raise
-            raise RuntimeError(
-                f"{err} The first {start} of this group's {n} tensors were already stepped, so "
-                "this step cannot be retried on another path; restore the last checkpoint and "
-                "pass fused=False."
-            ) from err
+    with _one_pass_fusion():
+        for start in range(0, n, MAX_TENSORS_PER_KERNEL):
+            chunk = [tensors[start:start + MAX_TENSORS_PER_KERNEL] for tensors in tensorlists]
+            try:
+                results.append(_run_chunk(kernel, chunk, scalar_args, flags, optimizer))
+            except FusedCompileError as err:
+                if start == 0:
+                    raise
+                raise RuntimeError(
+                    f"{err} The first {start} of this group's {n} tensors were already stepped, "
+                    "so this step cannot be retried on another path; restore the last "
+                    "checkpoint and pass fused=False."
+                ) from err
     return results
 
 

@@ -366,6 +366,11 @@ def _fused_sophia_kernel(
     # bit for bit ((-a) / d == -(a / d)), and it saves the sign's two compares and blends: 9%
     # of the arithmetic. Both optimizers keep d > 0: SophiaH floors it at eps > 0, SophiaG
     # refuses negative estimates and state (its h is otherwise an EMA of squares).
+    # A coordinate was clipped exactly when u^2 >= 1 (|u| = 1; the largest float below 1
+    # squares to below 1), so the clip count reuses the square the r^2 sum needs.
+    # Inductor's fusion is sensitive to the shape of this graph: an exact rewrite such as
+    # grad * (grad_sign * (1 - beta1)) made it store m in a second loop that reads g and m again.
+    # tests/test_fused.py checks that every tensor is still read once and written once.
     clipped = []
     ratio_sq = []
     for param, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):
@@ -377,6 +382,7 @@ def _fused_sophia_kernel(
             denom = denom.clamp(min=denom_floor)
         u = (exp_avg / denom).clamp(-1, 1)
         param.mul_(decay).add_(u * neg_lr)
-        clipped.append(count_true(u.abs() >= 1))
-        ratio_sq.append(u.to(acc_dtype(u.dtype)).square().sum())
+        u_sq = u.to(acc_dtype(u.dtype)).square()
+        clipped.append(count_true(u_sq >= 1))
+        ratio_sq.append(u_sq.sum())
     return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()

@@ -12,6 +12,7 @@ SophiaH's and Lion's) for it, and the bench test reuses them.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -101,6 +102,31 @@ def test_fused_matches_reference(cls: type) -> None:
                 _close(s[key], r[key])
     if cls is not Lion:  # the comparison of clip_frac is not trivially all or nothing
         assert 0.0 < fus.telemetry()["clip_frac"].item() < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
+def test_fused_treats_nan_and_inf_gradients_as_the_reference_does(cls: type) -> None:
+    # The fused kernels use cheaper forms than the reference (clamp(m / d) for sign and min,
+    # u^2 >= 1 for the clip test): a NaN must still land where the reference puts one, and an
+    # infinite m must still clip.
+    ref_params, ref = _make(cls, fused=False, foreach=False)
+    fus_params, fus = _make(cls, fused=True)
+    for t in range(3):
+        _step(cls, ref_params, ref, t)
+        _step(cls, fus_params, fus, t)
+    for params, opt in ((ref_params, ref), (fus_params, fus)):
+        _set_grads(params, 99)
+        for p in params[:2]:
+            p.grad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        opt.step(**({"bs": 20} if cls is SophiaG else {}))
+    for p, q in zip(fus_params, ref_params):
+        assert torch.equal(p.isnan(), q.isnan())
+        _close(p.nan_to_num(0.0), q.nan_to_num(0.0))
+    if cls is not Lion:  # Sophia: a NaN gradient poisons its parameter, infinities clip
+        assert fus_params[0].view(-1)[0].isnan() and fus_params[0].view(-1)[1:3].isfinite().all()
+    for key in fus.telemetry():
+        torch.testing.assert_close(fus.telemetry()[key], ref.telemetry()[key], equal_nan=True)
 
 
 @pytest.mark.slow
@@ -323,31 +349,89 @@ def test_compile_failure_after_a_stepped_chunk_is_not_retried(fused, monkeypatch
     assert not torch.equal(params[0], torch.ones(2)) and torch.equal(params[2], torch.ones(2))
 
 
+def _vector_traffic(code: str, n: int) -> tuple[int, int]:
+    """(vector loads, vector stores) in the generated CPU loops that run over n elements."""
+    parts = re.split(r"for\(int64_t x0=static_cast<int64_t>\(0L\); x0<static_cast<int64_t>\((\d+)L\)",
+                     code)
+    loads = stores = 0
+    for bound, body in zip(parts[1::2], parts[2::2]):
+        if int(bound) == n:
+            body = body.split("#pragma omp")[0]
+            loads, stores = loads + body.count("loadu("), stores + body.count(".store(")
+    return loads, stores
+
+
+# (kernel, its hyperparameters, flags, tensor lists it reads, lists it writes back)
+_ONE_PASS_CASES = {
+    "SophiaG": ("sophia", (1.0, 0.99, 0.9, 0.1, 20.0, 1e-15, float("-inf"), -1e-3), (True, False),
+                4, 2),
+    "SophiaH": ("sophia", (1.0, 0.99, 0.9, 0.1, 0.05, 0.0, 1e-12, -1e-3), (False, True), 4, 2),
+    "Lion": ("lion", (1.0, 0.99, 0.9, 0.1, 0.99, 0.01, -1e-3), (), 3, 2),
+}
+
+
 @pytest.mark.slow
-def test_a_full_chunk_keeps_the_telemetry_sums_in_the_update_loop() -> None:
-    # Why run_fused cuts the step into chunks: over many tensors inductor stopped fusing Sophia's
-    # second telemetry sum into the update and stored every coordinate's clip ratio to a
-    # temporary as large as the parameter (2.7x slower on CPU). Checked on the generated code.
+@pytest.mark.parametrize("name", list(_ONE_PASS_CASES))
+def test_each_chunk_reads_and_writes_every_tensor_once(name: str) -> None:
+    # The fused step is worth having only as one pass over memory per tensor, telemetry sums
+    # included. Inductor can silently lose that: over many tensors it stored every
+    # coordinate's clip ratio to a temporary and read it back (2.7x slower on CPU, the reason
+    # for the chunks), and exact rewrites of the maths made it store m from a second loop that
+    # reads g and m again. Checked on the generated code, by counting its vector loads and stores.
     from torch._inductor.utils import run_and_get_code
 
-    n = 4100  # a size no other test compiles; over the 4096 at which inductor's CPU sums change
+    module, values, flags, reads, writes = _ONE_PASS_CASES[name]
+    kernel = getattr(sophia, module).__dict__[f"_fused_{module}_kernel"]
+    # a size no other test compiles, a multiple of every vector width (no tail loops), over the
+    # 4096 at which inductor's CPU sums change
+    n = 4112
     count = 2 * fused_mod.MAX_TENSORS_PER_KERNEL + 8
-    lists = [[torch.rand(n) for _ in range(count)] for _ in range(4)]
-    hyper = fused_mod.scalars(torch.device("cpu"), torch.float32,
-                              1.0, 0.99, 0.9, 0.1, 20.0, 1e-15, float("-inf"), -1e-3)
-    kernel = sophia.sophia._fused_sophia_kernel
-    temporary = f"empty_strided_cpu(({n}, )"
-
-    flags = (True, False)  # SophiaG's denominator: a shift, no floor
-    _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
+    lists = [[torch.rand(n) for _ in range(count)] for _ in range(reads)]
+    hyper = fused_mod.scalars(torch.device("cpu"), torch.float32, *values)
+    with torch.no_grad():
+        _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
     assert len(codes) == 2  # the two full chunks share one compiled step, the rest is another
-    assert all(temporary not in code for code in codes)
+    if "loadu(" not in codes[0]:
+        pytest.skip("inductor generated scalar (not vectorised) code on this CPU")
+    full, rest = _vector_traffic(codes[0], n), _vector_traffic(codes[1], n)
+    chunk = fused_mod.MAX_TENSORS_PER_KERNEL
+    assert full == (reads * chunk, writes * chunk), f"{name}: {full} for {chunk} tensors"
+    assert rest == (reads * 8, writes * 8), f"{name}: {rest} for 8 tensors"
+    assert all(f"empty_strided_cpu(({n}, )" not in code for code in codes)
 
-    # the same tensors in one graph: the detector above does see what chunking avoids
-    _, (whole,) = run_and_get_code(fused_mod._compile(kernel), *lists, *hyper, *flags)
-    if temporary not in whole:
-        pytest.skip(f"torch {torch.__version__} fuses {count} tensors in one graph; "
-                    "MAX_TENSORS_PER_KERNEL could be raised")
+    if name == "Lion":
+        # What the fusion heuristics of sophia._fused prevent: with inductor's defaults, the
+        # same chunk of Lion stores m from a second loop (read g and m again); the counts see it.
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+
+        chunk_lists = [tensors[:chunk] for tensors in lists]
+        plain = torch.compile(_copy_of(kernel), dynamic=False, fullgraph=True,
+                              options={"size_asserts": False})
+        with torch.no_grad(), V.set_choices_handler(InductorChoices()):
+            _, (default,) = run_and_get_code(plain, *chunk_lists, *hyper, *flags)
+        if _vector_traffic(default, n) == full:
+            pytest.skip(f"inductor's default heuristics in torch {torch.__version__} fuse a "
+                        "chunk of Lion in one pass too")
+        assert _vector_traffic(default, n)[0] > reads * chunk
+
+
+@pytest.mark.slow
+def test_the_fusion_heuristics_stay_inside_the_fused_step() -> None:
+    # The lifted distance limit is for the optimizer's in-place updates only: a model compiled
+    # afterwards in the same thread gets inductor's own heuristics back.
+    from torch._inductor.virtualized import V
+
+    params, opt = _make(Lion, fused=True)
+    before = V.choices
+    _step(Lion, params, opt, 0)
+    assert V.choices is before and not isinstance(V.choices, fused_mod._OnePassFusion)
+
+
+def _copy_of(function):
+    """The same function with its own code object (so with its own dynamo cache)."""
+    return type(function)(function.__code__.replace(), function.__globals__, function.__name__,
+                          function.__defaults__, function.__closure__)
 
 
 def test_state_dict_keeps_and_defaults_fused() -> None:
