@@ -78,19 +78,24 @@ class MultiPathOptimizer(Optimizer):
 
     def _gather(self, group: dict[str, Any]) -> list[list[Tensor]]:
         """[params, grads, *state in `_STATE_KEYS` order] for the group's params with a grad."""
-        lists: list[list[Tensor]] = [[] for _ in range(2 + len(self._STATE_KEYS))]
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        states: list[list[Tensor]] = [[] for _ in self._STATE_KEYS]
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients; use dense "
                     "gradients (e.g. nn.Embedding(sparse=False))."
                 )
+            params.append(p)
+            grads.append(grad)
             state = self._init_state(self.state[p], p)
-            for tensors, t in zip(lists, (p, p.grad, *(state[k] for k in self._STATE_KEYS))):
-                tensors.append(t)
-        return lists
+            for tensors, key in zip(states, self._STATE_KEYS):
+                tensors.append(state[key])
+        return [params, grads, *states]
 
     def _run_on_chosen_path(
         self, group: dict[str, Any], params: list[Tensor], update: Callable[..., T]

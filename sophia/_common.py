@@ -88,8 +88,14 @@ def group_by_device_and_dtype(
 
     Foreach kernels only take their fast path when every tensor of a call shares device and dtype.
     """
+    first = tensorlists[0]
+    if not first:
+        return {}
+    key = (first[0].device, first[0].dtype)
+    if all(p.device == key[0] and p.dtype == key[1] for p in first):
+        return {key: [list(tl) for tl in tensorlists]}  # the usual case, every step: no regrouping
     groups: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
-    for i, p in enumerate(tensorlists[0]):
+    for i, p in enumerate(first):
         bucket = groups.setdefault((p.device, p.dtype), [[] for _ in tensorlists])
         for j, tl in enumerate(tensorlists):
             bucket[j].append(tl[i])

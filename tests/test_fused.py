@@ -129,6 +129,32 @@ def test_fused_treats_nan_and_inf_gradients_as_the_reference_does(cls: type) -> 
         torch.testing.assert_close(fus.telemetry()[key], ref.telemetry()[key], equal_nan=True)
 
 
+@pytest.mark.parametrize("cls", [SophiaG, Lion])
+def test_a_group_mixing_dtypes_steps_like_the_reference(cls: type) -> None:
+    # The multi-tensor paths regroup a group's tensors by (device, dtype) every step; the
+    # single-dtype case takes a shortcut, so check the regrouping keeps every tensor aligned.
+    def make(foreach: bool):
+        g = torch.Generator().manual_seed(3)
+        params = [nn.Parameter(torch.randn(4, generator=g, dtype=d))
+                  for d in (torch.float32, torch.float64, torch.float32, torch.float64)]
+        return params, cls(params, lr=1e-2, foreach=foreach, fused=False)
+
+    (ref_params, ref), (multi_params, multi) = make(False), make(True)
+    for t in range(4):
+        for params, opt in ((ref_params, ref), (multi_params, multi)):
+            g = torch.Generator().manual_seed(10 + t)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+            if cls is SophiaG:
+                opt.update_hessian()
+    for p, q in zip(multi_params, ref_params):
+        assert p.dtype == q.dtype
+        torch.testing.assert_close(p, q)
+        for key in ref.state[q]:
+            torch.testing.assert_close(multi.state[p][key], ref.state[q][key])
+
+
 @pytest.mark.slow
 def test_fused_sophiag_telemetry_matches_state() -> None:
     params, opt = _make(SophiaG, fused=True, lr=2e-2, rho=0.05)
