@@ -15,7 +15,7 @@ Why each piece is the way it is:
   updates). With its default heuristics, a graph over more than a handful of tensors therefore
   computes the update in one loop and stores m (or a clip ratio) from a second loop that reads
   the tensors again: GPT-2 small's SophiaG step took 2.7x torch's fused AdamW on CPU that way,
-  and Lion's step read 1.5x the bytes it needs (docs/benchmarks.md). So the kernels are
+  and Lion's step moved 1.3x the bytes it needs (docs/benchmarks.md). So the kernels are
   compiled with that one limit lifted for loops that share a tensor's data
   (`_OnePassFusion`); loops of different tensors, which share only the hyperparameter scalars,
   keep inductor's rule. tests/test_fused.py counts the loads and stores of the generated code.
@@ -97,10 +97,11 @@ def _triton_available() -> bool:
     return bool(has_triton())
 
 
-# fused=None takes the fused path on CPU only for groups at least this large: compiling costs tens
-# of seconds (about 21 s for GPT-2 small's parameters on 2 cores) and each step saves about
-# 30 ns per parameter over the foreach path (docs/benchmarks.md), so only big groups repay it
-# within a few dozen steps. Tiny models (tests, the offline quickstart) never would.
+# fused=None takes the fused path on CPU only for groups at least this large: compiling costs
+# seconds to tens of seconds (cold, on 2 cores: about 10 s for GPT-2 small's SophiaG step, 18 s
+# for Lion's) and each step saves about 30 ns per parameter over the foreach path
+# (docs/benchmarks.md), so only big groups repay it within a few dozen steps. Tiny models
+# (tests, the offline quickstart) never would.
 CPU_FUSED_MIN_NUMEL = 2**24
 
 
