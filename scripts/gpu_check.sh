@@ -6,21 +6,31 @@
 #
 # Once, on a CPU machine with the package index (the machine that ships the working tree over):
 #
-#     bash scripts/gpu_check.sh --fetch          # pure-Python wheels + tiktoken's GPT-2 files -> gpu-wheels/
+#     bash scripts/gpu_check.sh --fetch          # wheels + tiktoken's GPT-2 files -> gpu-wheels/
 #     bash scripts/gpu_check.sh --setup-only     # the offline setup alone (no GPU needed): to try it
 #
-# gpu-wheels/ is git-ignored and travels with the working tree (well under 1 MiB). On the GPU
-# machine this script installs those wheels with --no-index (hydra-core, omegaconf and antlr4 are
-# what train.py imports and such a machine lacks), the project itself with --no-deps, prepares
-# GPT-2 tokens of the machine's own Python standard library, then hands over to gpu_check.py.
+# gpu-wheels/ is git-ignored and travels with the working tree (about 5 MiB). On the GPU machine
+# this script installs from them with --no-index what such a machine may lack (hydra-core with
+# omegaconf, antlr4 and PyYAML for train.py, pytest for the gpu tests), the project itself with
+# --no-deps, prepares GPT-2 tokens of the machine's own Python standard library, then hands over
+# to gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=gpu-wheels
 
 if [ "${1:-}" = "--fetch" ]; then
     mkdir -p "$WHEELS/tiktoken_cache"
-    python -m pip wheel --no-deps -w "$WHEELS" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
-        "antlr4-python3-runtime==4.9.3" packaging
+    # train.py's hydra and the tests' pytest, with what they depend on (pure Python)
+    python -m pip wheel -q -w "$WHEELS" "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" \
+        "antlr4-python3-runtime==4.9.3" "pytest>=7"
+    # omegaconf needs PyYAML, which has no pure-Python wheel: one per CPython the GPU machine
+    # may run (x86_64 Linux; machines with transformers already have it). pytest on 3.10 also
+    # needs tomli and exceptiongroup (with typing_extensions).
+    for py in 3.10 3.11 3.12 3.13; do
+        extra=""; [ "$py" = 3.10 ] && extra="tomli exceptiongroup typing_extensions"
+        python -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
+            --platform manylinux2014_x86_64 -d "$WHEELS" "PyYAML>=5.1" $extra
+    done
     python - "$WHEELS/tiktoken_cache" <<'PY'
 import os, shutil, sys, tiktoken
 tiktoken.get_encoding("gpt2")  # fills TIKTOKEN_CACHE_DIR (or downloads once into it)
@@ -43,13 +53,12 @@ mkdir -p "$out"
 start=$(date +%s)
 {
     echo "== setup (cap 50 s)"
-    # Only what is missing: a package the machine has keeps the machine's version.
-    for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4_python3_runtime packaging:packaging; do
-        python -c "import ${pair%%:*}" 2>/dev/null && continue
-        wheel=$(ls "$WHEELS"/"${pair#*:}"-*.whl 2>/dev/null | head -1)
-        [ -n "$wheel" ] || { echo "gpu_check.sh: ${pair%%:*} is missing and $WHEELS/ has no wheel for it: run 'bash scripts/gpu_check.sh --fetch' on a CPU machine first" >&2; exit 2; }
-        python -m pip install -q --no-index --no-deps "$wheel"
-    done
+    # Only what is missing, resolved from gpu-wheels/ alone: pip keeps every package the machine
+    # already has and picks the wheels that fit this Python (PyYAML's are per version).
+    if ! python -c "import hydra, pytest" 2>/dev/null; then
+        python -m pip install -q --no-index --find-links "$WHEELS" "hydra-core>=1.3,<1.4" "pytest>=7" \
+            || { echo "gpu_check.sh: hydra-core or pytest is missing and $WHEELS/ cannot supply it for this Python: run 'bash scripts/gpu_check.sh --fetch' on a CPU machine first" >&2; exit 2; }
+    fi
     python -m pip install -q --no-index --no-deps --no-build-isolation -e . \
         || echo "note: editable install failed; using PYTHONPATH"
     [ -d "$WHEELS/tiktoken_cache" ] && export TIKTOKEN_CACHE_DIR=$PWD/$WHEELS/tiktoken_cache
