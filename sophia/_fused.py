@@ -197,8 +197,9 @@ def clear_fused_cache() -> None:
 
 
 # Loops sharing at least this many bytes of reads are fused however far apart they are in the
-# graph: a tensor's data (4 bytes a float32 coordinate, every tensor but the tiniest), never the
-# 0-d hyperparameters all loops share.
+# graph. The loops of one tensor's update share g and m (8 bytes a float32 coordinate), so they
+# qualify from 128 coordinates up; loops of different tensors share only the 0-d
+# hyperparameters, and never do.
 _MIN_SHARED_BYTES_TO_FUSE_FAR = 1024
 
 
@@ -276,7 +277,8 @@ def _compile_options() -> dict:
 def _one_pass_fusion():
     """Inductor compiles under `_OnePassFusion` inside this context (a no-op without the hook).
 
-    Entered around every compiled call, since dynamo recompiles by itself when a guard fails.
+    Entered around every call of a compiled step, not only the first: dynamo recompiles by
+    itself when a guard fails.
     Reading `V.choices` first also gives the thread its default handler outside any compile, so
     the option above never becomes the handler of the thread's other compiles (a model's).
     """

@@ -368,9 +368,10 @@ def _fused_sophia_kernel(
     # refuses negative estimates and state (its h is otherwise an EMA of squares).
     # A coordinate was clipped exactly when u^2 >= 1 (|u| = 1; the largest float below 1
     # squares to below 1), so the clip count reuses the square the r^2 sum needs.
-    # Inductor's fusion is sensitive to the shape of this graph: an exact rewrite such as
-    # grad * (grad_sign * (1 - beta1)) made it store m in a second loop that reads g and m again.
-    # tests/test_fused.py checks that every tensor is still read once and written once.
+    # Under inductor's default heuristics, exact rewrites such as grad * (grad_sign * (1 -
+    # beta1)) made it store m from a second loop that read g and m again; sophia._fused
+    # compiles with a handler that prevents that, and tests/test_fused.py checks that every
+    # tensor is read once and written once.
     clipped = []
     ratio_sq = []
     for param, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):

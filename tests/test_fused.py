@@ -1,9 +1,10 @@
 """The fused (compiled) step path of SophiaG, SophiaH and Lion.
 
 fused == reference (values, state, telemetry) over many steps with two param groups that differ
-in every hyperparameter including maximize, plus Hessian refreshes; the automatic choice; the
-validation errors; the compile-failure guard; no recompiles under a changing lr / bs; and a tiny
-run of scripts/bench_optim.py.
+in every hyperparameter including maximize, plus Hessian refreshes, and with NaN and infinite
+gradients; one pass over memory per tensor in the generated code; the automatic choice; the
+validation errors; the compile-failure guard; no recompiles under a changing lr / bs; a
+mixed-dtype group on the multi-tensor path; and a tiny run of scripts/bench_optim.py.
 
 Compiling on CPU takes seconds, so every compiled test uses the same parameter structure
 (SHAPES, one per group, groups sharing it): the whole file compiles three kernels (SophiaG's,
@@ -377,8 +378,8 @@ def test_compile_failure_after_a_stepped_chunk_is_not_retried(fused, monkeypatch
 
 def _vector_traffic(code: str, n: int) -> tuple[int, int]:
     """(vector loads, vector stores) in the generated CPU loops that run over n elements."""
-    parts = re.split(r"for\(int64_t x0=static_cast<int64_t>\(0L\); x0<static_cast<int64_t>\((\d+)L\)",
-                     code)
+    loop = r"for\(int64_t x0=static_cast<int64_t>\(0L\); x0<static_cast<int64_t>\((\d+)L\)"
+    parts = re.split(loop, code)
     loads = stores = 0
     for bound, body in zip(parts[1::2], parts[2::2]):
         if int(bound) == n:
@@ -387,7 +388,7 @@ def _vector_traffic(code: str, n: int) -> tuple[int, int]:
     return loads, stores
 
 
-# (kernel, its hyperparameters, flags, tensor lists it reads, lists it writes back)
+# (module of the kernel, its hyperparameters, flags, tensor lists it reads, lists it writes back)
 _ONE_PASS_CASES = {
     "SophiaG": ("sophia", (1.0, 0.99, 0.9, 0.1, 20.0, 1e-15, float("-inf"), -1e-3), (True, False),
                 4, 2),
