@@ -73,6 +73,16 @@ def _step(cls: type, params, opt, t: int) -> None:
         opt.update_hessian([(torch.randn(p.shape, generator=g) + 1) * 30 for p in params])
 
 
+def _reference_and_fused(cls: type):
+    """((params, optimizer) on the reference path, the same on the fused path), equal starts."""
+    return _make(cls, fused=False, foreach=False), _make(cls, fused=True)
+
+
+def _step_both(cls: type, ref_params, ref, fus_params, fus, t: int) -> None:
+    _step(cls, ref_params, ref, t)
+    _step(cls, fus_params, fus, t)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -80,11 +90,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [SophiaG, SophiaH, Lion])
 def test_fused_matches_reference(cls: type) -> None:
-    ref_params, ref = _make(cls, fused=False, foreach=False)
-    fus_params, fus = _make(cls, fused=True)
+    (ref_params, ref), (fus_params, fus) = _reference_and_fused(cls)
     for t in range(24):
-        _step(cls, ref_params, ref, t)
-        _step(cls, fus_params, fus, t)
+        _step_both(cls, ref_params, ref, fus_params, fus, t)
         ref_tel, fus_tel = ref.telemetry(), fus.telemetry()
         assert set(ref_tel) == set(fus_tel)
         for k in ref_tel:
@@ -111,11 +119,9 @@ def test_fused_treats_nan_and_inf_gradients_as_the_reference_does(cls: type) -> 
     # The fused kernels use cheaper forms than the reference (clamp(m / d) for sign and min,
     # u^2 >= 1 for the clip test): a NaN must still land where the reference puts one, and an
     # infinite m must still clip.
-    ref_params, ref = _make(cls, fused=False, foreach=False)
-    fus_params, fus = _make(cls, fused=True)
+    (ref_params, ref), (fus_params, fus) = _reference_and_fused(cls)
     for t in range(3):
-        _step(cls, ref_params, ref, t)
-        _step(cls, fus_params, fus, t)
+        _step_both(cls, ref_params, ref, fus_params, fus, t)
     for params, opt in ((ref_params, ref), (fus_params, fus)):
         _set_grads(params, 99)
         for p in params[:2]:
