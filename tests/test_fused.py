@@ -461,6 +461,30 @@ def test_the_fusion_heuristics_stay_inside_the_fused_step() -> None:
     assert V.choices is before and not isinstance(V.choices, fused_mod._OnePassFusion)
 
 
+def test_compile_options_follow_what_inductor_offers(monkeypatch) -> None:
+    # The handler must reach inductor's cache key, or the cache must be skipped; and a torch
+    # without the heuristics hook compiles as before (chunks only).
+    from torch._inductor import config
+
+    def options_with(hook, factory_keys):
+        fused_mod._compile_options.cache_clear()
+        monkeypatch.setattr(fused_mod, "_fusion_hook", lambda: hook)
+        monkeypatch.setattr(config, "_cache_config_factory_keys", factory_keys, raising=False)
+        return fused_mod._compile_options()
+
+    try:
+        keyed = options_with(object(), ["inductor_choices_class"])
+        assert keyed["inductor_choices_class"] is fused_mod._OnePassFusion
+        assert "fx_graph_cache" not in keyed
+        assert options_with(object(), [])["fx_graph_cache"] is False
+        assert options_with(None, ["inductor_choices_class"]) == {"size_asserts": False}
+    finally:
+        monkeypatch.undo()
+        fused_mod._compile_options.cache_clear()
+    # the key names the rule and its threshold, so a change of either never reuses old code
+    assert str(fused_mod._MIN_SHARED_BYTES_TO_FUSE_FAR) in fused_mod._OnePassFusion().uuid()
+
+
 def _copy_of(function):
     """The same function with its own code object (so with its own dynamo cache)."""
     return type(function)(function.__code__.replace(), function.__globals__, function.__name__,
