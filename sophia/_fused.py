@@ -294,13 +294,19 @@ def _one_pass_fusion():
         V.set_choices_handler(inner)
 
 
-def _compile(kernel: Callable) -> Callable:
-    # A copy of the function with its own code object gets its own dynamo cache (see module doc).
-    fresh = types.FunctionType(
-        kernel.__code__.replace(), kernel.__globals__, kernel.__name__,
-        kernel.__defaults__, kernel.__closure__,
+def _with_own_code(function: Callable) -> Callable:
+    """The same function with a code object of its own, so with a dynamo cache of its own
+    (see the module docstring)."""
+    return types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__,
+        function.__defaults__, function.__closure__,
     )
-    return torch.compile(fresh, dynamic=False, fullgraph=True, options=_compile_options())
+
+
+def _compile(kernel: Callable) -> Callable:
+    return torch.compile(
+        _with_own_code(kernel), dynamic=False, fullgraph=True, options=_compile_options()
+    )
 
 
 def _structure(tensorlists: Sequence[list[Tensor]], flags: tuple) -> tuple:

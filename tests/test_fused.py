@@ -439,7 +439,7 @@ def test_each_chunk_reads_and_writes_every_tensor_once(name: str) -> None:
         from torch._inductor.virtualized import V
 
         chunk_lists = [tensors[:chunk] for tensors in lists]
-        plain = torch.compile(_copy_of(kernel), dynamic=False, fullgraph=True,
+        plain = torch.compile(fused_mod._with_own_code(kernel), dynamic=False, fullgraph=True,
                               options={"size_asserts": False})
         with torch.no_grad(), V.set_choices_handler(InductorChoices()):
             _, (default,) = run_and_get_code(plain, *chunk_lists, *hyper, *flags)
@@ -483,12 +483,6 @@ def test_compile_options_follow_what_inductor_offers(monkeypatch) -> None:
         fused_mod._compile_options.cache_clear()
     # the key names the rule and its threshold, so a change of either never reuses old code
     assert str(fused_mod._MIN_SHARED_BYTES_TO_FUSE_FAR) in fused_mod._OnePassFusion().uuid()
-
-
-def _copy_of(function):
-    """The same function with its own code object (so with its own dynamo cache)."""
-    return type(function)(function.__code__.replace(), function.__globals__, function.__name__,
-                          function.__defaults__, function.__closure__)
 
 
 def test_state_dict_keeps_and_defaults_fused() -> None:
