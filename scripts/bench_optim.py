@@ -213,11 +213,11 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             opt = build(optimizer, path, groups, owned)
             kw = {"bs": 480 * 1024} if optimizer == "sophiag" else {}
             contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: _step(o, kw), []))
-    patterns = {}
-    if args.access_floor:
-        patterns = {ACCESS_PATTERN[o] for o in args.optimizers if o in ACCESS_PATTERN}
-        patterns = {p: access_floor(*p, n_params, device) for p in sorted(patterns)}
-        contenders += patterns.values()
+    wanted = {ACCESS_PATTERN[o] for o in args.optimizers if o in ACCESS_PATTERN}
+    # (reads, writes) -> the contender timing that access pattern alone
+    patterns = {p: access_floor(*p, n_params, device) for p in sorted(wanted)
+                if args.access_floor}
+    contenders += patterns.values()
 
     for c in contenders:  # warmup; the first step of a fused path compiles
         for i in range(args.warmup):
