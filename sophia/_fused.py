@@ -19,6 +19,10 @@ Why each piece is the way it is:
   compiled with that one limit lifted for loops that share a tensor's data
   (`_OnePassFusion`); loops of different tensors, which share only the hyperparameter scalars,
   keep inductor's rule. tests/test_fused.py counts the loads and stores of the generated code.
+- On CUDA the telemetry sums go row by row (`total`): a whole-tensor sum is split by inductor
+  across a matrix's rows and cannot share the update's kernel, which then stores a
+  parameter-sized temporary for it (GPT-2 small's SophiaG step: 32 bytes per coordinate instead
+  of 24). `scripts/cuda_kernels.py` generates and counts the CUDA code without a GPU.
 - A group's tensors go to the compiled kernel in chunks of at most MAX_TENSORS_PER_KERNEL: the
   graphs stay small, chunks of a model's repeated layers share one compiled step, and with a
   torch whose inductor has no hook for the distance rule the chunks keep the distance short.
@@ -138,6 +142,28 @@ def choose_path(
     return (default_foreach(params) if foreach is None else bool(foreach)), False
 
 
+# Device types on which `total` sums rows first (scripts/cuda_kernels.py adds "cpu" to trace the
+# CUDA step on a machine without a GPU).
+_ROWS_FIRST_DEVICE_TYPES = ("cuda",)
+
+
+def total(values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Sum of all entries as a 0-d tensor, for use inside the compiled kernels; on CUDA summed
+    along the last dimension first, then over the row sums.
+
+    The same sum in another order, for the sake of inductor's fusion. On CUDA a large
+    whole-tensor sum becomes a split reduction whose chunks cut across a matrix's rows; their
+    index then no longer matches the one the same step writes p and m with, so inductor cannot
+    fuse the two and stores a parameter-sized temporary for the sum to read back (32 bytes per
+    SophiaG coordinate instead of 24, `scripts/cuda_kernels.py`). Row sums keep the update's
+    own index. On CPU it is the other way round: the whole-tensor sum stays in the update's
+    loop, while row sums split it in two.
+    """
+    if values.dim() >= 2 and values.device.type in _ROWS_FIRST_DEVICE_TYPES:
+        values = values.sum(dim=-1, dtype=dtype)
+    return values.sum(dtype=dtype)
+
+
 def count_true(mask: Tensor) -> Tensor:
     """Number of True entries as an int64 0-d tensor, for use inside the compiled kernels.
 
@@ -145,7 +171,7 @@ def count_true(mask: Tensor) -> Tensor:
     vector register: an int64 count made the whole fused SophiaG step 2-3x slower on CPU.
     """
     dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
-    return mask.sum(dtype=dtype).to(torch.int64)
+    return total(mask, dtype).to(torch.int64)
 
 
 # --------------------------------------------------------------------------------------------

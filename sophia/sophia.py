@@ -47,6 +47,7 @@ from ._fused import (
     count_true,
     run_fused,
     scalars,
+    total,
 )
 
 __all__ = ["Denominator", "SophiaBase", "SophiaSettings", "sophia"]
@@ -385,5 +386,5 @@ def _fused_sophia_kernel(
         param.mul_(decay).add_(u * neg_lr)
         u_sq = u.to(acc_dtype(u.dtype)).square()
         clipped.append(count_true(u_sq >= 1))
-        ratio_sq.append(u_sq.sum())
+        ratio_sq.append(total(u_sq))
     return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()
