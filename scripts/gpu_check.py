@@ -72,7 +72,7 @@ def phases(work: str = WORK) -> list[Phase]:
     """Every phase and its commands (paths relative to the repository root)."""
     py = "python"
     return [
-        Phase("1a gpu tests", 40, [[py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]]),
+        Phase("1a gpu tests", 55, [[py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]]),
         Phase("1b train.py smoke", 120, [[
             py, "train.py", "-m", "optimizer=adamw,lion,sophia,sophiah,muon", *SMOKE,
             f"hydra.sweep.dir={work}/smoke"]]),
@@ -87,7 +87,7 @@ def phases(work: str = WORK) -> list[Phase]:
             "--micro-batch-size", "16", "--steps", "10", "--warmup", "10", "--repeats", "1",
             "--k", "10", "--optimizers", "adamw,sophia", "--hessian-micro-batches", "all,1/10",
             "--nanogpt-baseline", "--json", f"{work}/bench_train.json"]]),
-        Phase("4 mini study", 70, [
+        Phase("4 mini study", 65, [
             [py, "train.py", "-m", "optimizer=adamw,sophia,muon", *MINI,
              f"hydra.sweep.dir={work}/mini"],
             [py, "scripts/compare.py", f"{work}/mini", "--out", f"{work}/mini_compare"],

@@ -525,6 +525,28 @@ def test_fused_matches_reference_on_cuda(cls: type) -> None:
         torch.testing.assert_close(fus.telemetry()[k], v, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["SophiaG", "Lion"])  # SophiaH's kernel is SophiaG's
+def test_each_chunk_is_one_pass_in_the_compiled_cuda_code(name: str) -> None:
+    # The CUDA twin of the CPU test above, on the Triton code inductor compiles here: every
+    # full-size load and store counted (scripts/cuda_kernels.py's reader) comes to one pass.
+    # Shapes whose whole-tensor sums inductor would split across rows (tests/test_cuda_kernels.py).
+    from torch._inductor.utils import run_and_get_code
+
+    module, values, flags, reads, writes = _ONE_PASS_CASES[name]
+    kernel = getattr(sophia, module).__dict__[f"_fused_{module}_kernel"]
+    shapes = [(768, 3072), (3072,), (768, 2304)]
+    lists = [[torch.rand(s, device="cuda") for s in shapes] for _ in range(reads)]
+    hyper = fused_mod.scalars(torch.device("cuda"), torch.float32, *values)
+    with torch.no_grad():
+        _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
+    launches = load_script("cuda_kernels").kernel_launches(codes[0])
+    moved = sum(launch.bytes_read + launch.bytes_written for launch in launches)
+    per_param = moved / sum(torch.Size(s).numel() for s in shapes)
+    floor = 4 * (reads + writes)
+    assert floor <= per_param < 1.01 * floor, f"{name}: {per_param:.2f} bytes per coordinate"
+
+
 # ---------------------------------------------------------------------------- bench_optim.py
 
 
