@@ -142,36 +142,42 @@ def choose_path(
     return (default_foreach(params) if foreach is None else bool(foreach)), False
 
 
-# Device types on which `total` sums rows first (scripts/cuda_kernels.py adds "cpu" to trace the
-# CUDA step on a machine without a GPU).
+# Device types on which `partial_sums` sums rows (scripts/cuda_kernels.py adds "cpu" to trace
+# the CUDA step on a machine without a GPU).
 _ROWS_FIRST_DEVICE_TYPES = ("cuda",)
 
 
-def total(values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Sum of all entries as a 0-d tensor, for use inside the compiled kernels; on CUDA summed
-    along the last dimension first, then over the row sums.
+def partial_sums(values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A 1-D tensor of partial sums of `values`, for use inside the compiled kernels: on CUDA
+    the sums along the last dimension, elsewhere the one whole sum. A kernel collects these for
+    each of its tensors and adds them up once, with `sum_of_partials`.
 
-    The same sum in another order, for the sake of inductor's fusion. On CUDA a large
-    whole-tensor sum becomes a split reduction whose chunks cut across a matrix's rows; their
-    index then no longer matches the one the same step writes p and m with, so inductor cannot
-    fuse the two and stores a parameter-sized temporary for the sum to read back (32 bytes per
-    SophiaG coordinate instead of 24, `scripts/cuda_kernels.py`). Row sums keep the update's
-    own index. On CPU it is the other way round: the whole-tensor sum stays in the update's
-    loop, while row sums split it in two.
+    Same sum, another order, for the sake of inductor's fusion. On CUDA a large whole-tensor sum
+    becomes a split reduction whose chunks cut across a matrix's rows; their index then no
+    longer matches the one the same step writes p and m with, so inductor cannot fuse the two
+    and stores a parameter-sized temporary for the sum to read back (32 bytes per SophiaG
+    coordinate instead of 24, `scripts/cuda_kernels.py`). Row sums keep the update's own index,
+    and finishing every tensor's row sums in one reduction saves two kernel launches per tensor.
+    On CPU it is the other way round: the whole-tensor sum stays in the update's loop, while row
+    sums would split it in two.
     """
     if values.dim() >= 2 and values.device.type in _ROWS_FIRST_DEVICE_TYPES:
-        values = values.sum(dim=-1, dtype=dtype)
-    return values.sum(dtype=dtype)
+        return values.sum(dim=-1, dtype=dtype).flatten()
+    return values.sum(dtype=dtype).reshape(1)
 
 
-def count_true(mask: Tensor) -> Tensor:
-    """Number of True entries as an int64 0-d tensor, for use inside the compiled kernels.
+def sum_of_partials(parts: Sequence[Tensor]) -> Tensor:
+    """The total of `partial_sums` results, as a 0-d tensor (int64 for integer counts)."""
+    return torch.cat(list(parts)).sum()
+
+
+def count_partials(mask: Tensor) -> Tensor:
+    """`partial_sums` of a boolean mask: how many entries are True, for `sum_of_partials`.
 
     Counting in int32 where it cannot overflow lets inductor's CPU code keep the count in one
     vector register: an int64 count made the whole fused SophiaG step 2-3x slower on CPU.
     """
-    dtype = torch.int32 if mask.numel() < 2**31 else torch.int64
-    return total(mask, dtype).to(torch.int64)
+    return partial_sums(mask, torch.int32 if mask.numel() < 2**31 else torch.int64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,14 @@ from torch import Tensor
 
 from ._base import GroupSums, MultiPathOptimizer
 from ._common import acc_dtype, as_real, group_by_device_and_dtype, sum_to
-from ._fused import check_fused_and_foreach, check_fused_supported, count_true, run_fused, scalars
+from ._fused import (
+    check_fused_and_foreach,
+    check_fused_supported,
+    count_partials,
+    run_fused,
+    scalars,
+    sum_of_partials,
+)
 
 __all__ = ["Lion", "lion"]
 
@@ -196,5 +203,5 @@ def _fused_lion_kernel(
         update = (exp_avg * beta1 + grad * one_minus_beta1).sign()
         param.add_(update * neg_lr)  # update is +-1 or 0: same as alpha=-lr
         exp_avg.mul_(beta2).add_(grad * one_minus_beta2)
-        moved.append(count_true(update != 0))
-    return torch.stack(moved).sum().float()
+        moved.append(count_partials(update != 0))
+    return sum_of_partials(moved).float()

@@ -44,10 +44,11 @@ from ._common import (
 from ._fused import (
     check_fused_and_foreach,
     check_fused_supported,
-    count_true,
+    count_partials,
+    partial_sums,
     run_fused,
     scalars,
-    total,
+    sum_of_partials,
 )
 
 __all__ = ["Denominator", "SophiaBase", "SophiaSettings", "sophia"]
@@ -385,6 +386,6 @@ def _fused_sophia_kernel(
         u = (exp_avg / denom).clamp(-1, 1)
         param.mul_(decay).add_(u * neg_lr)
         u_sq = u.to(acc_dtype(u.dtype)).square()
-        clipped.append(count_true(u_sq >= 1))
-        ratio_sq.append(total(u_sq))
-    return torch.stack(clipped).sum().float(), torch.stack(ratio_sq).sum().float()
+        clipped.append(count_partials(u_sq >= 1))
+        ratio_sq.append(partial_sums(u_sq))
+    return sum_of_partials(clipped).float(), sum_of_partials(ratio_sq).float()
