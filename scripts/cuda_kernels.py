@@ -1,7 +1,7 @@
 """The CUDA kernels inductor writes for the fused optimizer steps, inspected on a machine without
 a GPU: kernel launches per step and bytes moved per parameter, against the one-pass floor.
 
-    pip install triton                     # the code generator; no GPU or CUDA torch needed
+    pip install triton           # the code generator (in the dev extra); no GPU, no CUDA torch
     python scripts/cuda_kernels.py --optimizers sophiag,lion --model gpt2-small
     python scripts/cuda_kernels.py --model gpt2-small --dump cuda_code/   # the generated code
 
@@ -31,10 +31,12 @@ from unittest import mock
 
 import torch
 
-from sophia import _fused
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_optim  # noqa: E402  (the parameter sets and optimizers it benchmarks)
+from sophia import _fused  # noqa: E402
 
-# bytes per coordinate of one pass, as scripts/bench_optim.py counts them
-BYTES_FLOOR = {"sophiag": 24, "sophiah": 24, "lion": 20}
+# the optimizers with a compiled (fused) step of their own; AdamW's is torch's
+FUSED_OPTIMIZERS = ("sophiag", "sophiah", "lion")
 _DTYPE_BYTES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2,
                 "i8": 1, "u8": 1, "i1": 1}
 # what inductor asks of the device while generating code, answered for an H100 SXM
@@ -258,9 +260,6 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
     """One fused step of `optimizer` over a model preset's parameter set, or over one param
     group of `shapes` ("768x3072,3072"), lowered for CUDA. `rows_first=False` lowers the
     kernels with whole-tensor sums instead, as they were written before (for comparison)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_optim
-
     shape_groups = bench_optim.parse_shapes(shapes) if shapes else bench_optim.param_shapes(model)
     groups = bench_optim.materialise(shape_groups, torch.device("cpu"))
     opt = bench_optim.build(optimizer, "fused", groups)
@@ -282,13 +281,13 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
     return {"optimizer": optimizer, "model": model or shapes, "params": n_params,
             "tensors": sum(len(ps) for ps in groups), "chunk_calls": len(capture.launches),
             "launches": len(launches), "bytes_per_param": moved / n_params,
-            "floor": BYTES_FLOOR[optimizer]}
+            "floor": bench_optim.BYTES_FLOOR[optimizer]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizers", default="sophiag,sophiah,lion",
-                    help=f"comma-separated, from {', '.join(BYTES_FLOOR)}")
+                    help=f"comma-separated, from {', '.join(FUSED_OPTIMIZERS)}")
     ap.add_argument("--model", default="gpt2-small", help="model preset whose parameters step")
     ap.add_argument("--shapes", help="instead of --model: one param group of these shapes, "
                                      "e.g. 768x3072,3072")
@@ -304,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                          "pip install triton (no GPU needed)")
     names = [o for o in args.optimizers.split(",") if o]
     for name in names:
-        if name not in BYTES_FLOOR:
-            raise SystemExit(f"--optimizers: unknown {name!r}; choose from {', '.join(BYTES_FLOOR)}")
+        if name not in FUSED_OPTIMIZERS:
+            raise SystemExit(f"--optimizers: {name!r} has no fused step of ours; choose from "
+                             f"{', '.join(FUSED_OPTIMIZERS)}")
     print(f"torch {torch.__version__}, triton {triton.__version__}; code generated for a "
           "pretended H100, not run")
     width = max(12, len(args.shapes or args.model))

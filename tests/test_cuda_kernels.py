@@ -80,7 +80,7 @@ _SHAPES = "768x3072,3072,768x2304"
 @pytest.mark.parametrize("optimizer", ["sophiag", "lion"])
 def test_fused_steps_are_one_pass_in_the_cuda_code(optimizer: str) -> None:
     pytest.importorskip("triton", reason="generating CUDA code needs the triton package")
-    floor = cuda_kernels.BYTES_FLOOR[optimizer]
+    floor = cuda_kernels.bench_optim.BYTES_FLOOR[optimizer]
     result = cuda_kernels.inspect(optimizer, shapes=_SHAPES)
     assert result["chunk_calls"] == 1
     # one pass: the floor, plus the row sums and the scalars (well under 1%)
