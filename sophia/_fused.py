@@ -19,10 +19,11 @@ Why each piece is the way it is:
   compiled with that one limit lifted for loops that share a tensor's data
   (`_OnePassFusion`); loops of different tensors, which share only the hyperparameter scalars,
   keep inductor's rule. tests/test_fused.py counts the loads and stores of the generated code.
-- On CUDA the telemetry sums go row by row (`total`): a whole-tensor sum is split by inductor
-  across a matrix's rows and cannot share the update's kernel, which then stores a
+- On CUDA the telemetry sums go row by row (`partial_sums`): a whole-tensor sum is split by
+  inductor across a matrix's rows and cannot share the update's kernel, which then stores a
   parameter-sized temporary for it (GPT-2 small's SophiaG step: 32 bytes per coordinate instead
-  of 24). `scripts/cuda_kernels.py` generates and counts the CUDA code without a GPU.
+  of 24). Each chunk adds up its tensors' partial sums once. `scripts/cuda_kernels.py`
+  generates and counts the CUDA code without a GPU.
 - A group's tensors go to the compiled kernel in chunks of at most MAX_TENSORS_PER_KERNEL: the
   graphs stay small, chunks of a model's repeated layers share one compiled step, and with a
   torch whose inductor has no hook for the distance rule the chunks keep the distance short.
