@@ -5,6 +5,7 @@
     python scripts/bench_optim.py --model gpt2-small,gpt2-medium --device cuda --repeats 50 \\
         --json bench_optim_cuda.json
     python scripts/bench_optim.py --shapes 768x768,768 --device cpu        # any parameter set
+    python scripts/bench_optim.py --inductor-config combo_kernels=True ...  # a compiler setting
 
 An elementwise optimizer step is memory-bound: per fp32 parameter AdamW must read p, g, m, v and
 write p, m, v (28 bytes), SophiaG reads p, g, m, h and writes p, m (24 B), Lion reads p, g, m and
@@ -37,6 +38,7 @@ count. Its row `floor` is what the device's memory system allows for that patter
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import fnmatch
 import gc
@@ -287,6 +289,24 @@ def print_table(result: dict) -> None:
                   f"{ratios[0]:>17} {ratios[1]:>15} {vs_floor:>9} {r['first_step_s']:>13.2f}")
 
 
+def inductor_options(settings: list[str]) -> dict:
+    """`["combo_kernels=True", ...]` as a dict of torch._inductor.config options (values read as
+    Python literals, else kept as strings); a ValueError names an unknown key."""
+    from torch._inductor import config
+
+    options = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not hasattr(config, key):
+            raise ValueError(f"--inductor-config {setting!r}: expected KEY=VALUE with KEY an "
+                             "option of torch._inductor.config (e.g. combo_kernels=True)")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (``argv``, default ``sys.argv[1:]``), checked."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -307,8 +327,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--access-floor", action="store_true",
                     help="also time each optimizer's memory access pattern alone (rows 'floor', "
                          "column 'vs floor'; see the module docstring)")
+    ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a torch._inductor.config option while benchmarking (repeatable), "
+                         "e.g. combo_kernels=True: for trying compiler settings on the fused steps")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
+    try:
+        args.inductor_config = inductor_options(args.inductor_config)
+    except ValueError as err:
+        ap.error(str(err))
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     bad = [o for o in args.optimizers if o not in PATHS]
@@ -329,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu")
     sync = synchronizer(device)
-    with cpu_threads(args.threads):
+    from torch._inductor import config as inductor_config
+
+    with cpu_threads(args.threads), inductor_config.patch(args.inductor_config):
         copy_gbps = copy_bandwidth(device, args.copy_mb, args.repeats, sync)
         if args.shapes:
             sets = [("custom " + args.shapes, parse_shapes(args.shapes))]
@@ -346,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command_line("bench_optim.py", argv),
             "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps,
             "copy_mb": args.copy_mb, "copy_gbps": copy_gbps, "bytes_floor": BYTES_FLOOR,
+            "inductor_config": args.inductor_config,
             "models": models,
         }
     print_table(result)

@@ -596,6 +596,32 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
         assert r["vs_adamw_foreach"] > 0 and r["vs_adamw_fused"] > 0
     table = capsys.readouterr().out
     assert "sophiag" in table and "ms/step" in table and "vs floor" in table
+    assert result["inductor_config"] == {}
+
+
+def test_bench_optim_sets_inductor_options_for_its_run_only(monkeypatch) -> None:
+    from torch._inductor import config
+
+    bench = _load_bench()
+    args = bench.parse_args(["--inductor-config", "combo_kernels=True",
+                             "--inductor-config", "cpp.threads=2"])
+    assert args.inductor_config == {"combo_kernels": True, "cpp.threads": 2}
+    for bad in ("no_such_option=1", "combo_kernels"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--inductor-config", bad])
+
+    seen = []
+
+    def bench_model(*args, **kwargs):
+        seen.append(config.combo_kernels)
+        raise KeyboardInterrupt  # enough: the options are in force while models are measured
+
+    monkeypatch.setattr(bench, "bench_model", bench_model)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda *args: 1.0)
+    assert config.combo_kernels is False
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--shapes", "4", "--device", "cpu", "--inductor-config", "combo_kernels=True"])
+    assert seen == [True] and config.combo_kernels is False
 
 
 @pytest.mark.slow
