@@ -31,9 +31,11 @@ from unittest import mock
 
 import torch
 
+# bench_optim: the parameter sets and the optimizers as it benchmarks them
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_optim  # noqa: E402  (the parameter sets and optimizers it benchmarks)
-from sophia import _fused  # noqa: E402
+import bench_optim
+
+from sophia import _fused
 
 # the optimizers with a compiled (fused) step of their own; AdamW's is torch's
 FUSED_OPTIMIZERS = ("sophiag", "sophiah", "lion")
@@ -97,13 +99,14 @@ def kernel_launches(wrapper: str) -> list[Launch]:
     Sizes are read from the kernel's source, as inductor writes them for static shapes.
     """
     sources = {m.group(1): m.group(2) for m in re.finditer(
-        r"async_compile\.triton\('(\w+)', '''(.*?)'''", wrapper, re.S)}
+        r"async_compile\.triton\('(\w+)', '''(.*?)'''", wrapper, re.DOTALL)}
     launches = []
     for m in re.finditer(r"\b(\w+)\.run\(", wrapper):
         source = sources.get(m.group(1))
         if source is None:
             continue
-        sizes = [re.search(rf"^\s+{name} = (\d+)$", source, re.M) for name in ("xnumel", "r0_numel")]
+        sizes = [re.search(rf"^\s+{name} = (\d+)$", source, re.MULTILINE)
+                 for name in ("xnumel", "r0_numel")]
         if sizes[0] is None:
             raise ValueError(f"{m.group(1)}: no static xnumel in its source (a combo kernel, or "
                              "dynamic shapes): this reader cannot size its accesses")
@@ -128,38 +131,47 @@ class _Generated(Exception):
 @contextlib.contextmanager
 def _pretend_h100():
     """Answer inductor's device queries as an H100 would, and keep generated code uncompiled."""
+    import torch.utils._triton as triton_utils
     from torch._dynamo.device_interface import CudaInterface
     from torch._inductor import graph, scheduler
-    import torch.utils._triton as triton_utils
 
     def keep_source(self, wrapper_code):
         raise _Generated(wrapper_code.value)
 
     fixed = {
-        torch.cuda: dict(
-            get_device_properties=lambda *a, **k: _H100, is_available=lambda: True,
-            device_count=lambda: 1, current_device=lambda: 0,
-            get_device_capability=lambda *a, **k: (9, 0), _exchange_device=lambda d: 0,
-            _maybe_exchange_device=lambda d: 0, synchronize=lambda *a, **k: None,
-            get_rng_state=lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
-            set_rng_state=lambda *a, **k: None),
-        torch.cuda.random: dict(get_rng_state=lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
-                                set_rng_state=lambda *a, **k: None),
-        CudaInterface: dict(
-            get_device_properties=staticmethod(lambda *a, **k: _H100),
-            current_device=staticmethod(lambda: 0), device_count=staticmethod(lambda: 1),
-            is_available=staticmethod(lambda: True),
-            get_compute_capability=staticmethod(lambda *a, **k: 90),
-            synchronize=staticmethod(lambda *a, **k: None),
-            exchange_device=staticmethod(lambda d: 0),
-            maybe_exchange_device=staticmethod(lambda d: 0),
-            set_device=staticmethod(lambda d: None), get_raw_stream=staticmethod(lambda d: 0)),
-        CudaInterface.Worker: dict(get_device_properties=staticmethod(lambda *a, **k: _H100),
-                                   current_device=staticmethod(lambda: 0)),
-        triton_utils: dict(has_triton=lambda: True, triton_backend=lambda: None,
-                           triton_hash_with_backend=lambda: "0" * 64),
-        scheduler: dict(has_triton=lambda: True),
-        graph.GraphLowering: dict(_compile_to_module_lines=keep_source),
+        torch.cuda: {
+            "get_device_properties": lambda *a, **k: _H100, "is_available": lambda: True,
+            "device_count": lambda: 1, "current_device": lambda: 0,
+            "get_device_capability": lambda *a, **k: (9, 0), "_exchange_device": lambda d: 0,
+            "_maybe_exchange_device": lambda d: 0, "synchronize": lambda *a, **k: None,
+            "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
+            "set_rng_state": lambda *a, **k: None,
+        },
+        torch.cuda.random: {
+            "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
+            "set_rng_state": lambda *a, **k: None,
+        },
+        CudaInterface: {
+            "get_device_properties": staticmethod(lambda *a, **k: _H100),
+            "current_device": staticmethod(lambda: 0), "device_count": staticmethod(lambda: 1),
+            "is_available": staticmethod(lambda: True),
+            "get_compute_capability": staticmethod(lambda *a, **k: 90),
+            "synchronize": staticmethod(lambda *a, **k: None),
+            "exchange_device": staticmethod(lambda d: 0),
+            "maybe_exchange_device": staticmethod(lambda d: 0),
+            "set_device": staticmethod(lambda d: None),
+            "get_raw_stream": staticmethod(lambda d: 0),
+        },
+        CudaInterface.Worker: {
+            "get_device_properties": staticmethod(lambda *a, **k: _H100),
+            "current_device": staticmethod(lambda: 0),
+        },
+        triton_utils: {
+            "has_triton": lambda: True, "triton_backend": lambda: None,
+            "triton_hash_with_backend": lambda: "0" * 64,
+        },
+        scheduler: {"has_triton": lambda: True},
+        graph.GraphLowering: {"_compile_to_module_lines": keep_source},
     }
     with contextlib.ExitStack() as stack:
         # inductor warns that it keeps its temporary directory "on error": the stop above
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", type=Path, help="write each generated wrapper (kernels included) here")
     args = ap.parse_args(argv)
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         raise SystemExit("cuda_kernels.py needs the triton package to generate code: "
                          "pip install triton (no GPU needed)")

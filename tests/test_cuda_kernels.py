@@ -7,7 +7,6 @@ must move no more bytes than one pass; tests/test_fused.py makes the same check 
 from __future__ import annotations
 
 import pytest
-
 from train_helpers import load_script
 
 cuda_kernels = load_script("cuda_kernels")
