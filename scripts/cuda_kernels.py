@@ -276,13 +276,13 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
     groups = bench_optim.materialise(shape_groups, torch.device("cpu"))
     opt = bench_optim.build(optimizer, "fused", groups)
     capture = _Capture()
-    _fused.clear_fused_cache()
-    # traced on CPU tensors, so the kernels take their CUDA branch on request
+    # traced on CPU tensors, so the kernels take their CUDA branch on request; compiled steps
+    # of their own, apart from the process's cache of fused steps
     rows_first_on = ("cuda", "cpu") if rows_first else ()
     with mock.patch.object(_fused, "_compile", capture.compile), \
-            mock.patch.object(_fused, "_ROWS_FIRST_DEVICE_TYPES", rows_first_on):
+            mock.patch.object(_fused, "_ROWS_FIRST_DEVICE_TYPES", rows_first_on), \
+            mock.patch.object(_fused, "_COMPILED", {}), mock.patch.object(_fused, "_WARMED", set()):
         opt.step()
-    _fused.clear_fused_cache()
     n_params = sum(p.numel() for ps in groups for p in ps)
     launches = [launch for chunk in capture.launches for launch in chunk]
     moved = sum(launch.bytes_read + launch.bytes_written for launch in launches)

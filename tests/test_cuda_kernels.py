@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from train_helpers import load_script
 
+from sophia import fused_cache_size
+
 cuda_kernels = load_script("cuda_kernels")
 
 # Two kernels in the form inductor writes them (trimmed): a looped reduction that updates a
@@ -80,7 +82,9 @@ _SHAPES = "768x3072,3072,768x2304"
 def test_fused_steps_are_one_pass_in_the_cuda_code(optimizer: str) -> None:
     pytest.importorskip("triton", reason="generating CUDA code needs the triton package")
     floor = cuda_kernels.bench_optim.BYTES_FLOOR[optimizer]
+    cached = fused_cache_size()
     result = cuda_kernels.inspect(optimizer, shapes=_SHAPES)
+    assert fused_cache_size() == cached  # the process's compiled steps are left alone
     assert result["chunk_calls"] == 1
     # one pass: the floor, plus the row sums and the scalars (well under 1%)
     assert floor <= result["bytes_per_param"] < floor * 1.01, result
