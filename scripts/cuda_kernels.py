@@ -4,6 +4,7 @@ a GPU: kernel launches per step and bytes moved per parameter, against the one-p
     pip install triton           # the code generator (in the dev extra); no GPU, no CUDA torch
     python scripts/cuda_kernels.py --optimizers sophiag,lion --model gpt2-small
     python scripts/cuda_kernels.py --model gpt2-small --dump cuda_code/   # the generated code
+    python scripts/cuda_kernels.py --inductor-config combo_kernels=True   # a compiler setting
 
 What it does: the optimizer steps a model's parameter set on the CPU with `fused=True`, exactly
 as in training (same chunks, flags and hyperparameter tensors), but each compiled chunk is
@@ -57,9 +58,10 @@ class Launch:
     """One kernel launch of a generated wrapper and the full-size memory traffic it makes."""
 
     kernel: str
-    numels: tuple[int, ...]  # xnumel, then rnumel for reductions
+    numels: tuple[int, ...]  # xnumel, then rnumel for reductions (of the first sub-kernel)
     bytes_read: int
     bytes_written: int
+    subkernels: int = 1  # more than one: a combo kernel (`combo_kernels=True`)
 
 
 def _call_args(text: str, start: int) -> str:
@@ -91,31 +93,41 @@ def _elements(index: str, numels: tuple[int, ...]) -> int:
     return (x if has_x else 1) * (r if has_r else 1) if (has_x or has_r) else 1
 
 
+def _traffic(name: str, part: str, itemsize: dict[str, int]) -> tuple[tuple[int, ...], int, int]:
+    """(numels, bytes read, bytes written) of one kernel body, sized by its own numel lines."""
+    sizes = [re.search(rf"^\s+{size} = (\d+)$", part, re.MULTILINE)
+             for size in ("xnumel", "r0_numel")]
+    if sizes[0] is None:
+        raise ValueError(f"{name}: no static xnumel in its source (dynamic shapes?): this "
+                         "reader cannot size its accesses")
+    numels = tuple(int(size.group(1)) for size in sizes if size is not None)
+    read, written = (
+        sum(itemsize.get(p, 4) * _elements(index, numels) for p, index in _accesses(part, op))
+        for op in ("load", "store"))
+    return numels, read, written
+
+
 def kernel_launches(wrapper: str) -> list[Launch]:
     """Every Triton kernel launch in an inductor wrapper module, in order, with its traffic.
 
     Loads and stores whose index depends on the program or reduction position count as full
     size (xnumel, times r0_numel where the index uses both); scalar loads count one element.
-    Sizes are read from the kernel's source, as inductor writes them for static shapes.
+    Sizes are read from the kernel's source, as inductor writes them for static shapes; a combo
+    kernel's sub-kernels (`if pid < num_xblocks_0:` ...) are sized one by one.
     """
     sources = {m.group(1): m.group(2) for m in re.finditer(
         r"async_compile\.triton\('(\w+)', '''(.*?)'''", wrapper, re.DOTALL)}
     launches = []
     for m in re.finditer(r"\b(\w+)\.run\(", wrapper):
-        source = sources.get(m.group(1))
+        name, source = m.group(1), sources.get(m.group(1))
         if source is None:
             continue
-        sizes = [re.search(rf"^\s+{name} = (\d+)$", source, re.MULTILINE)
-                 for name in ("xnumel", "r0_numel")]
-        if sizes[0] is None:
-            raise ValueError(f"{m.group(1)}: no static xnumel in its source (a combo kernel, or "
-                             "dynamic shapes): this reader cannot size its accesses")
-        numels = tuple(int(size.group(1)) for size in sizes if size is not None)
         itemsize = {p: _DTYPE_BYTES[t] for p, t in re.findall(r"'(\w+)': '\*(\w+)'", source)}
-        read, written = (
-            sum(itemsize.get(p, 4) * _elements(index, numels) for p, index in _accesses(source, op))
-            for op in ("load", "store"))
-        launches.append(Launch(m.group(1), numels, read, written))
+        parts = re.split(r"^\s+(?:el)?if pid < num_xblocks_\d+:$", source, flags=re.MULTILINE)
+        parts = parts[1:] if len(parts) > 1 else parts
+        traffic = [_traffic(name, part, itemsize) for part in parts]
+        launches.append(Launch(name, traffic[0][0], sum(t[1] for t in traffic),
+                               sum(t[2] for t in traffic), len(parts)))
     return launches
 
 
@@ -268,10 +280,12 @@ class _Capture:
 
 # ------------------------------------------------------------------------------------- main
 def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
-            dump: Path | None = None, rows_first: bool = True) -> dict:
+            dump: Path | None = None, rows_first: bool = True,
+            inductor_config: dict | None = None) -> dict:
     """One fused step of `optimizer` over a model preset's parameter set, or over one param
     group of `shapes` ("768x3072,3072"), lowered for CUDA. `rows_first=False` lowers the
-    kernels with whole-tensor sums instead, as they were written before (for comparison)."""
+    kernels with whole-tensor sums instead, as they were written before (for comparison);
+    `inductor_config` options (e.g. {"combo_kernels": True}) apply while lowering."""
     shape_groups = bench_optim.parse_shapes(shapes) if shapes else bench_optim.param_shapes(model)
     groups = bench_optim.materialise(shape_groups, torch.device("cpu"))
     opt = bench_optim.build(optimizer, "fused", groups)
@@ -281,7 +295,8 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
     rows_first_on = ("cuda", "cpu") if rows_first else ()
     with mock.patch.object(_fused, "_compile", capture.compile), \
             mock.patch.object(_fused, "_ROWS_FIRST_DEVICE_TYPES", rows_first_on), \
-            mock.patch.object(_fused, "_COMPILED", {}), mock.patch.object(_fused, "_WARMED", set()):
+            mock.patch.object(_fused, "_COMPILED", {}), mock.patch.object(_fused, "_WARMED", set()), \
+            torch._inductor.config.patch(inductor_config or {}):
         opt.step()
     n_params = sum(p.numel() for ps in groups for p in ps)
     launches = [launch for chunk in capture.launches for launch in chunk]
@@ -293,6 +308,7 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
     return {"optimizer": optimizer, "model": model or shapes, "params": n_params,
             "tensors": sum(len(ps) for ps in groups), "chunk_calls": len(capture.launches),
             "launches": len(launches), "bytes_per_param": moved / n_params,
+            "inductor_config": inductor_config or {},
             "floor": bench_optim.BYTES_FLOOR[optimizer]}
 
 
@@ -306,8 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whole-tensor-sums", action="store_true",
                     help="lower the kernels with whole-tensor telemetry sums, as they were "
                          "written before row-first sums (for comparison)")
+    ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a torch._inductor.config option while lowering (repeatable), "
+                         "e.g. combo_kernels=True")
     ap.add_argument("--dump", type=Path, help="write each generated wrapper (kernels included) here")
     args = ap.parse_args(argv)
+    try:
+        options = bench_optim.inductor_options(args.inductor_config)
+    except ValueError as err:
+        ap.error(str(err))
     try:
         import triton
     except ImportError:
@@ -325,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'bytes/param':>11} {'floor':>5} {'vs floor':>8}")
     for name in names:
         r = inspect(name, None if args.shapes else args.model, args.shapes, args.dump,
-                    rows_first=not args.whole_tensor_sums)
+                    rows_first=not args.whole_tensor_sums, inductor_config=options)
         print(f"{name:10} {r['model']:{width}} {r['tensors']:>7} {r['chunk_calls']:>6} "
               f"{r['launches']:>8} {r['bytes_per_param']:>11.2f} {r['floor']:>5} "
               f"{r['bytes_per_param'] / r['floor']:>7.2f}x")

@@ -92,6 +92,12 @@ def test_fused_steps_are_one_pass_in_the_cuda_code(optimizer: str) -> None:
     sums = {"sophiag": 2, "lion": 1}[optimizer]
     assert result["launches"] <= 3 + sums, result
 
+    # inductor's combo kernels (several kernels per launch, not enabled): one pass as well
+    combo = cuda_kernels.inspect(optimizer, shapes=_SHAPES,
+                                 inductor_config={"combo_kernels": True})
+    assert floor <= combo["bytes_per_param"] < floor * 1.01, combo
+    assert combo["launches"] < result["launches"], combo
+
     # What the row-first sums prevent: with whole-tensor sums, the CUDA step stores a
     # parameter-sized temporary and reads it back (the test sees it).
     before = cuda_kernels.inspect(optimizer, shapes=_SHAPES, rows_first=False)
