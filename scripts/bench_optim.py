@@ -289,22 +289,28 @@ def print_table(result: dict) -> None:
                   f"{ratios[0]:>17} {ratios[1]:>15} {vs_floor:>9} {r['first_step_s']:>13.2f}")
 
 
-def inductor_options(settings: list[str]) -> dict:
-    """`["combo_kernels=True", ...]` as a dict of torch._inductor.config options (values read as
-    Python literals, else kept as strings); a ValueError names an unknown key."""
+def inductor_setting(text: str) -> tuple[str, object]:
+    """argparse type of --inductor-config: "KEY=VALUE" as (key, value), the value read as a
+    Python literal (else kept as a string), KEY an option of torch._inductor.config."""
     from torch._inductor import config
 
-    options = {}
-    for setting in settings:
-        key, sep, text = setting.partition("=")
-        if not sep or not hasattr(config, key):
-            raise ValueError(f"--inductor-config {setting!r}: expected KEY=VALUE with KEY an "
-                             "option of torch._inductor.config (e.g. combo_kernels=True)")
-        try:
-            options[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            options[key] = text
-    return options
+    key, sep, value = text.partition("=")
+    if not sep or not hasattr(config, key):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KEY=VALUE with KEY an option of torch._inductor.config "
+            "(e.g. combo_kernels=True)")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def add_inductor_config_argument(ap: argparse.ArgumentParser, during: str) -> None:
+    """--inductor-config KEY=VALUE (repeatable); the parsed value is a list of (key, value)."""
+    ap.add_argument("--inductor-config", action="append", default=[], type=inductor_setting,
+                    metavar="KEY=VALUE",
+                    help=f"set a torch._inductor.config option {during} (repeatable), e.g. "
+                         "combo_kernels=True")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -327,15 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--access-floor", action="store_true",
                     help="also time each optimizer's memory access pattern alone (rows 'floor', "
                          "column 'vs floor'; see the module docstring)")
-    ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
-                    help="set a torch._inductor.config option while benchmarking (repeatable), "
-                         "e.g. combo_kernels=True: for trying compiler settings on the fused steps")
+    add_inductor_config_argument(ap, "while benchmarking, to try compiler settings on the "
+                                     "fused steps")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    try:
-        args.inductor_config = inductor_options(args.inductor_config)
-    except ValueError as err:
-        ap.error(str(err))
+    args.inductor_config = dict(args.inductor_config)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     bad = [o for o in args.optimizers if o not in PATHS]

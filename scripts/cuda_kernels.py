@@ -322,15 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whole-tensor-sums", action="store_true",
                     help="lower the kernels with whole-tensor telemetry sums, as they were "
                          "written before row-first sums (for comparison)")
-    ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
-                    help="set a torch._inductor.config option while lowering (repeatable), "
-                         "e.g. combo_kernels=True")
+    bench_optim.add_inductor_config_argument(ap, "while lowering")
     ap.add_argument("--dump", type=Path, help="write each generated wrapper (kernels included) here")
     args = ap.parse_args(argv)
-    try:
-        options = bench_optim.inductor_options(args.inductor_config)
-    except ValueError as err:
-        ap.error(str(err))
     try:
         import triton
     except ImportError:
@@ -348,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'bytes/param':>11} {'floor':>5} {'vs floor':>8}")
     for name in names:
         r = inspect(name, None if args.shapes else args.model, args.shapes, args.dump,
-                    rows_first=not args.whole_tensor_sums, inductor_config=options)
+                    rows_first=not args.whole_tensor_sums,
+                    inductor_config=dict(args.inductor_config))
         print(f"{name:10} {r['model']:{width}} {r['tensors']:>7} {r['chunk_calls']:>6} "
               f"{r['launches']:>8} {r['bytes_per_param']:>11.2f} {r['floor']:>5} "
               f"{r['bytes_per_param'] / r['floor']:>7.2f}x")
