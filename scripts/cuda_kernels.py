@@ -125,6 +125,12 @@ def kernel_launches(wrapper: str) -> list[Launch]:
         itemsize = {p: _DTYPE_BYTES[t] for p, t in re.findall(r"'(\w+)': '\*(\w+)'", source)}
         parts = re.split(r"^\s+(?:el)?if pid < num_xblocks_\d+:$", source, flags=re.MULTILINE)
         parts = parts[1:] if len(parts) > 1 else parts
+        for op in ("load", "store"):  # inductor states its counts for plain kernels
+            stated = re.search(rf"'num_{op}': (\d+)", source)
+            found = sum(len(_accesses(part, op)) for part in parts)
+            if stated and found != int(stated.group(1)):
+                raise ValueError(f"{name}: {found} {op}s read where inductor states "
+                                 f"{stated.group(1)}: this reader does not know this torch's code")
         traffic = [_traffic(name, part, itemsize) for part in parts]
         launches.append(Launch(name, traffic[0][0], sum(t[1] for t in traffic),
                                sum(t[2] for t in traffic), len(parts)))

@@ -19,6 +19,7 @@ _WRAPPER = """
 triton_red_fused_0 = async_compile.triton('triton_red_fused_0', '''
 @triton_heuristics.reduction(
     size_hints={'x': 1024, 'r0_': 4096},
+    inductor_meta={'kernel_name': 'triton_red_fused_0', 'num_load': 3, 'num_store': 2},
     triton_meta={'signature': {'in_ptr0': '*fp32', 'in_ptr1': '*bf16', 'in_ptr2': '*fp32', 'out_ptr0': '*fp32', 'out_ptr1': '*fp32', 'xnumel': 'i32', 'r0_numel': 'i32'}},
 )
 @triton.jit
@@ -67,10 +68,14 @@ def test_the_reader_counts_full_size_accesses_and_launches() -> None:
     assert (small.bytes_read, small.bytes_written) == (4 * 768, 4)
 
 
-def test_the_reader_refuses_kernels_it_cannot_size() -> None:
+def test_the_reader_refuses_kernels_it_cannot_size_or_count() -> None:
     dynamic = _WRAPPER.replace("    xnumel = 768\n", "")
     with pytest.raises(ValueError, match="no static xnumel"):
         cuda_kernels.kernel_launches(dynamic)
+    # a load written in a form the reader does not know: inductor's own count disagrees
+    unknown = _WRAPPER.replace("tmp2 = tl.load(in_ptr1 + (", "tmp2 = tl.load(in_ptr1 +(")
+    with pytest.raises(ValueError, match="2 loads read where inductor states 3"):
+        cuda_kernels.kernel_launches(unknown)
 
 
 # 2-D tensors whose whole-tensor sum inductor splits across rows on CUDA, and a 1-D one
