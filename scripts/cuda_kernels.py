@@ -64,6 +64,11 @@ class Launch:
     subkernels: int = 1  # more than one: a combo kernel (`combo_kernels=True`)
 
 
+def bytes_moved(launches: list[Launch]) -> int:
+    """Full-size bytes read and written by these launches together."""
+    return sum(launch.bytes_read + launch.bytes_written for launch in launches)
+
+
 def _call_args(text: str, start: int) -> str:
     """The text between the parenthesis opening at `start` and the one that closes it."""
     depth = 0
@@ -306,7 +311,7 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
         opt.step()
     n_params = sum(p.numel() for ps in groups for p in ps)
     launches = [launch for chunk in capture.launches for launch in chunk]
-    moved = sum(launch.bytes_read + launch.bytes_written for launch in launches)
+    moved = bytes_moved(launches)
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
         for i, source in enumerate(capture.sources):

@@ -410,6 +410,16 @@ _ONE_PASS_CASES = {
 }
 
 
+def _one_pass_case(name: str, shapes: list[tuple[int, ...]], device: str = "cpu"):
+    """(kernel, tensor lists it reads with one tensor per shape, scalars, flags, reads, writes)
+    of _ONE_PASS_CASES[name]."""
+    module, values, flags, reads, writes = _ONE_PASS_CASES[name]
+    kernel = getattr(sophia, module).__dict__[f"_fused_{module}_kernel"]
+    lists = [[torch.rand(s, device=device) for s in shapes] for _ in range(reads)]
+    hyper = fused_mod.scalars(torch.device(device), torch.float32, *values)
+    return kernel, lists, hyper, flags, reads, writes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(_ONE_PASS_CASES))
 def test_each_chunk_reads_and_writes_every_tensor_once(name: str) -> None:
@@ -420,14 +430,11 @@ def test_each_chunk_reads_and_writes_every_tensor_once(name: str) -> None:
     # reads g and m again. Checked on the generated code, by counting its vector loads and stores.
     from torch._inductor.utils import run_and_get_code
 
-    module, values, flags, reads, writes = _ONE_PASS_CASES[name]
-    kernel = getattr(sophia, module).__dict__[f"_fused_{module}_kernel"]
     # a size no other test compiles, a multiple of every vector width (no tail loops), over the
     # 4096 at which inductor's CPU sums change
     n = 4112
     count = 2 * fused_mod.MAX_TENSORS_PER_KERNEL + 8
-    lists = [[torch.rand(n) for _ in range(count)] for _ in range(reads)]
-    hyper = fused_mod.scalars(torch.device("cpu"), torch.float32, *values)
+    kernel, lists, hyper, flags, reads, writes = _one_pass_case(name, [(n,)] * count)
     with torch.no_grad():
         _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
     assert len(codes) == 2  # the two full chunks share one compiled step, the rest is another
@@ -540,15 +547,12 @@ def test_each_chunk_is_one_pass_in_the_compiled_cuda_code(name: str) -> None:
     # Shapes whose whole-tensor sums inductor would split across rows (tests/test_cuda_kernels.py).
     from torch._inductor.utils import run_and_get_code
 
-    module, values, flags, reads, writes = _ONE_PASS_CASES[name]
-    kernel = getattr(sophia, module).__dict__[f"_fused_{module}_kernel"]
     shapes = [(768, 3072), (3072,), (768, 2304)]
-    lists = [[torch.rand(s, device="cuda") for s in shapes] for _ in range(reads)]
-    hyper = fused_mod.scalars(torch.device("cuda"), torch.float32, *values)
+    kernel, lists, hyper, flags, reads, writes = _one_pass_case(name, shapes, "cuda")
     with torch.no_grad():
         _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
-    launches = load_script("cuda_kernels").kernel_launches(codes[0])
-    moved = sum(launch.bytes_read + launch.bytes_written for launch in launches)
+    cuda_kernels = load_script("cuda_kernels")
+    moved = cuda_kernels.bytes_moved(cuda_kernels.kernel_launches(codes[0]))
     per_param = moved / sum(torch.Size(s).numel() for s in shapes)
     floor = 4 * (reads + writes)
     assert floor <= per_param < 1.01 * floor, f"{name}: {per_param:.2f} bytes per coordinate"
