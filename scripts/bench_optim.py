@@ -6,6 +6,7 @@
         --json bench_optim_cuda.json
     python scripts/bench_optim.py --shapes 768x768,768 --device cpu        # any parameter set
     python scripts/bench_optim.py --inductor-config combo_kernels=True ...  # a compiler setting
+    python scripts/bench_optim.py --noise-check ...  # how far apart two equal steps look here
 
 An elementwise optimizer step is memory-bound: per fp32 parameter AdamW must read p, g, m, v and
 write p, m, v (28 bytes), SophiaG reads p, g, m, h and writes p, m (24 B), Lion reads p, g, m and
@@ -25,6 +26,13 @@ between device synchronisations; the reported time is the median over `--repeats
 Sophia's Hessian is filled with positive values first so its clipping is not trivial; the step
 timed is `step()` alone (Hessian refreshes are every k steps and cost a backward pass, which
 `scripts/bench_train.py` measures).
+
+How far apart two equal steps look in one run depends on the machine: on a shared VM, where
+each tensor lands in physical memory decides much of its speed. `--noise-check` measures that
+spread directly: a second torch fused AdamW, the same step over the same parameters with state
+tensors of its own, joins the round-robin as row `adamw fused-twin`, and its `vs AdamW fused`
+would be exactly 1.00x without noise. A ratio between other contenders means something only
+beyond that spread, and only what repeats over several processes.
 
 Byte counts assume a read and a write cost the same, which is not true everywhere: on a 2-core
 CPU, writing back a line the same loop has just read cost far less than reading one more stream
@@ -62,6 +70,8 @@ BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "sophiah": 24, "lion": 20, "muon": No
 # (tensors read, of which written in place) per parameter by each elementwise step
 ACCESS_PATTERN = {"adamw": (4, 3), "sophiag": (4, 2), "sophiah": (4, 2), "lion": (3, 2)}
 FLOOR_MAX_NUMEL = 2**26
+# path label of --noise-check's second torch fused AdamW
+TWIN_PATH = "fused-twin"
 PATHS = {"adamw": ("foreach", "fused"), "lion": ("reference", "foreach", "fused"),
          "sophiag": ("reference", "foreach", "fused"), "sophiah": ("reference", "foreach", "fused"),
          "muon": ("foreach", "fused")}  # the path of Muon's AdamW side
@@ -215,6 +225,9 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             opt = build(optimizer, path, groups, owned)
             kw = {"bs": 480 * 1024} if optimizer == "sophiag" else {}
             contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: _step(o, kw), []))
+            if args.noise_check and (optimizer, path) == ("adamw", "fused"):
+                twin = build(optimizer, path, groups, owned)
+                contenders.append(Contender(optimizer, TWIN_PATH, lambda o=twin: _step(o, {}), []))
     wanted = {ACCESS_PATTERN[o] for o in args.optimizers if o in ACCESS_PATTERN}
     # (reads, writes) -> the contender timing that access pattern alone
     patterns = {p: access_floor(*p, n_params, device) for p in sorted(wanted)
@@ -333,6 +346,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--access-floor", action="store_true",
                     help="also time each optimizer's memory access pattern alone (rows 'floor', "
                          "column 'vs floor'; see the module docstring)")
+    ap.add_argument("--noise-check", action="store_true",
+                    help=f"also time a second torch fused AdamW, identical to the first but for "
+                         f"its own state tensors (row 'adamw {TWIN_PATH}'): its 'vs AdamW fused' "
+                         "is what this run's noise makes of two equal steps (needs adamw and the "
+                         "fused path)")
     add_inductor_config_argument(ap, "while benchmarking, to try compiler settings on the "
                                      "fused steps")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -346,6 +364,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [p for p in args.paths if p not in ("reference", "foreach", "fused")]
     if bad:
         ap.error(f"unknown path(s) {bad}; choose from reference, foreach, fused")
+    if args.noise_check and not ("adamw" in args.optimizers and "fused" in args.paths):
+        ap.error("--noise-check compares two torch fused AdamW steps: add adamw to --optimizers "
+                 "and fused to --paths")
     if args.repeats < 1 or args.warmup < 1 or args.steps < 1:
         ap.error("--repeats, --warmup and --steps must be >= 1")
     return args

@@ -571,7 +571,7 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     shapes = ",".join("x".join(map(str, s)) for s in SHAPES)
     rc = bench.main(["--shapes", shapes, "--device", "cpu", "--repeats", "3", "--warmup", "1",
-                     "--copy-mb", "4", "--access-floor", "--json", str(out)])
+                     "--copy-mb", "4", "--access-floor", "--noise-check", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["device"] and result["torch"] == torch.__version__ and result["command"]
@@ -582,7 +582,7 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     got = {(r["optimizer"], r["path"]) for r in model["rows"]}
     assert got >= {("adamw", "foreach"), ("adamw", "fused"), ("lion", "reference"),
                    ("lion", "foreach"), ("lion", "fused"), ("sophiag", "reference"),
-                   ("sophiag", "foreach"), ("sophiag", "fused")}
+                   ("sophiag", "foreach"), ("sophiag", "fused"), ("adamw", "fused-twin")}
     floors = {r["path"]: r for r in model["rows"] if r["optimizer"] == "floor"}
     assert set(floors) == {"4R/3W", "4R/2W", "3R/2W"}  # AdamW's, the Sophias', Lion's
     floor = {"adamw": 28, "lion": 20, "sophiag": 24, "floor": None}
@@ -598,9 +598,21 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
         assert r["bytes_per_step"] == floor[r["optimizer"]] * n
         assert r["gbps"] == pytest.approx(r["bytes_per_step"] / (r["ms_per_step"] * 1e-3) / 1e9)
         assert r["vs_adamw_foreach"] > 0 and r["vs_adamw_fused"] > 0
+    rows = {(r["optimizer"], r["path"]): r for r in model["rows"]}
+    twin, first = rows[("adamw", "fused-twin")], rows[("adamw", "fused")]
+    assert twin["vs_adamw_fused"] == pytest.approx(twin["ms_per_step"] / first["ms_per_step"])
     table = capsys.readouterr().out
     assert "sophiag" in table and "ms/step" in table and "vs floor" in table
+    assert "fused-twin" in table
     assert result["inductor_config"] == {}
+
+
+def test_bench_optim_noise_check_needs_fused_adamw() -> None:
+    bench = _load_bench()
+    assert bench.parse_args(["--noise-check"]).noise_check  # the defaults include both
+    for argv in (["--optimizers", "sophiag"], ["--paths", "foreach"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--noise-check", *argv])
 
 
 def test_bench_optim_sets_inductor_options_for_its_run_only(monkeypatch) -> None:
