@@ -79,6 +79,7 @@ def phases(work: str = WORK) -> list[Phase]:
         Phase("2 optimizer step", 40, [[
             py, "scripts/bench_optim.py", "--model", "gpt2-small", "--device", "cuda",
             "--optimizers", "adamw,lion,sophiag,sophiah,muon", "--paths", "fused", "--access-floor",
+            "--noise-check",
             "--repeats", "20", "--steps", "5", "--warmup", "3", "--copy-mb", "2048",
             "--json", f"{work}/bench_optim.json"]]),
         Phase("3 training throughput", 150, [[
@@ -174,6 +175,11 @@ def judge(results: dict) -> list[str]:
                 verdict = "met" if ratio <= TARGET_OPTIM_FUSED else "NOT met"
                 lines.append(f"{model['name']}: fused {name} step = {ratio:.2f}x torch fused AdamW "
                              f"(target <= {TARGET_OPTIM_FUSED}x: {verdict})")
+        twin = rows.get(("adamw", "fused-twin"))
+        if adamw and twin:
+            lines.append(f"{model['name']}: noise check: a second, identical torch fused AdamW "
+                         f"took {twin['ms_per_step'] / adamw['ms_per_step']:.2f}x the first (ratios "
+                         "this close to 1.0 are within this run's noise)")
         floors = {r["path"]: r["ms_per_step"] for r in model["rows"] if r["optimizer"] == "floor"}
         if "4R/2W" in floors and "4R/3W" in floors:
             lines.append(f"{model['name']}: memory floor of Sophia's access pattern = "
