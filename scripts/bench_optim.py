@@ -27,9 +27,9 @@ Sophia's Hessian is filled with positive values first so its clipping is not tri
 timed is `step()` alone (Hessian refreshes are every k steps and cost a backward pass, which
 `scripts/bench_train.py` measures).
 
-How far apart two equal steps look in one run depends on the machine: on a shared VM, where
-each tensor lands in physical memory decides much of its speed. `--noise-check` measures that
-spread directly: a second torch fused AdamW, the same step over the same parameters with state
+How far apart two equal steps look in one run depends on the machine: on a shared VM the same
+step can run at quite different speeds over different tensors of the same sizes (most likely
+because of where they lie in physical memory). `--noise-check` measures that spread directly: a second torch fused AdamW, the same step over the same parameters with state
 tensors of its own, joins the round-robin as row `adamw fused-twin`, and its `vs AdamW fused`
 would be exactly 1.00x without noise. A ratio between other contenders means something only
 beyond that spread, and only what repeats over several processes.
@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also time each optimizer's memory access pattern alone (rows 'floor', "
                          "column 'vs floor'; see the module docstring)")
     ap.add_argument("--noise-check", action="store_true",
-                    help=f"also time a second torch fused AdamW, identical to the first but for "
+                    help="also time a second torch fused AdamW, identical to the first but for "
                          f"its own state tensors (row 'adamw {TWIN_PATH}'): its 'vs AdamW fused' "
                          "is what this run's noise makes of two equal steps (needs adamw and the "
                          "fused path)")
