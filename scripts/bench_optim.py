@@ -23,6 +23,10 @@ Every contender steps the same tensors; contenders take turns round-robin, the f
 rotating each repeat, so drifting machine load hits them alike. A repeat times `--steps` steps
 between device synchronisations; the reported time is the median over `--repeats` after
 `--warmup` steps (which include torch.compile for fused paths: `first_step_s` records that).
+`host_ms_per_step` is the part of it until the last `step()` returned, before synchronising: on
+a GPU, where kernels run asynchronously, a step whose host time comes close to its whole time
+is bound by Python, dynamo's guards and kernel launches rather than by memory (a column of the
+table on CUDA; on a CPU the two are the same).
 Sophia's Hessian is filled with positive values first so its clipping is not trivial; the step
 timed is `step()` alone (Hessian refreshes are every k steps and cost a backward pass, which
 `scripts/bench_train.py` measures).
@@ -54,7 +58,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -84,6 +88,7 @@ class Contender:
     step: Callable[[], None]
     times: list[float]
     first_step_s: float = 0.0
+    host_times: list[float] = field(default_factory=list)  # until step() returned, before sync
     scale: float = 1.0  # times are multiplied by this (access floors run on a sample)
     pattern: tuple[int, int] | None = None  # (reads, writes) of an access-floor contender
 
@@ -249,8 +254,10 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 c.step()
+            t_host = time.perf_counter()
             sync()
             c.times.append((time.perf_counter() - t0) / args.steps * c.scale)
+            c.host_times.append((t_host - t0) / args.steps * c.scale)
 
     rows = []
     floor_ms = {p: statistics.median(c.times) * 1e3 for p, c in patterns.items()}
@@ -265,6 +272,7 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
         rows.append({
             "optimizer": c.optimizer, "path": c.path,
             "ms_per_step": sec * 1e3, "ms_min": min(c.times) * 1e3,
+            "host_ms_per_step": statistics.median(c.host_times) * 1e3,
             "first_step_s": c.first_step_s,
             "bytes_per_step": nbytes, "gbps": nbytes / sec / 1e9 if nbytes else None,
             "copy_fraction": nbytes / sec / 1e9 / copy_gbps if nbytes else None,
@@ -285,9 +293,10 @@ def print_table(result: dict) -> None:
     """Print the results, one table per parameter set."""
     print(f"device: {result['device']} ({result['device_type']}, {result['threads']} threads), "
           f"torch {result['torch']}, copy bandwidth {result['copy_gbps']:.1f} GB/s")
-    head = (f"{'optimizer':<9} {'path':<9} {'ms/step':>9} {'GB/s eff':>9} {'of copy':>8} "
+    host = result["device_type"] == "cuda"  # on a CPU host time is the step time
+    head = (f"{'optimizer':<9} {'path':<10} {'ms/step':>9} {'GB/s eff':>9} {'of copy':>8} "
             f"{'vs AdamW foreach':>17} {'vs AdamW fused':>15} {'vs floor':>9} "
-            f"{'first step s':>13}")
+            f"{'first step s':>13}" + (f" {'host ms':>8}" if host else ""))
     for model in result["models"]:
         print(f"\n{model['name']}: {model['params'] / 1e6:.2f}M parameters in "
               f"{model['tensors']} tensors")
@@ -298,8 +307,9 @@ def print_table(result: dict) -> None:
             gbps = f"{r['gbps']:>9.2f} {r['copy_fraction']:>7.0%}" if r["gbps"] else \
                 f"{'n/a':>9} {'n/a':>8}"
             vs_floor = f"{r['vs_floor']:.2f}x" if r.get("vs_floor") else "n/a"
-            print(f"{r['optimizer']:<9} {r['path']:<9} {r['ms_per_step']:>9.2f} {gbps} "
-                  f"{ratios[0]:>17} {ratios[1]:>15} {vs_floor:>9} {r['first_step_s']:>13.2f}")
+            print(f"{r['optimizer']:<9} {r['path']:<10} {r['ms_per_step']:>9.2f} {gbps} "
+                  f"{ratios[0]:>17} {ratios[1]:>15} {vs_floor:>9} {r['first_step_s']:>13.2f}"
+                  + (f" {r['host_ms_per_step']:>8.2f}" if host else ""))
 
 
 def inductor_setting(text: str) -> tuple[str, object]:

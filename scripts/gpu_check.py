@@ -175,6 +175,15 @@ def judge(results: dict) -> list[str]:
                 verdict = "met" if ratio <= TARGET_OPTIM_FUSED else "NOT met"
                 lines.append(f"{model['name']}: fused {name} step = {ratio:.2f}x torch fused AdamW "
                              f"(target <= {TARGET_OPTIM_FUSED}x: {verdict})")
+        shares = []
+        for name in ("adamw", "sophiag", "sophiah", "lion", "muon"):
+            row = rows.get((name, "fused")) or {}
+            if row.get("host_ms_per_step") is not None and row["ms_per_step"] > 0:
+                shares.append(f"{name} {row['host_ms_per_step'] / row['ms_per_step']:.2f}")
+        if shares:
+            lines.append(f"{model['name']}: host share of each fused step's time: "
+                         f"{', '.join(shares)} (near 1.0: the step waits on Python, guards and "
+                         "kernel launches, not on memory)")
         twin = rows.get(("adamw", "fused-twin"))
         if adamw and twin:
             lines.append(f"{model['name']}: noise check: a second, identical torch fused AdamW "

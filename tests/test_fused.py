@@ -598,6 +598,8 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
         assert r["bytes_per_step"] == floor[r["optimizer"]] * n
         assert r["gbps"] == pytest.approx(r["bytes_per_step"] / (r["ms_per_step"] * 1e-3) / 1e9)
         assert r["vs_adamw_foreach"] > 0 and r["vs_adamw_fused"] > 0
+        # time until step() returned, per repeat never more than the synchronised time
+        assert 0 < r["host_ms_per_step"] <= r["ms_per_step"]
     rows = {(r["optimizer"], r["path"]): r for r in model["rows"]}
     twin, first = rows[("adamw", "fused-twin")], rows[("adamw", "fused")]
     assert twin["vs_adamw_fused"] == pytest.approx(twin["ms_per_step"] / first["ms_per_step"])
@@ -605,6 +607,20 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     assert "sophiag" in table and "ms/step" in table and "vs floor" in table
     assert "fused-twin" in table
     assert result["inductor_config"] == {}
+
+
+def test_bench_optim_table_shows_host_time_on_cuda_only(capsys) -> None:
+    bench = _load_bench()
+    row = {"optimizer": "sophiag", "path": "fused", "ms_per_step": 2.0, "host_ms_per_step": 1.5,
+           "gbps": 1.0, "copy_fraction": 0.5, "vs_adamw_foreach": None, "vs_adamw_fused": 0.9,
+           "vs_floor": None, "first_step_s": 3.0}
+    result = {"device": "x", "threads": 1, "torch": "t", "copy_gbps": 2.0,
+              "models": [{"name": "m", "params": 10, "tensors": 1, "rows": [row]}]}
+    bench.print_table({**result, "device_type": "cpu"})
+    assert "host ms" not in capsys.readouterr().out
+    bench.print_table({**result, "device_type": "cuda"})
+    table = capsys.readouterr().out
+    assert "host ms" in table.splitlines()[-2] and table.splitlines()[-1].endswith(" 1.50")
 
 
 def test_bench_optim_noise_check_needs_fused_adamw() -> None:
