@@ -33,10 +33,11 @@ timed is `step()` alone (Hessian refreshes are every k steps and cost a backward
 
 How far apart two equal steps look in one run depends on the machine: on a shared VM the same
 step can run at quite different speeds over different tensors of the same sizes (most likely
-because of where they lie in physical memory). `--noise-check` measures that spread directly: a second torch fused AdamW, the same step over the same parameters with state
-tensors of its own, joins the round-robin as row `adamw fused-twin`, and its `vs AdamW fused`
-would be exactly 1.00x without noise. A ratio between other contenders means something only
-beyond that spread, and only what repeats over several processes.
+because of where they lie in physical memory). `--noise-check` measures that spread directly:
+a second torch fused AdamW, the same step over the same parameters with state tensors of its
+own, joins the round-robin as row `adamw fused-twin`, and its `vs AdamW fused` would be
+exactly 1.00x without noise. A ratio between other contenders means something only beyond
+that spread, and only what repeats over several processes.
 
 Byte counts assume a read and a write cost the same, which is not true everywhere: on a 2-core
 CPU, writing back a line the same loop has just read cost far less than reading one more stream

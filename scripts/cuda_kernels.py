@@ -306,7 +306,8 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
     rows_first_on = ("cuda", "cpu") if rows_first else ()
     with mock.patch.object(_fused, "_compile", capture.compile), \
             mock.patch.object(_fused, "_ROWS_FIRST_DEVICE_TYPES", rows_first_on), \
-            mock.patch.object(_fused, "_COMPILED", {}), mock.patch.object(_fused, "_WARMED", set()), \
+            mock.patch.object(_fused, "_COMPILED", {}), \
+            mock.patch.object(_fused, "_WARMED", set()), \
             torch._inductor.config.patch(inductor_config or {}):
         opt.step()
     n_params = sum(p.numel() for ps in groups for p in ps)
@@ -334,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="lower the kernels with whole-tensor telemetry sums, as they were "
                          "written before row-first sums (for comparison)")
     bench_optim.add_inductor_config_argument(ap, "while lowering")
-    ap.add_argument("--dump", type=Path, help="write each generated wrapper (kernels included) here")
+    ap.add_argument("--dump", type=Path,
+                    help="write each generated wrapper (kernels included) here")
     args = ap.parse_args(argv)
     try:
         import triton

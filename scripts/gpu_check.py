@@ -186,9 +186,10 @@ def judge(results: dict) -> list[str]:
                          "kernel launches, not on memory)")
         twin = rows.get(("adamw", "fused-twin"))
         if adamw and twin:
+            twin_ratio = twin["ms_per_step"] / adamw["ms_per_step"]
             lines.append(f"{model['name']}: noise check: a second, identical torch fused AdamW "
-                         f"took {twin['ms_per_step'] / adamw['ms_per_step']:.2f}x the first (ratios "
-                         "this close to 1.0 are within this run's noise)")
+                         f"took {twin_ratio:.2f}x the first (ratios this close to 1.0 are within "
+                         "this run's noise)")
         floors = {r["path"]: r["ms_per_step"] for r in model["rows"] if r["optimizer"] == "floor"}
         if "4R/2W" in floors and "4R/3W" in floors:
             lines.append(f"{model['name']}: memory floor of Sophia's access pattern = "
