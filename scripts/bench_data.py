@@ -1,7 +1,7 @@
 """Benchmark the data pipeline: prepare throughput with 1 and N workers, loader batches/s.
 
     python scripts/bench_data.py                                  # stdlib corpus, byte tokenizer
-    python scripts/bench_data.py ../shared/corpora/tinyshakespeare.txt --split-blank-lines \
+    python scripts/bench_data.py tests/fixtures/tinyshakespeare.txt --split-blank-lines \
         --tokenizer gpt2 --workers 4 --json results/bench_data.json
 
 Prepares into a temporary folder (or --keep DIR), so it never touches prepared/.

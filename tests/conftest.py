@@ -1,27 +1,66 @@
-"""Shared test setup: offline everything, small thread counts, paths to ../shared fixtures."""
+"""Shared test setup: offline everything, small thread counts, the fixtures in tests/fixtures."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+# What tiktoken_ext.openai_public downloads for "gpt2", with the sha256 it checks each file against.
+GPT2_FILES = {
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def gpt2_tiktoken_cache(cache_dir: Path) -> Path:
+    """Fill ``cache_dir`` the way tiktoken would after downloading GPT-2's two files: each
+    under the sha1 of its URL. A file whose sha256 differs would make tiktoken download it
+    again, so that is an error here instead of a network access."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for name, (url, sha256) in GPT2_FILES.items():
+        data = (FIXTURES / "gpt2" / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise pytest.UsageError(f"{FIXTURES / 'gpt2' / name} is not the file tiktoken expects "
+                                    f"(sha256 {sha256}); restore it from git")
+        (cache_dir / hashlib.sha1(url.encode()).hexdigest()).write_bytes(data)
+    return cache_dir
+
+
+def pytest_configure(config):
+    # Set before any test module is imported, and inherited by the subprocesses tests start;
+    # it replaces any TIKTOKEN_CACHE_DIR of the caller, whose folder may lack the files.
+    cache_dir = Path(tempfile.mkdtemp(prefix="sophia-bench-tiktoken-"))
+    config._tiktoken_cache = (cache_dir, os.environ.get("TIKTOKEN_CACHE_DIR"))
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(gpt2_tiktoken_cache(cache_dir))
+
+
+def pytest_unconfigure(config):
+    cache_dir, before = getattr(config, "_tiktoken_cache", (None, None))
+    if cache_dir is None:
+        return
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    if before is None:
+        os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+    else:
+        os.environ["TIKTOKEN_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def shakespeare_path() -> Path:
-    path = SHARED / "corpora" / "tinyshakespeare.txt"
-    if not path.exists():
-        pytest.skip(f"test corpus {path} not found (it lives in ../shared/corpora)")
-    return path
+    return FIXTURES / "tinyshakespeare.txt"
 
 
 def pytest_collection_modifyitems(config, items):
