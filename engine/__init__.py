@@ -16,7 +16,7 @@ contract: docs/architecture.md):
 - ``summary``        summary.json and the end-of-run block
 - ``console_log``    the console copied into train.log
 - ``sweep_callback`` the table that ends a multirun
-- ``benchmarking``   what the benchmark scripts share
-- ``distributed``, ``batching``, ``lr_schedule``, ``seeding``, ``errors``: torchrun/DDP, batch
-  plan, lr schedule, derived seeds, HarnessError
+- ``schedules``      the lr schedules, by name
+- ``distributed``, ``batching``, ``seeding``, ``errors``: torchrun/DDP, batch
+  plan, derived seeds, HarnessError
 """

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine.batching import plan_batches
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv
-from engine.downstream import build_multiple_choice_eval
+from evals.hellaswag import build_multiple_choice_eval
 from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
 from engine.nonfinite import NonFiniteGuard

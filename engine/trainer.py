@@ -19,9 +19,9 @@ import torch.distributed as dist
 from engine.batching import BatchPlan
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv
-from engine.downstream import MultipleChoiceEval
+from evals.hellaswag import MultipleChoiceEval
 from engine.hessian import HessianRefresher
-from engine.lr_schedule import lr_multiplier
+from engine.schedules import lr_multiplier
 from engine.metrics import MetricsLogger, StepStats
 from engine.nonfinite import NonFiniteGuard
 from engine.optimizers import OptimizerSetup

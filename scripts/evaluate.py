@@ -5,7 +5,7 @@
     python scripts/evaluate.py RUN_DIR --task-file hellaswag_val.jsonl      # no download
 
 Each example's context is followed by each of its 4 endings; `acc` picks the ending with the
-lowest summed token loss, `acc_norm` the lowest mean loss per token (engine/downstream.py has the
+lowest summed token loss, `acc_norm` the lowest mean loss per token (engine/hellaswag.py has the
 rules: tokenization, left truncation to the block size, ties). The model and its tokenizer come
 from the checkpoint (`model_config`, `data_meta["tokenizer"]`). Without --task-file the
 validation split is downloaded once into $SOPHIA_BENCH_CACHE (default ~/.cache/sophia-bench).
@@ -30,7 +30,8 @@ import torch
 
 from data.errors import DataError
 from data.tokenizers import Tokenizer, get_tokenizer
-from engine import checkpoint, downstream
+from engine import checkpoint
+from evals import hellaswag
 from engine.build import autocast_factory, resolve_dtype
 from engine.errors import HarnessError
 from model import GPT, GPTConfig
@@ -120,8 +121,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     path = checkpoint.resolve_checkpoint(args.checkpoint)
     # The task first: a missing file or network fails before the (possibly large) model loads.
     try:
-        task_file = downstream.task_file_path(args.task_file)
-        examples = downstream.load_task(task_file, args.limit)
+        task_file = hellaswag.task_file_path(args.task_file)
+        examples = hellaswag.load_task(task_file, args.limit)
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, device)
         tok = checkpoint_tokenizer(ckpt, model.config.vocab_size)
@@ -132,11 +133,11 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     print(f"{args.task}: {len(examples)} examples, {path} (step {ckpt.get('step')}) on {device}",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
-    scores = downstream.score_examples(
+    scores = hellaswag.score_examples(
         model, examples, tok.encode, model.config.block_size, device,
         autocast_factory(dtype, torch.device(device)), args.batch_size,
         progress=not args.no_progress)
-    counts = downstream.count_correct(scores)
+    counts = hellaswag.count_correct(scores)
     record = {
         "task": args.task, **counts.result(),
         "correct": counts.correct, "correct_norm": counts.correct_norm,
@@ -159,12 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--task", choices=TASKS, default="hellaswag")
     p.add_argument("--task-file", default=None,
                    help="local jsonl in rowanz/hellaswag's format (default: download "
-                        f"{downstream.HELLASWAG_FILE} once into the cache)")
+                        f"{hellaswag.HELLASWAG_FILE} once into the cache)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="autocast dtype of the forward pass (auto: bf16 on CUDA, else float32)")
-    p.add_argument("--batch-size", type=int, default=downstream.DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=int, default=hellaswag.DEFAULT_BATCH_SIZE,
                    help="examples per forward pass (4 sequences each)")
     p.add_argument("--out", type=Path, default=None,
                    help="result JSON (default: RUN_DIR/eval_<task>.json beside checkpoints/)")

@@ -22,7 +22,7 @@ Why each piece is the way it is:
 - On CUDA the telemetry sums go row by row (`partial_sums`): a whole-tensor sum is split by
   inductor across a matrix's rows and cannot share the update's kernel, which then stores a
   parameter-sized temporary for it (GPT-2 small's SophiaG step: 32 bytes per coordinate instead
-  of 24). Each chunk adds up its tensors' partial sums once. `scripts/cuda_kernels.py`
+  of 24). Each chunk adds up its tensors' partial sums once. `benchmarks/cuda_kernels.py`
   generates and counts the CUDA code without a GPU.
 - A group's tensors go to the compiled kernel in chunks of at most MAX_TENSORS_PER_KERNEL: the
   graphs stay small, chunks of a model's repeated layers share one compiled step, and with a
@@ -143,7 +143,7 @@ def choose_path(
     return (default_foreach(params) if foreach is None else bool(foreach)), False
 
 
-# Device types on which `partial_sums` sums rows (scripts/cuda_kernels.py adds "cpu" to trace
+# Device types on which `partial_sums` sums rows (benchmarks/cuda_kernels.py adds "cpu" to trace
 # the CUDA step on a machine without a GPU).
 _ROWS_FIRST_DEVICE_TYPES = ("cuda",)
 
@@ -157,7 +157,7 @@ def partial_sums(values: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     becomes a split reduction whose chunks cut across a matrix's rows; their index then no
     longer matches the one the same step writes p and m with, so inductor cannot fuse the two
     and stores a parameter-sized temporary for the sum to read back (32 bytes per SophiaG
-    coordinate instead of 24, `scripts/cuda_kernels.py`). Row sums keep the update's own index,
+    coordinate instead of 24, `benchmarks/cuda_kernels.py`). Row sums keep the update's own index,
     and finishing every tensor's row sums in one reduction saves two kernel launches per tensor.
     On CPU it is the other way round: the whole-tensor sum stays in the update's loop, while row
     sums would split it in two.

@@ -1,5 +1,7 @@
-"""scripts/bench_train.py: one tiny round-robin run of AdamW and Sophia, its JSON and table."""
+"""benchmarks/bench_train.py: one tiny round-robin run of AdamW and Sophia, its JSON and table."""
 from __future__ import annotations
+
+import importlib
 
 import json
 
@@ -7,10 +9,9 @@ import pytest
 import torch
 
 from engine.errors import HarnessError
-from train_helpers import load_script
 
 
-bench = load_script("bench_train")
+bench = importlib.import_module("benchmarks.bench_train")
 
 # 2 micro-batches of 4 x 32 tokens per step; k=2 so a 4-step pass holds exactly 2 refreshes.
 TINY = ["--model", "gpt2-nano", "--block-size", "32", "--micro-batch-size", "4",
@@ -42,7 +43,7 @@ def test_json_has_a_row_per_optimizer_with_positive_throughput(result):
     for key in ("device", "device_name", "torch", "date", "command", "settings"):
         assert result[key]
     assert result["torch"] == torch.__version__
-    assert result["command"].startswith("python scripts/bench_train.py --model gpt2-nano")
+    assert result["command"].startswith("python -m benchmarks.bench_train --model gpt2-nano")
     assert result["settings"]["accum_steps"] == 2 and result["settings"]["k"] == 2
 
 

@@ -1,4 +1,4 @@
-"""scripts/cuda_kernels.py: reading inductor's CUDA code, and the fused steps' CUDA code itself.
+"""benchmarks/cuda_kernels.py: reading inductor's CUDA code, and the fused steps' CUDA code itself.
 
 The reader is checked on a hand-made wrapper everywhere. Where the `triton` package is installed
 (the dev extra brings it; no GPU needed), the fused steps are lowered for a pretended H100 and
@@ -6,12 +6,13 @@ must move no more bytes than one pass; tests/test_fused.py makes the same check 
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
-from train_helpers import load_script
 
 from sophia import fused_cache_size
 
-cuda_kernels = load_script("cuda_kernels")
+cuda_kernels = importlib.import_module("benchmarks.cuda_kernels")
 
 # Two kernels in the form inductor writes them (trimmed): a looped reduction that updates a
 # 768 x 3072 tensor in place and stores one sum per row, and the sum of those 768 row sums.

@@ -1,4 +1,4 @@
-"""Downstream evaluation (engine/downstream.py, scripts/evaluate.py): HellaSwag-style scoring rules,
+"""Downstream evaluation (engine/hellaswag.py, scripts/evaluate.py): HellaSwag-style scoring rules,
 the task file, the cached download, the CLI on a real checkpoint. Offline: urlopen raises."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from data.tokenizers import get_tokenizer
-from engine import downstream
-from engine.downstream import ChoiceCounts, Example, TaskError
+from evals import hellaswag
+from evals.hellaswag import ChoiceCounts, Example, TaskError
 from model import GPT, GPTConfig
 from train_helpers import REPO, compose_cfg, load_script, tiny_overrides
 
@@ -81,13 +81,13 @@ def test_a_model_that_prefers_the_right_endings_scores_one(tmp_path):
         endings = [word("uvwxyz", 8) for _ in range(4)]
         endings[label] = word("abcdef", 8)
         rows.append({"ctx": word("klmnop ", 20), "endings": endings, "label": label})
-    examples = downstream.load_task(write_task(tmp_path / "task.jsonl", rows))
+    examples = hellaswag.load_task(write_task(tmp_path / "task.jsonl", rows))
     table = torch.zeros(V, V)
     for ex in examples:
         ids = BYTE.encode(ex.ctx + " " + ex.endings[ex.label])
         for a, b in itertools.pairwise(ids):
             table[a, b] += 4.0
-    result = downstream.evaluate_multiple_choice(BigramModel(table), examples, BYTE.encode,
+    result = hellaswag.evaluate_multiple_choice(BigramModel(table), examples, BYTE.encode,
                                                  batch_size=5)
     assert result == {"acc": 1.0, "acc_norm": 1.0, "n": 12}
 
@@ -108,17 +108,17 @@ UNIFORM_CASES = [
 
 def test_a_uniform_model_gets_exactly_what_the_tie_rules_say(tmp_path):
     rows = [{"ctx": "Some context.", "endings": e, "label": label} for e, label, _ in UNIFORM_CASES]
-    examples = downstream.load_task(write_task(tmp_path / "task.jsonl", rows))
+    examples = hellaswag.load_task(write_task(tmp_path / "task.jsonl", rows))
     for batch_size in (1, 3, 8):  # padding to other rows' lengths must not break the ties
-        scores = downstream.score_examples(uniform_model(), examples, BYTE.encode, batch_size=batch_size)
+        scores = hellaswag.score_examples(uniform_model(), examples, BYTE.encode, batch_size=batch_size)
         for s, (endings, label, pick) in zip(scores, UNIFORM_CASES):
             assert s.num_tokens == tuple(len(e) + 1 for e in endings)  # " " + ending, in bytes
             assert s.sum_loss == pytest.approx([n * math.log(V) for n in s.num_tokens], rel=1e-6)
             assert len(set(s.mean_loss)) == 1  # exactly equal: a tie, not nearly one
             assert s.pred == pick and s.pred_norm == 0
-        counts = downstream.count_correct(scores)
+        counts = hellaswag.count_correct(scores)
         assert counts == ChoiceCounts(correct=4, correct_norm=2, total=7)
-    result = downstream.evaluate_multiple_choice(uniform_model(), examples, BYTE.encode)
+    result = hellaswag.evaluate_multiple_choice(uniform_model(), examples, BYTE.encode)
     assert result == {"acc": 4 / 7, "acc_norm": 2 / 7, "n": 7}
 
 
@@ -129,12 +129,12 @@ def test_summed_and_length_normalised_scores_pick_differently(tmp_path):
     table[ord("x"), ord("x")] = 3.0
     endings = ["y", "xxxxxxxxxx", "zzz", "wwww"]  # acc -> 0 ("y"), acc_norm -> 1 (the x-run)
     rows = [{"ctx": "Hello there", "endings": endings, "label": label} for label in (1, 1, 0)]
-    examples = downstream.load_task(write_task(tmp_path / "task.jsonl", rows))
-    scores = downstream.score_examples(BigramModel(table), examples, BYTE.encode)
+    examples = hellaswag.load_task(write_task(tmp_path / "task.jsonl", rows))
+    scores = hellaswag.score_examples(BigramModel(table), examples, BYTE.encode)
     for s in scores:
         assert (s.pred, s.pred_norm) == (0, 1)
         assert s.sum_loss[0] < s.sum_loss[1] and s.mean_loss[1] < s.mean_loss[0]
-    result = downstream.evaluate_multiple_choice(BigramModel(table), examples, BYTE.encode)
+    result = hellaswag.evaluate_multiple_choice(BigramModel(table), examples, BYTE.encode)
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
 
 
@@ -160,7 +160,7 @@ def test_batched_scores_match_one_sequence_at_a_time_with_left_truncation():
         Example("A context longer than the block", ("short", "x", "yz", "w"), 0),  # ctx cut
         Example("Ctx", ("an ending longer than sixteen", "b", "c", "d"), 1),  # ending cut too
     ]
-    got = downstream.score_examples(model, examples, BYTE.encode, batch_size=2)
+    got = hellaswag.score_examples(model, examples, BYTE.encode, batch_size=2)
     assert model.training  # the caller's mode is restored
     model.eval()
     with torch.no_grad():
@@ -179,15 +179,15 @@ def test_batched_scores_match_one_sequence_at_a_time_with_left_truncation():
         logp = torch.log_softmax(model(torch.tensor([ctx + end]))[0][0].double(), dim=-1)
     plain = -sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(end))
     assert got[0].sum_loss[2] == pytest.approx(plain, rel=1e-5)
-    again = downstream.score_examples(model, examples, BYTE.encode, batch_size=3)
+    again = hellaswag.score_examples(model, examples, BYTE.encode, batch_size=3)
     flat = [loss for s in got for loss in s.sum_loss]
     assert [loss for s in again for loss in s.sum_loss] == pytest.approx(flat, rel=1e-5)
 
 
 def test_counts_add_up_across_shards_and_round_trip_through_a_tensor():
     examples = [Example("Some context.", e, label) for e, label, _ in UNIFORM_CASES]
-    whole = downstream.count_correct(downstream.score_examples(uniform_model(), examples, BYTE.encode))
-    parts = [downstream.count_correct(downstream.score_examples(
+    whole = hellaswag.count_correct(hellaswag.score_examples(uniform_model(), examples, BYTE.encode))
+    parts = [hellaswag.count_correct(hellaswag.score_examples(
         uniform_model(), examples[r::3], BYTE.encode)) for r in range(3)]
     assert sum(parts, ChoiceCounts(0, 0, 0)) == whole
     assert ChoiceCounts.from_tensor(whole.to_tensor()) == whole
@@ -202,7 +202,7 @@ def _ranked_eval(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         examples = [Example("Some context.", tuple(e), label) for e, label, _ in UNIFORM_CASES]
-        result = downstream.evaluate_multiple_choice(uniform_model(), examples, BYTE.encode,
+        result = hellaswag.evaluate_multiple_choice(uniform_model(), examples, BYTE.encode,
                                                      rank=rank, world_size=world)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -238,24 +238,24 @@ def test_a_malformed_line_is_named(tmp_path, bad, needle):
     path = tmp_path / "task.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + bad + "\n" + json.dumps(GOOD) + "\n")
     with pytest.raises(TaskError) as err:
-        downstream.load_task(path, limit=1)  # the whole file is checked, not only the first N
+        hellaswag.load_task(path, limit=1)  # the whole file is checked, not only the first N
     assert f"{path} line 3" in str(err.value) and needle in str(err.value)
 
 
 def test_limit_keeps_the_first_examples_and_extra_keys_are_ignored(tmp_path):
     rows = [{**GOOD, "ctx": f"ctx {i}", "label": i % 4} for i in range(5)]
     path = write_task(tmp_path / "t.jsonl", rows)
-    assert [e.ctx for e in downstream.load_task(path, limit=2)] == ["ctx 0", "ctx 1"]
-    assert len(downstream.load_task(path)) == 5
-    assert downstream.load_task(path)[0] == Example("ctx 0", ("a", "b", "c", "d"), 0)
+    assert [e.ctx for e in hellaswag.load_task(path, limit=2)] == ["ctx 0", "ctx 1"]
+    assert len(hellaswag.load_task(path)) == 5
+    assert hellaswag.load_task(path)[0] == Example("ctx 0", ("a", "b", "c", "d"), 0)
     for bad in (0, -1, True):
         with pytest.raises(TaskError, match="limit must be a positive integer"):
-            downstream.load_task(path, limit=bad)
+            hellaswag.load_task(path, limit=bad)
     with pytest.raises(TaskError, match="does not exist"):
-        downstream.load_task(tmp_path / "missing.jsonl")
+        hellaswag.load_task(tmp_path / "missing.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(TaskError, match="holds no examples"):
-        downstream.load_task(tmp_path / "empty.jsonl")
+        hellaswag.load_task(tmp_path / "empty.jsonl")
 
 
 def test_download_happens_once_then_the_cache_is_reused(monkeypatch, tmp_path):
@@ -266,16 +266,16 @@ def test_download_happens_once_then_the_cache_is_reused(monkeypatch, tmp_path):
         calls.append(url)
         return io.BytesIO(payload)
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    first = downstream.load_task(None, limit=4)
+    first = hellaswag.load_task(None, limit=4)
     cached = tmp_path / "cache" / "hellaswag_val.jsonl"
-    assert calls == [downstream.HELLASWAG_VAL_URL] and cached.read_bytes() == payload
+    assert calls == [hellaswag.HELLASWAG_VAL_URL] and cached.read_bytes() == payload
     assert [e.label for e in first] == [0, 1, 2, 3]
     assert list(cached.parent.iterdir()) == [cached]  # no temp file left behind
 
     def offline(*args, **kwargs):
         raise AssertionError("the cached file must be reused")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert downstream.load_task(None) == downstream.load_task(cached)
+    assert hellaswag.load_task(None) == hellaswag.load_task(cached)
 
 
 def test_no_network_names_the_url_and_task_file(monkeypatch, tmp_path):
@@ -283,9 +283,9 @@ def test_no_network_names_the_url_and_task_file(monkeypatch, tmp_path):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
     with pytest.raises(TaskError) as err:
-        downstream.load_task(None)
+        hellaswag.load_task(None)
     msg = str(err.value)
-    assert downstream.HELLASWAG_VAL_URL in msg and "--task-file" in msg and "\n" not in msg
+    assert hellaswag.HELLASWAG_VAL_URL in msg and "--task-file" in msg and "\n" not in msg
     assert not (tmp_path / "cache" / "hellaswag_val.jsonl").exists()
 
 
@@ -293,7 +293,7 @@ def test_a_bad_download_is_not_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=None: io.BytesIO(b"<html>rate limited</html>\n"))
     with pytest.raises(TaskError, match="not a valid task file.*nothing was cached"):
-        downstream.load_task(None)
+        hellaswag.load_task(None)
     assert not any((tmp_path / "cache").glob("*"))
 
 
@@ -348,7 +348,7 @@ def test_cli_scores_a_training_checkpoint_and_writes_json(trained_run, tmp_path)
     # The in-training entry point on the same weights agrees with the command line.
     ckpt = evaluate_script.load_checkpoint(evaluate_script.checkpoint.resolve_checkpoint(trained_run))
     model = evaluate_script.build_model(ckpt, "cpu")
-    result = downstream.evaluate_multiple_choice(model, downstream.load_task(task, 3), BYTE.encode,
+    result = hellaswag.evaluate_multiple_choice(model, hellaswag.load_task(task, 3), BYTE.encode,
                                                  model.config.block_size, "cpu")
     assert result == {"acc": record["acc"], "acc_norm": record["acc_norm"], "n": 3}
 
@@ -387,7 +387,7 @@ def test_cli_without_network_or_task_file_says_what_to_do(monkeypatch, tmp_path,
     status = evaluate_script.main([str(tmp_path / "ckpt.pt"), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1
-    assert downstream.HELLASWAG_VAL_URL in err[0] and "--task-file" in err[0]
+    assert hellaswag.HELLASWAG_VAL_URL in err[0] and "--task-file" in err[0]
 
 
 def test_cli_refuses_a_run_without_checkpoints_and_a_foreign_file(tmp_path, capsys):
@@ -406,8 +406,8 @@ def test_cli_refuses_a_run_without_checkpoints_and_a_foreign_file(tmp_path, caps
 def test_training_hook_is_due_like_val_loss_and_logs_its_two_metrics(tmp_path):
     rows = [{"ctx": "Some context.", "endings": e, "label": label} for e, label, _ in UNIFORM_CASES]
     task = write_task(tmp_path / "task.jsonl", rows)
-    assert downstream.build_multiple_choice_eval(0, str(task), None, 8, "byte") is None
-    hook = downstream.build_multiple_choice_eval(10, str(task), 5, 2, "byte")
+    assert hellaswag.build_multiple_choice_eval(0, str(task), None, 8, "byte") is None
+    hook = hellaswag.build_multiple_choice_eval(10, str(task), 5, 2, "byte")
     assert len(hook.examples) == 5
     assert [s for s in range(26) if hook.due(s, 25)] == [0, 10, 20, 25]
     metrics = hook(uniform_model(), "cpu")
@@ -426,7 +426,7 @@ def test_training_hook_refuses_bad_settings_by_key(tmp_path, kwargs, needle):
     args = {"interval": 10, "task_file": str(task), "limit": None, "batch_size": 8,
             "tokenizer": "byte", **kwargs}
     with pytest.raises(TaskError, match=needle):
-        downstream.build_multiple_choice_eval(**args)
+        hellaswag.build_multiple_choice_eval(**args)
 
 
 def test_training_logs_hellaswag_on_its_schedule_and_it_matches_the_standalone_score(
@@ -451,8 +451,8 @@ def test_training_logs_hellaswag_on_its_schedule_and_it_matches_the_standalone_s
     state = load_checkpoint(list_checkpoints(tmp_path / "with" / "checkpoints")[-1])
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
-    direct = downstream.evaluate_multiple_choice(
-        model, downstream.load_task(task), get_tokenizer("byte").encode, device="cpu")
+    direct = hellaswag.evaluate_multiple_choice(
+        model, hellaswag.load_task(task), get_tokenizer("byte").encode, device="cpu")
     assert scored[-1]["eval/hellaswag_acc"] == pytest.approx(direct["acc"])
     assert scored[-1]["eval/hellaswag_acc_norm"] == pytest.approx(direct["acc_norm"])
     other = read_metrics(tmp_path / "without")

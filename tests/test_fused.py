@@ -4,13 +4,15 @@ fused == reference (values, state, telemetry) over many steps with two param gro
 in every hyperparameter including maximize, plus Hessian refreshes, and with NaN and infinite
 gradients; one pass over memory per tensor in the generated code; the automatic choice; the
 validation errors; the compile-failure guard; no recompiles under a changing lr / bs; a
-mixed-dtype group on the multi-tensor path; and a tiny run of scripts/bench_optim.py.
+mixed-dtype group on the multi-tensor path; and a tiny run of benchmarks/bench_optim.py.
 
 Compiling on CPU takes seconds, so every compiled test uses the same parameter structure
 (SHAPES, one per group, groups sharing it): the whole file compiles three kernels (SophiaG's,
 SophiaH's and Lion's) for it, and the bench test reuses them.
 """
 from __future__ import annotations
+
+import importlib
 
 import json
 import re
@@ -26,7 +28,6 @@ from sophia import Lion, SophiaG, SophiaH
 from sophia.lion import lion
 from sophia.sophia import Denominator, SophiaSettings
 from sophia.sophia import sophia as sophia_update
-from train_helpers import load_script
 
 SHAPES = [(8, 6), (5,)]  # the structure of each group below, and of the bench test's parameter set
 
@@ -543,7 +544,7 @@ def test_fused_matches_reference_on_cuda(cls: type) -> None:
 @pytest.mark.parametrize("name", ["SophiaG", "Lion"])  # SophiaH's kernel is SophiaG's
 def test_each_chunk_is_one_pass_in_the_compiled_cuda_code(name: str) -> None:
     # The CUDA twin of the CPU test above, on the Triton code inductor compiles here: every
-    # full-size load and store counted (scripts/cuda_kernels.py's reader) comes to one pass.
+    # full-size load and store counted (benchmarks/cuda_kernels.py's reader) comes to one pass.
     # Shapes whose whole-tensor sums inductor would split across rows (tests/test_cuda_kernels.py).
     from torch._inductor.utils import run_and_get_code
 
@@ -551,7 +552,7 @@ def test_each_chunk_is_one_pass_in_the_compiled_cuda_code(name: str) -> None:
     kernel, lists, hyper, flags, reads, writes = _one_pass_case(name, shapes, "cuda")
     with torch.no_grad():
         _, codes = run_and_get_code(fused_mod.run_fused, kernel, lists, hyper, flags)
-    cuda_kernels = load_script("cuda_kernels")
+    cuda_kernels = importlib.import_module("benchmarks.cuda_kernels")
     moved = cuda_kernels.bytes_moved(cuda_kernels.kernel_launches(codes[0]))
     per_param = moved / sum(torch.Size(s).numel() for s in shapes)
     floor = 4 * (reads + writes)
@@ -562,7 +563,7 @@ def test_each_chunk_is_one_pass_in_the_compiled_cuda_code(name: str) -> None:
 
 
 def _load_bench():
-    return load_script("bench_optim")
+    return importlib.import_module("benchmarks.bench_optim")
 
 
 @pytest.mark.slow

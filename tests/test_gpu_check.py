@@ -1,4 +1,4 @@
-"""scripts/gpu_check.{sh,py}, the GPU evidence pack: its plan fits the window and every command in
+"""benchmarks/gpu_check.{sh,py}, the GPU evidence pack: its plan fits the window and every command in
 it is accepted by what it runs; it refuses cleanly without CUDA.
 
 The pack only runs on a GPU machine, so the suite checks what can drift on a CPU: each phase's
@@ -6,6 +6,8 @@ command line parses with the script's own argument parser, or composes with Hydr
 engine's config check, and the time caps add up to the 8 minutes the pack promises.
 """
 from __future__ import annotations
+
+import importlib
 
 import os
 import subprocess
@@ -18,7 +20,7 @@ import torch
 from engine.config_check import check_config
 from train_helpers import REPO, compose_cfg, load_script
 
-gpu_check = load_script("gpu_check")
+gpu_check = importlib.import_module("benchmarks.gpu_check")
 
 
 def _sweep(overrides: list[str]) -> list[list[str]]:
@@ -32,7 +34,7 @@ def _sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def test_dry_run_prints_every_phase_within_the_budget():
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run"],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     phases = gpu_check.phases()
@@ -62,15 +64,18 @@ def test_every_command_of_the_plan_parses():
                     assert cfg.device == "cuda" and cfg.dtype == "bfloat16"
                 seen.add("train")
             else:
-                name = Path(cmd[1]).stem
-                script = load_script(name)
+                # a benchmark module (python -m benchmarks.NAME) or a user script (scripts/NAME.py)
+                module = cmd[1] == "-m"
+                name = cmd[2].split(".")[-1] if module else Path(cmd[1]).stem
+                script = importlib.import_module(cmd[2]) if module else load_script(name)
+                flags = cmd[3:] if module else cmd[2:]
                 if hasattr(script, "parse_args"):
-                    args = script.parse_args(cmd[2:])  # argparse exits on a bad flag
+                    args = script.parse_args(flags)  # argparse exits on a bad flag
                     assert args.device == "cuda"
                 else:  # a script that parses inside main(): its --help must list every flag
-                    done = subprocess.run([sys.executable, str(REPO / cmd[1]), "--help"],
+                    done = subprocess.run([sys.executable, *cmd[1:3 if module else 2], "--help"],
                                           capture_output=True, text=True, timeout=60, cwd=REPO)
-                    assert all(f in done.stdout for f in cmd[2:] if f.startswith("--")), cmd
+                    assert all(f in done.stdout for f in flags if f.startswith("--")), cmd
                 seen.add(name)
     assert seen == {"pytest", "train", "bench_optim", "bench_train", "compare"}
 
@@ -117,8 +122,8 @@ def test_summary_judges_the_targets_from_the_benchmarks_json():
 def test_refuses_without_cuda_and_leaves_no_results_folder(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("OUT", None)
-    for cmd in (["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
-                [sys.executable, str(REPO / "scripts" / "gpu_check.py"), str(tmp_path / "out")]):
+    for cmd in (["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                [sys.executable, "-m", "benchmarks.gpu_check", str(tmp_path / "out")]):
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 2, done.stderr
         assert "no CUDA device" in done.stderr

@@ -16,6 +16,8 @@ itself against an exact float64 inverse CDF.
 """
 from __future__ import annotations
 
+import importlib
+
 import json
 from pathlib import Path
 
@@ -24,7 +26,6 @@ import torch
 from torch import nn
 
 from sophia.hessian import gnb_loss, hutchinson, sample_labels
-from train_helpers import load_script
 
 
 def test_sample_labels_shape_and_distribution() -> None:
@@ -274,9 +275,9 @@ def test_fused_under_autocast_matches_reference() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-4)
 
 
-# ------------------------------------------------------------------------ scripts/bench_hessian.py
+# ------------------------------------------------------------------------ benchmarks/bench_hessian.py
 def test_bench_hessian_runs_and_reports(tmp_path: Path) -> None:
-    bench = load_script("bench_hessian")
+    bench = importlib.import_module("benchmarks.bench_hessian")
     out = tmp_path / "bench.json"
     rc = bench.main(["--batch", "2", "--seq", "8", "--vocab", "1000", "--repeats", "1",
                      "--no-cpu-memory", "--data", "random", "--mb-rows", "2", "--mb-seq", "8",

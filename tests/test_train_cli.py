@@ -196,7 +196,7 @@ def _muon_bf16_atol(cfg):
     """
     import fnmatch
 
-    from engine.lr_schedule import lr_multiplier
+    from engine.schedules import lr_multiplier
 
     t = cfg.train
     lr_sum = sum(cfg.optimizer.lr * lr_multiplier(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)

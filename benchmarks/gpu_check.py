@@ -1,10 +1,10 @@
 """The GPU evidence pack: one command, at most 8 minutes, at most 8 result files.
 
-    bash scripts/gpu_check.sh [OUT]              # on the GPU machine (OUT: $OUT, else results/gpu-check)
-    python scripts/gpu_check.py --dry-run        # anywhere: every phase's commands and time cap
+    bash benchmarks/gpu_check.sh [OUT]              # on the GPU machine (OUT: $OUT, else results/gpu-check)
+    python -m benchmarks.gpu_check --dry-run        # anywhere: every phase's commands and time cap
 
 Made for a short, bare, offline GPU lease (one H100/H200, Python with a CUDA build of torch, no
-hydra-core / omegaconf, no network): `scripts/gpu_check.sh` installs the wheels carried in
+hydra-core / omegaconf, no network): `benchmarks/gpu_check.sh` installs the wheels carried in
 `gpu-wheels/` (see that script for the one-line download on a CPU machine), then this driver runs
 the phases below in order of importance, each under its own time cap so a slow phase cannot eat
 the others, and rewrites its results after every phase, so a run cut short still says something:
@@ -77,13 +77,13 @@ def phases(work: str = WORK) -> list[Phase]:
             py, "train.py", "-m", "optimizer=adamw,lion,sophia,sophiah,muon", *SMOKE,
             f"hydra.sweep.dir={work}/smoke"]]),
         Phase("2 optimizer step", 40, [[
-            py, "scripts/bench_optim.py", "--model", "gpt2-small", "--device", "cuda",
+            py, "-m", "benchmarks.bench_optim", "--model", "gpt2-small", "--device", "cuda",
             "--optimizers", "adamw,lion,sophiag,sophiah,muon", "--paths", "fused", "--access-floor",
             "--noise-check",
             "--repeats", "20", "--steps", "5", "--warmup", "3", "--copy-mb", "2048",
             "--json", f"{work}/bench_optim.json"]]),
         Phase("3 training throughput", 150, [[
-            py, "scripts/bench_train.py", "--model", "gpt2-small", "--device", "cuda",
+            py, "-m", "benchmarks.bench_train", "--model", "gpt2-small", "--device", "cuda",
             "--dtype", "bfloat16", "--compile", "--data", DATA, "--batch-tokens", "163840",
             "--micro-batch-size", "16", "--steps", "10", "--warmup", "10", "--repeats", "1",
             "--k", "10", "--optimizers", "adamw,sophia", "--hessian-micro-batches", "all,1/10",

@@ -2,9 +2,9 @@
 a GPU: kernel launches per step and bytes moved per parameter, against the one-pass floor.
 
     pip install triton           # the code generator (in the dev extra); no GPU, no CUDA torch
-    python scripts/cuda_kernels.py --optimizers sophiag,lion --model gpt2-small
-    python scripts/cuda_kernels.py --model gpt2-small --dump cuda_code/   # the generated code
-    python scripts/cuda_kernels.py --inductor-config combo_kernels=True   # a compiler setting
+    python -m benchmarks.cuda_kernels --optimizers sophiag,lion --model gpt2-small
+    python -m benchmarks.cuda_kernels --model gpt2-small --dump cuda_code/   # the generated code
+    python -m benchmarks.cuda_kernels --inductor-config combo_kernels=True   # a compiler setting
 
 What it does: the optimizer steps a model's parameter set on the CPU with `fused=True`, exactly
 as in training (same chunks, flags and hyperparameter tensors), but each compiled chunk is
@@ -33,9 +33,7 @@ from unittest import mock
 import torch
 
 # bench_optim: the parameter sets and the optimizers as it benchmarks them
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_optim
-
+from benchmarks import bench_optim
 from sophia import _fused
 
 # the optimizers with a compiled (fused) step of their own; AdamW's is torch's

@@ -1,7 +1,7 @@
 """Training throughput per optimizer: tokens/s, MFU, peak memory and a step-time breakdown.
 
-    python scripts/bench_train.py --model gpt2-micro --steps 20 --repeats 3        # CPU, offline
-    python scripts/bench_train.py --model gpt2-small --device cuda --dtype bfloat16 --compile \\
+    python -m benchmarks.bench_train --model gpt2-micro --steps 20 --repeats 3        # CPU, offline
+    python -m benchmarks.bench_train --model gpt2-small --device cuda --dtype bfloat16 --compile \\
         --batch-tokens 491520 --micro-batch-size 16 --steps 20 --repeats 5 \\
         --optimizers adamw,lion,sophia,sophiah,muon --hessian-micro-batches all,1/8 \\
         --nanogpt-baseline --json results/bench_train_gpt2-small.json
@@ -44,7 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.batching import BatchPlan, plan_batches
-from engine.benchmarking import (command_line, compose_config, config_choices, cpu_threads,
+from benchmarks.common import (command_line, compose_config, config_choices, cpu_threads,
                                  machine_name, prepare_stdlib_corpus, synchronizer, write_json)
 from engine.build import DTYPES, autocast_factory, build_model_config, build_trainer, resolve_dtype
 from engine.distributed import DistEnv, launched_by_torchrun, resolve_device
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     except (HarnessError, DataError) as err:
         print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
         return 2
-    result["command"] = command_line("bench_train.py", argv)
+    result["command"] = command_line("bench_train", argv)
     print()
     print(format_table(result))
     for note in result["notes"]:

@@ -1,12 +1,12 @@
 """Optimizer step cost: ms per step and effective memory bandwidth, per optimizer and code path.
 
-    python scripts/bench_optim.py --model gpt2-small --device cpu --repeats 5 \\
+    python -m benchmarks.bench_optim --model gpt2-small --device cpu --repeats 5 \\
         --json bench_optim_cpu.json
-    python scripts/bench_optim.py --model gpt2-small,gpt2-medium --device cuda --repeats 50 \\
+    python -m benchmarks.bench_optim --model gpt2-small,gpt2-medium --device cuda --repeats 50 \\
         --json bench_optim_cuda.json
-    python scripts/bench_optim.py --shapes 768x768,768 --device cpu        # any parameter set
-    python scripts/bench_optim.py --inductor-config combo_kernels=True ...  # a compiler setting
-    python scripts/bench_optim.py --noise-check ...  # how far apart two equal steps look here
+    python -m benchmarks.bench_optim --shapes 768x768,768 --device cpu        # any parameter set
+    python -m benchmarks.bench_optim --inductor-config combo_kernels=True ...  # a compiler setting
+    python -m benchmarks.bench_optim --noise-check ...  # how far apart two equal steps look here
 
 An elementwise optimizer step is memory-bound: per fp32 parameter AdamW must read p, g, m, v and
 write p, m, v (28 bytes), SophiaG reads p, g, m, h and writes p, m (24 B), Lion reads p, g, m and
@@ -29,7 +29,7 @@ is bound by Python, dynamo's guards and kernel launches rather than by memory (a
 table on CUDA; on a CPU the two are the same).
 Sophia's Hessian is filled with positive values first so its clipping is not trivial; the step
 timed is `step()` alone (Hessian refreshes are every k steps and cost a backward pass, which
-`scripts/bench_train.py` measures).
+`benchmarks/bench_train.py` measures).
 
 How far apart two equal steps look in one run depends on the machine: on a shared VM the same
 step can run at quite different speeds over different tensors of the same sizes (most likely
@@ -64,7 +64,7 @@ from typing import Callable
 
 import torch
 
-from engine.benchmarking import command_line, cpu_threads, machine_name, synchronizer, write_json
+from benchmarks.common import command_line, cpu_threads, machine_name, synchronizer, write_json
 from model import GPT, GPTConfig
 from model.param_groups import MUON_INCLUDE, weight_decay_groups
 from sophia import Lion, MuonAdamW, SophiaG, SophiaH
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command_line("bench_optim.py", argv),
+            "command": command_line("bench_optim", argv),
             "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps,
             "copy_mb": args.copy_mb, "copy_gbps": copy_gbps, "bytes_floor": BYTES_FLOOR,
             "inductor_config": args.inductor_config,

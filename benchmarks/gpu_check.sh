@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU evidence pack on a bare, offline GPU machine: at most 8 minutes, at most 8 files in OUT.
 #
-#     bash scripts/gpu_check.sh [OUT]            # OUT defaults to $OUT when set, else results/gpu-check
-#     python scripts/gpu_check.py --dry-run      # the plan: every phase's command and time cap
+#     bash benchmarks/gpu_check.sh [OUT]            # OUT defaults to $OUT when set, else results/gpu-check
+#     python -m benchmarks.gpu_check --dry-run      # the plan: every phase's command and time cap
 #
 # Once, on a CPU machine with the package index (the machine that ships the working tree over):
 #
-#     bash scripts/gpu_check.sh --fetch          # wheels + tiktoken's GPT-2 files -> gpu-wheels/
-#     bash scripts/gpu_check.sh --setup-only     # the offline setup alone (no GPU needed): to try it
+#     bash benchmarks/gpu_check.sh --fetch          # wheels + tiktoken's GPT-2 files -> gpu-wheels/
+#     bash benchmarks/gpu_check.sh --setup-only     # the offline setup alone (no GPU needed): to try it
 #
 # gpu-wheels/ is git-ignored and travels with the working tree (about 5 MiB). On the GPU machine
 # this script installs from them with --no-index what such a machine may lack (hydra-core with
@@ -57,7 +57,7 @@ start=$(date +%s)
     # already has and picks the wheels that fit this Python (PyYAML's are per version).
     if ! python -c "import hydra, pytest" 2>/dev/null; then
         python -m pip install -q --no-index --find-links "$WHEELS" "hydra-core>=1.3,<1.4" "pytest>=7" \
-            || { echo "gpu_check.sh: hydra-core or pytest is missing and $WHEELS/ cannot supply it for this Python: run 'bash scripts/gpu_check.sh --fetch' on a CPU machine first" >&2; exit 2; }
+            || { echo "gpu_check.sh: hydra-core or pytest is missing and $WHEELS/ cannot supply it for this Python: run 'bash benchmarks/gpu_check.sh --fetch' on a CPU machine first" >&2; exit 2; }
     fi
     python -m pip install -q --no-index --no-deps --no-build-isolation -e . \
         || echo "note: editable install failed; using PYTHONPATH"
@@ -69,4 +69,4 @@ start=$(date +%s)
 $setup_only && exit 0
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -d "$WHEELS/tiktoken_cache" ] && export TIKTOKEN_CACHE_DIR=$PWD/$WHEELS/tiktoken_cache
-python scripts/gpu_check.py "$out" --budget $(( 480 - ($(date +%s) - start) ))
+python -m benchmarks.gpu_check "$out" --budget $(( 480 - ($(date +%s) - start) ))

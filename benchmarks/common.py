@@ -1,10 +1,5 @@
-"""What the benchmark scripts (``scripts/bench_*.py``) share: the machine name, device timing, the
-offline default corpus, config composition, CPU thread settings and the JSON record.
-
-The scripts run as ``python scripts/NAME.py`` and import this installed module rather than each
-other: ``scripts/`` is not a package, so a script importing a sibling works only from some working
-directories.
-"""
+"""What the benchmarks share: the machine name, device timing, the offline default corpus, config
+composition, CPU thread settings and the JSON record."""
 from __future__ import annotations
 
 import contextlib
@@ -77,10 +72,10 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def command_line(script: str, argv: Sequence[Any] | None = None) -> str:
-    """The command that reruns ``scripts/<script>`` with ``argv`` (default: this process's)."""
+def command_line(module: str, argv: Sequence[Any] | None = None) -> str:
+    """The command that reruns ``benchmarks.<module>`` with ``argv`` (default: this process's)."""
     args = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", f"scripts/{script}", *map(str, args)])
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *map(str, args)])
 
 
 def write_json(path: str | Path, result: Any) -> Path:

@@ -1,7 +1,7 @@
 """Benchmark the data pipeline: prepare throughput with 1 and N workers, loader batches/s.
 
-    python scripts/bench_data.py                                  # stdlib corpus, byte tokenizer
-    python scripts/bench_data.py tests/fixtures/tinyshakespeare.txt --split-blank-lines \
+    python -m benchmarks.bench_data                                  # stdlib corpus, byte tokenizer
+    python -m benchmarks.bench_data tests/fixtures/tinyshakespeare.txt --split-blank-lines \
         --tokenizer gpt2 --workers 4 --json results/bench_data.json
 
 Prepares into a temporary folder (or --keep DIR), so it never touches prepared/.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data.loader import TokenLoader
 from data.prepare import default_workers, prepare
-from engine.benchmarking import write_json
+from benchmarks.common import write_json
 
 
 def bench_prepare(corpus: str, out: Path, workers: int, args: argparse.Namespace) -> dict:

@@ -1,7 +1,7 @@
 """The cost of a GNB Hessian estimate: the sampled-label loss itself, and how many micro-batches.
 
-    python scripts/bench_hessian.py                     # CPU, offline, ~5 min on a busy 2-core box
-    python scripts/bench_hessian.py --device cuda --dtype bfloat16 --batch 16 --seq 1024 \\
+    python -m benchmarks.bench_hessian                     # CPU, offline, ~5 min on a busy 2-core box
+    python -m benchmarks.bench_hessian --device cuda --dtype bfloat16 --batch 16 --seq 1024 \\
         --model gpt2-small --mb-rows 16 --mb-seq 1024 --train-steps 200 \\
         --json results/bench_hessian_h100.json
 
@@ -58,7 +58,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from engine.benchmarking import (STDLIB_CORPUS, command_line, cpu_threads, machine_name,
+from benchmarks.common import (STDLIB_CORPUS, command_line, cpu_threads, machine_name,
                                  prepare_stdlib_corpus, synchronizer, write_json)
 from engine.build import DTYPES
 from sophia.hessian import _chunk_rows, _draw_rows, _uniforms, gnb_loss
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     with cpu_threads(args.threads):
         result: dict[str, Any] = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": command_line("bench_hessian.py", argv),
+            "command": command_line("bench_hessian", argv),
             "device": machine_name(device),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "args": dict(vars(args)),

@@ -1,0 +1,1 @@
+"""Downstream evaluations run during training and by scripts/evaluate.py (HellaSwag: ``hellaswag``)."""
