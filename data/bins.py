@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from data.errors import DataError
+from data.files import write_text_atomic
 from data.tokenizers import token_dtype
 
 FORMAT_VERSION = 1
@@ -32,31 +33,9 @@ def tmp_bin_path(data_dir: str | os.PathLike, split: str) -> Path:
     return Path(data_dir) / f"{split}.bin{TMP_SUFFIX}"
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _prepare_hint(data_dir: Path) -> str:

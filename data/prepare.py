@@ -92,7 +92,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from data.bins import (FORMAT_VERSION, LOCK_NAME, META_NAME, SPLITS, STATE_NAME,
-                       atomic_write_json, bin_path, check_bin, fsync_dir, read_meta, tmp_bin_path)
+                       atomic_write_json, bin_path, check_bin, read_meta, tmp_bin_path)
+from data.files import fsync_dir
 from data.errors import DataError
 from data.sources import (DEFAULT_VAL_FRACTION, DEFAULT_VAL_FRACTIONS, OPENWEBTEXT_ID,
                           OPENWEBTEXT_REVISION, Source, _digest, default_val_fraction,

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from data.errors import DataError
+from data.files import write_bytes_atomic
 
 OPENWEBTEXT_ID = "Skylion007/openwebtext"
 OPENWEBTEXT_REVISION = "refs/convert/parquet"
@@ -412,11 +413,7 @@ def fetch_shakespeare(timeout: float = 60.0) -> Path:
             f"not tiny Shakespeare as expected ({SHAKESPEARE_BYTES:,} bytes, sha256 "
             f"{SHAKESPEARE_SHA256}); nothing was cached. If the file moved, pass a good copy as "
             "the source (data.source=/path/to/input.txt).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, data)
 
 
 def _shakespeare_source(*, split_blank_lines: bool) -> Source:
