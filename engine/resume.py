@@ -10,7 +10,8 @@ results silently meaning something else. So when a checkpoint is resumed:
    refuses every difference, listed, unless ``checkpoint.allow_config_change=true`` says the change
    is intended (then it is printed as a warning and recorded in the run's ``config.yaml``).
 
-Keys in :data:`FREE_KEYS` change how a run is operated, not what it computes, and may differ.
+Keys in :data:`RESULT_NEUTRAL_KEYS` change how a run is operated, not what it computes, and may
+differ.
 """
 from __future__ import annotations
 
@@ -19,18 +20,37 @@ from typing import Any, Iterable, Mapping
 
 from engine.errors import HarnessError
 
-# eval.* adds measurements without touching the training computation (it draws no random numbers).
-FREE_KEYS = ("train.stop_at_step", "train.log_interval", "train.prefetch", "compile",
-             "checkpoint.resume", "checkpoint.interval", "checkpoint.keep_last",
-             "checkpoint.allow_config_change", "data.prepare_if_missing", "wandb.*", "eval.*")
+# The keys that change how a run is operated (when it stops, what and how often it logs, where it
+# checkpoints, how it is tracked and launched), not what it computes: a resume may change them
+# freely, run labels (scripts/compare.py) and the sweep table (summary.md) leave them out. A
+# pattern "a.*" also covers the section "a" itself. eval.* adds measurements without touching the
+# training computation (it draws no random numbers); train.peak_flops only scales the MFU metric.
+RESULT_NEUTRAL_KEYS = ("train.stop_at_step", "train.log_interval", "train.prefetch",
+                       "train.peak_flops", "compile", "checkpoint.*", "data.prepare_if_missing",
+                       "wandb.*", "eval.*", "hydra.*", "hparams_search")
 
+# Where a run's data and compute happen to live. The same experiment runs anywhere, so labels and
+# tables leave these out too; a resume still refuses a change, because data=prepared names its
+# data by data.dir alone, and a device change is rarely what was meant mid-run.
+PLACEMENT_KEYS = ("device", "data.dir")
 
 # Settings of one invocation only: a saved one is not carried into the next.
 INVOCATION_KEYS = ("train.stop_at_step", "checkpoint.resume", "checkpoint.allow_config_change")
 
 
-def _free(key: str) -> bool:
-    return any(fnmatch.fnmatch(key, pat) for pat in FREE_KEYS)
+def override_key(override: str) -> str:
+    """The config key or group an override sets: ``+optimizer.rho=0.1`` -> ``optimizer.rho``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_result_neutral(key: str, *, placement: bool = False) -> bool:
+    """Whether a config key, a config group (``hydra/launcher``) or an override (``key=value``)
+    leaves a run's result unchanged: it matches :data:`RESULT_NEUTRAL_KEYS`, or with
+    ``placement`` (for labelling runs, not for a resume) :data:`PLACEMENT_KEYS`."""
+    key = override_key(key).replace("/", ".")
+    patterns = RESULT_NEUTRAL_KEYS + (PLACEMENT_KEYS if placement else ())
+    return any(fnmatch.fnmatch(key, pat) or (pat.endswith(".*") and key == pat[:-2])
+               for pat in patterns)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,12 +66,13 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, current value)`` for every key outside :data:`FREE_KEYS` that differs
-    (a key present on one side only counts as a difference, with ``<unset>`` on the other)."""
+    """``(key, saved value, current value)`` for every key that is not result-neutral
+    (:func:`is_result_neutral`) and differs (a key present on one side only counts as a
+    difference, with ``<unset>`` on the other)."""
     a, b = flatten(saved), flatten(current)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if key == "hydra" or key.startswith("hydra.") or _free(key):
+        if is_result_neutral(key):
             continue
         old, new = a.get(key, "<unset>"), b.get(key, "<unset>")
         if old != new:
@@ -74,11 +95,6 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], *,
             f"intended, add checkpoint.allow_config_change=true."
         )
     return changes
-
-
-def override_key(override: str) -> str:
-    """The config key or group an override sets: ``+optimizer.rho=0.1`` -> ``optimizer.rho``."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def merge_overrides(saved: Iterable[str], new: Iterable[str]) -> list[str]:

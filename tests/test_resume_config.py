@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import HarnessError
-from engine.resume import check_resume_config, config_changes, merge_overrides
+from engine.resume import check_resume_config, config_changes, is_result_neutral, merge_overrides
 
 
 def test_new_overrides_replace_saved_ones_of_the_same_key_in_place():
@@ -37,3 +37,19 @@ def test_identity_changes_are_listed_and_operational_ones_are_free():
     assert "checkpoint.allow_config_change=true" in str(refused.value)
     assert len(check_resume_config(saved, current, allow=True, source="ckpt.pt")) == 2
     assert check_resume_config(saved, saved, allow=False, source="ckpt.pt") == []
+
+
+def test_one_definition_of_result_neutral_keys():
+    for key in ("train.stop_at_step", "train.peak_flops", "compile", "checkpoint.keep_last",
+                "checkpoint", "wandb.mode", "+wandb.group=g", "~wandb.entity", "eval.hellaswag_limit",
+                "hydra.run.dir=x", "hydra/launcher=slurm", "hparams_search=sophia_optuna"):
+        assert is_result_neutral(key), key
+    for key in ("optimizer.lr", "optimizer=sophia", "seed=2", "train.max_steps", "model.n_layer",
+                "data.source", "dtype", "evaluation.x", "train.log_interval_extra"):
+        assert not is_result_neutral(key), key
+    # where a run lives: left out of labels, refused on resume
+    for key in ("device=cuda:1", "data.dir=/scratch/x"):
+        assert is_result_neutral(key, placement=True) and not is_result_neutral(key), key
+    saved = {"device": "cpu", "data": {"dir": "a"}, "train": {"peak_flops": None}}
+    current = {"device": "cuda", "data": {"dir": "b"}, "train": {"peak_flops": 1e15}}
+    assert config_changes(saved, current) == [("data.dir", "a", "b"), ("device", "cpu", "cuda")]
