@@ -1,7 +1,8 @@
 """The end-of-run summary: ``summary.json`` and the block printed when a run ends.
 
-Built from the run dir's files alone (``metrics.jsonl``, ``config.yaml``, ``checkpoints/``), so
-it describes any run, finished, stopped early or crashed, and the sweep table can reuse it.
+Built from the run dir's files alone (``metrics.jsonl``, ``config.yaml``, ``checkpoints/``, read
+by :mod:`engine.run_dir`), so it describes any run, finished, stopped early or crashed, and the
+sweep table can reuse it.
 Every value that is missing or non-finite is ``null``: ``summary.json`` must stay valid JSON for
 the tools that read it.
 """
@@ -9,18 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from data.files import write_text_atomic
 from engine.checkpoint import list_checkpoints
 from engine.metrics import ConsoleSink
-
-SUMMARY_FILE = "summary.json"
+from engine.run_dir import METRICS_FILE, SUMMARY_FILE, RunDirError, read_config, read_metrics
 
 
 def _finite(value: Any) -> float | int | None:
@@ -28,44 +25,6 @@ def _finite(value: Any) -> float | int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value if math.isfinite(value) else None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` as the run finally kept them.
-
-    Unreadable lines (a half-written last line of a killed process) are skipped. A row whose step
-    is not after the previous one means a rollback re-ran those steps, so the abandoned rows from
-    that step on are dropped: best-so-far must not come from a branch the run threw away.
-    """
-    rows: list[dict[str, Any]] = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        while rows and rows[-1]["step"] >= row["step"]:
-            rows.pop()
-        rows.append(row)
-    return rows
-
-
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    # config.yaml is the engine's resolved copy; a job that failed before writing it still has
-    # Hydra's composed one.
-    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        try:
-            cfg = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(cfg, dict):
-            return cfg
-    return {}
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -109,10 +68,13 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None) -> d
     between two log steps (train.stop_at_step).
     """
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    try:
+        rows = read_metrics(run_dir / METRICS_FILE)
+    except RunDirError:  # the summary describes what can be read; the sweep table relies on it
+        rows = []
     if position is not None:
         rows.append(dict(position))
-    cfg = _read_config(run_dir)
+    cfg = read_config(run_dir) or {}
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     newest = checkpoints[-1] if checkpoints else None
 
@@ -177,18 +139,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     # Sanitised first: a NaN a caller added must not crash the end of a long run; allow_nan=False
     # then guarantees the file is strict JSON whatever slipped through.
     text = json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{SUMMARY_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        final = run_dir / SUMMARY_FILE
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return final
+    return write_text_atomic(run_dir / SUMMARY_FILE, text)
 
 
 def _count(value: float | None) -> str:

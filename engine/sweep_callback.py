@@ -6,42 +6,36 @@ scattered over one ``summary.json`` per numbered job dir; the table is
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from data.files import write_text_atomic
+from engine import run_dir
 from engine.metrics import ConsoleSink
+from engine.resume import is_result_neutral
 from engine.summary import summarize_run
 
 TABLE_FILE = "summary.md"
 COLUMNS = ("job", "overrides", "final val", "best val", "steps", "wall-clock", "status")
-_HIDDEN_PREFIXES = ("hydra.", "hydra/", "wandb.")
 
 
 def _shown(override: str) -> bool:
-    """Overrides worth a column: not Hydra's or W&B's own, and not paths (long, and unique per job
-    only by accident)."""
-    key, _, value = override.lstrip("+~").partition("=")
-    if key.startswith(_HIDDEN_PREFIXES) or key in ("hydra", "wandb"):
+    """Overrides worth a column: not result-neutral ones (Hydra's, W&B's, checkpointing, where
+    the job ran), and not paths (long, and unique per job only by accident)."""
+    if is_result_neutral(override, placement=True):
         return False
+    value = override.partition("=")[2]
     return not ("/" in value or "\\" in value or value.startswith("~"))
 
 
 def read_overrides(job_dir: Path) -> list[str] | None:
     """The job's shown overrides from ``.hydra/overrides.yaml``; None when it cannot be read."""
-    try:
-        overrides = yaml.safe_load((Path(job_dir) / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(overrides, list):
-        return None
-    return [str(o) for o in overrides if _shown(str(o))]
+    overrides = run_dir.read_overrides(job_dir)
+    return None if overrides is None else [o for o in overrides if _shown(o)]
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -94,18 +88,6 @@ def markdown_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Jobs of a parallel launcher may refresh the table at once: each writes its own temp file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunTable(Callback):
@@ -164,7 +146,8 @@ class RunTable(Callback):
         if common:
             table = f"All jobs: `{' '.join(common)}`\n\n{table}"
         try:
-            _write_atomic(Path(sweep_dir) / self.filename, table)
+            # atomic: jobs of a parallel launcher may refresh the table at once
+            write_text_atomic(Path(sweep_dir) / self.filename, table)
         except OSError as err:
             print(f"run table: could not write {Path(sweep_dir) / self.filename}: {err}",
                   file=sys.stderr, flush=True)

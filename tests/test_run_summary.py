@@ -9,7 +9,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from engine.summary import format_summary, read_metrics, summarize_run, write_summary
+from engine.run_dir import read_metrics
+from engine.summary import format_summary, summarize_run, write_summary
 from engine.sweep_callback import RunTable, read_overrides
 
 ALL_KEYS = {"run_dir", "optimizer", "model", "status", "step", "max_steps", "val_loss",
