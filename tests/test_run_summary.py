@@ -244,3 +244,10 @@ def test_read_overrides_drops_hydra_wandb_and_paths(tmp_path):
                                        "data=openwebtext", "++optimizer.rho=0.05"])
     assert read_overrides(tmp_path) == ["data=openwebtext", "++optimizer.rho=0.05"]
     assert read_overrides(tmp_path / "absent") is None
+
+
+def test_read_overrides_drops_every_result_neutral_override(tmp_path):
+    write_run(tmp_path, [], overrides=["checkpoint.interval=50", "train.log_interval=1",
+                                       "device=cuda:1", "eval.hellaswag_limit=10", "seed=2",
+                                       "train.max_steps=400"])
+    assert read_overrides(tmp_path) == ["seed=2", "train.max_steps=400"]
