@@ -60,8 +60,10 @@ def prepare_data(cfg: DictConfig, env: DistEnv) -> tuple[Path, dict[str, Any]]:
     d = cfg.data
     if d.source is None:
         return Path(d.dir), read_meta(d.dir)
-    optional = {k: d.get(k) for k in ("hf_id", "revision", "text_column", "max_docs",
-                                      "split_blank_lines", "val_split")}
+    # Every other key of the data group's yaml is a source option, passed through as declared.
+    optional = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items()
+                if k not in ("name", "source", "tokenizer", "dir", "prepare_if_missing",
+                             "val_fraction", "seed")}
 
     def ensure(allow_prepare: bool) -> dict[str, Any]:
         return ensure_prepared(d.source, d.dir, prepare_if_missing=allow_prepare,
@@ -190,7 +192,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    setup = build_optimizer(OmegaConf.to_container(cfg.optimizer), raw_model, env.device)
+    setup = build_optimizer(OmegaConf.to_container(cfg.optimizer), raw_model)
 
     flops_per_token = float(raw_model.flops_per_token())
     hessian = None

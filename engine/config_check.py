@@ -1,41 +1,45 @@
 """Refuse a config the harness would misread: keys it would silently ignore, values left unset.
 
 Hydra itself suggests ``+optimizer.rhoo=0.1`` when ``optimizer.rhoo=0.1`` names no key, and the
-``+`` form then adds the typo without complaint. The loop reads only the keys listed here, so any
-other key means the user believes a setting is in force that is not.
+``+`` form then adds the typo without complaint. The config files are the one declaration of the
+keys the engine reads, so any other key means the user believes a setting is in force that is not.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from functools import cache
+from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import HarnessError
-from engine.optimizers import OPTIMIZER_KEYS
+from engine.optimizers import declared_keys, entries
 from engine.resume import flatten
 from model import GPTConfig
 
-# Every key the engine reads, by section ("" is the top level). The root config (configs/config.yaml)
-# and the data group's files must declare exactly these; tests/test_config_keys.py holds them together.
-SECTION_KEYS: dict[str, frozenset[str]] = {
-    "": frozenset({"seed", "device", "dtype", "compile", "train", "eval", "checkpoint", "wandb",
-                   "model", "optimizer", "data"}),
-    "train": frozenset({"max_steps", "global_batch_tokens", "micro_batch_size", "block_size",
-                        "grad_clip", "warmup_steps", "decay_steps", "min_lr_ratio", "log_interval",
-                        "eval_interval", "eval_batches", "eval_at_start", "on_nonfinite",
-                        "max_rollbacks", "stop_at_step", "peak_flops", "prefetch"}),
-    "eval": frozenset({"hellaswag_interval", "hellaswag_task_file", "hellaswag_limit",
-                       "hellaswag_batch_size"}),
-    "checkpoint": frozenset({"interval", "keep_last", "resume", "allow_config_change"}),
-    "wandb": frozenset({"mode", "project", "entity", "group", "name"}),
-    "model": frozenset({"preset", "init_from",
-                        *(f.name for f in dataclasses.fields(GPTConfig))}),
-    "data": frozenset({"name", "source", "tokenizer", "dir", "prepare_if_missing", "val_fraction",
-                       "seed", "split_blank_lines", "hf_id", "revision", "text_column",
-                       "max_docs", "val_split"}),
-}
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _yaml_keys(path: Path) -> set[str]:
+    return {k for k in yaml.safe_load(path.read_text()) or {} if k != "defaults"}
+
+
+@cache
+def section_keys() -> dict[str, frozenset[str]]:
+    """Every key the engine reads, by section ("" is the top level), taken from the config files
+    that declare them: configs/config.yaml for its own sections, the union of a group's files for
+    ``data``, GPTConfig's fields for ``model``. The optimizer's keys are its own yaml's."""
+    root = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
+    keys = {"": frozenset(set(root) - {"defaults", "hydra"} | {"model", "optimizer", "data"})}
+    keys.update({name: frozenset(value) for name, value in root.items()
+                 if isinstance(value, dict) and name != "hydra"})
+    keys["data"] = frozenset().union(*(_yaml_keys(f) for f in (CONFIG_DIR / "data").glob("*.yaml")))
+    keys["model"] = frozenset({"preset", "init_from", *(f.name for f in dataclasses.fields(GPTConfig))})
+    return keys
+
 
 # What to tell a user who left a mandatory value (``???``) unset.
 _MISSING_HINTS = {
@@ -71,11 +75,12 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         raise HarnessError(f"{key} is not set. "
                            + _MISSING_HINTS.get(key, f"Add {key}=VALUE to the command line."))
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # present in Hydra's own compose output
-    _unknown("", cfg, SECTION_KEYS[""], "the top level")
-    for section, allowed in SECTION_KEYS.items():
+    sections = section_keys()
+    _unknown("", cfg, sections[""], "the top level")
+    for section, allowed in sections.items():
         if section and isinstance(cfg.get(section), Mapping):
             _unknown(section, cfg[section], allowed, f"the {section} group")
     optimizer = cfg.get("optimizer")
-    if isinstance(optimizer, Mapping) and optimizer.get("name") in OPTIMIZER_KEYS:
+    if isinstance(optimizer, Mapping) and optimizer.get("name") in entries():
         name = optimizer["name"]
-        _unknown("optimizer", optimizer, OPTIMIZER_KEYS[name], f"optimizer={name}")
+        _unknown("optimizer", optimizer, declared_keys(name), f"optimizer={name}")

@@ -278,13 +278,13 @@ def test_negative_estimates_and_state_are_refused_before_anything_changes() -> N
 def test_the_estimator_key_is_checked() -> None:
     model = nn.Linear(3, 2)
     cfg = {"name": "sophia", "lr": 1e-3, "betas": [0.9, 0.99], "k": 10}
-    assert build_optimizer(cfg, model, torch.device("cpu")).hessian_estimator == "gnb"  # default
-    setup = build_optimizer({**cfg, "hessian_estimator": "gnb_msq"}, model, torch.device("cpu"))
+    assert build_optimizer(cfg, model).hessian_estimator == "gnb"  # default
+    setup = build_optimizer({**cfg, "hessian_estimator": "gnb_msq"}, model)
     assert setup.hessian_estimator == "gnb_msq"
     with pytest.raises(HarnessError, match=r"hessian_estimator='gnb2' is not one of gnb, gnb_msq"):
-        build_optimizer({**cfg, "hessian_estimator": "gnb2"}, model, torch.device("cpu"))
+        build_optimizer({**cfg, "hessian_estimator": "gnb2"}, model)
     with pytest.raises(HarnessError, match="use optimizer=sophiah"):
-        build_optimizer({**cfg, "hessian_estimator": "hutchinson"}, model, torch.device("cpu"))
+        build_optimizer({**cfg, "hessian_estimator": "hutchinson"}, model)
 
 
 def test_training_with_gnb_msq_runs_end_to_end(tiny_data, tmp_path) -> None:

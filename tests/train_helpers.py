@@ -10,6 +10,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from engine.optimizers import entries
+
 REPO = Path(__file__).resolve().parents[1]
 import train  # noqa: E402,F401  (registers the run_name resolver)
 
@@ -34,7 +36,7 @@ def tiny_overrides(data_dir: Path, optimizer: str = "adamw", **extra) -> list[st
         "train.warmup_steps": 5, "train.log_interval": 5, "train.eval_interval": 10,
         "train.eval_batches": 2, "checkpoint.interval": 10,
     }
-    if optimizer in ("sophia", "sophiah"):
+    if entries()[optimizer].hessian:
         base["optimizer.k"] = 5
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

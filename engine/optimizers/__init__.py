@@ -1,35 +1,37 @@
-"""Optimizer name + config -> an optimizer over the model's parameter groups.
+"""The optimizer registry: ``optimizer=<name>`` -> an :class:`OptimizerEntry`.
+
+Each optimizer is one module in this package that calls :func:`register`, plus
+``configs/optimizer/<name>.yaml``, the single declaration of its config keys and their defaults:
+the config check accepts exactly the yaml's keys, and :func:`build_optimizer` fills any key a
+caller leaves out from the same file. The modules are discovered on first use, so adding an
+optimizer edits nothing here; training, the benchmarks, the GPU pack and the toy problems all
+list and build optimizers through this registry.
 
 Every optimizer gets the same weight-decay grouping rule (``optimizer.decay_rule``) so that a
-comparison differs only in the update rule. AdamW is torch's own (fused on CUDA, foreach on CPU).
+comparison differs only in the update rule.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import HarnessError
 from model import weight_decay_groups
 
-OPTIMIZERS = ("adamw", "lion", "sophia", "sophiah", "muon")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "optimizer"
+# Code paths an optimizer may offer, as the benchmarks name them: the per-tensor loop, torch's
+# multi-tensor ops, a single compiled pass.
+PATHS = ("reference", "foreach", "fused")
 
-# The keys build_optimizer reads for each optimizer; configs/optimizer/<name>.yaml declares exactly
-# these (a config test holds them together), and any other key is refused as a likely typo.
-_SOPHIA_KEYS = {"name", "lr", "betas", "rho", "weight_decay", "k", "hessian_micro_batches",
-                "hessian_warm_start", "decay_rule", "foreach", "fused"}
-OPTIMIZER_KEYS: dict[str, frozenset[str]] = {
-    "adamw": frozenset({"name", "lr", "betas", "eps", "weight_decay", "decay_rule", "fused"}),
-    "lion": frozenset({"name", "lr", "betas", "weight_decay", "decay_rule", "foreach", "fused"}),
-    # SophiaG chooses between its two GNB estimators; SophiaH has no such key, since Hutchinson is
-    # what makes it SophiaH (a key with one legal value would be a knob that does nothing).
-    "sophia": frozenset(_SOPHIA_KEYS | {"hessian_estimator"}),
-    "sophiah": frozenset(_SOPHIA_KEYS | {"eps"}),
-    "muon": frozenset({"name", "lr", "adamw_lr", "momentum", "nesterov", "ns_steps",
-                       "adjust_lr_fn", "weight_decay", "adamw_betas", "adamw_weight_decay",
-                       "decay_rule", "muon_include", "muon_exclude"}),
-}
+ParamGroups = list[dict[str, Any]]
 
 
 def _no_telemetry() -> dict[str, torch.Tensor]:
@@ -58,114 +60,128 @@ class OptimizerSetup:
     want_telemetry: Callable[[bool], None] = _always_on
 
 
-def _betas(cfg: Mapping[str, Any], key: str = "betas") -> tuple[float, float]:
-    betas = cfg.get(key)
-    if betas is None or len(betas) != 2:
-        raise HarnessError(f"optimizer.{key}={betas!r} must be a pair like [0.9, 0.95].")
-    return float(betas[0]), float(betas[1])
+def default_groups(model: torch.nn.Module, cfg: Mapping[str, Any]) -> ParamGroups:
+    """The shared weight-decay grouping: ``optimizer.weight_decay`` on the tensors
+    ``optimizer.decay_rule`` selects, none on the rest."""
+    return weight_decay_groups(model, float(cfg["weight_decay"]), rule=cfg["decay_rule"])
 
 
-def _check_k(cfg: Mapping[str, Any]) -> int:
-    k = cfg.get("k", 10)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise HarnessError(
-            f"optimizer.k={k!r}: the Hessian refresh interval must be an integer >= 1 "
-            f"(the paper uses 10)."
-        )
-    return k
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer as the harness knows it.
+
+    ``make(groups, cfg)`` builds it over param groups (each with its ``weight_decay``) from the
+    optimizer's full config; ``groups(model, cfg)`` makes those groups from a model (default: the
+    shared weight-decay rule). ``hessian(cfg)`` names the diagonal-Hessian estimate the loop must
+    feed it (None: it needs none); then ``cfg["k"]`` is the refresh interval. ``paths`` are the
+    code paths a config can force through its ``foreach``/``fused`` keys (the benchmarks time each
+    one), and ``access`` the (tensors read, tensors written) per parameter of one ideal single-pass
+    step, the floor the benchmarks compare its time with (None: not an elementwise step).
+    """
+
+    name: str
+    label: str
+    make: Callable[[ParamGroups, Mapping[str, Any]], torch.optim.Optimizer]
+    groups: Callable[[torch.nn.Module, Mapping[str, Any]], ParamGroups] = default_groups
+    hessian: Callable[[Mapping[str, Any]], str] | None = None
+    paths: tuple[str, ...] = ()
+    access: tuple[int, int] | None = None
+    want_telemetry: Callable[[torch.optim.Optimizer, bool], None] | None = None
+    summary: str = field(default="", compare=False)  # one line for listings and tables
 
 
-# optimizer.hessian_estimator for optimizer=sophia: the official GNB estimate (bs * g^2 of the
-# loss averaged over the whole Hessian batch) or the mean of per-micro-batch squares (same passes,
-# variance / m); see engine/hessian.py.
-SOPHIA_ESTIMATORS = ("gnb", "gnb_msq")
+_REGISTRY: dict[str, OptimizerEntry] = {}
 
 
-def _sophia_estimator(cfg: Mapping[str, Any]) -> str:
-    estimator = cfg.get("hessian_estimator", "gnb")
-    if estimator not in SOPHIA_ESTIMATORS:
-        hint = (" Hutchinson estimates feed SophiaH: use optimizer=sophiah." if estimator == "hutchinson"
-                else "")
-        raise HarnessError(
-            f"optimizer.hessian_estimator={estimator!r} is not one of {', '.join(SOPHIA_ESTIMATORS)}: "
-            f"gnb is the official estimate, gnb_msq the lower-variance mean of per-micro-batch "
-            f"squares at the same cost.{hint}"
-        )
-    return estimator
+def register(entry: OptimizerEntry) -> OptimizerEntry:
+    """Add ``entry`` to the registry (called once by its module); its yaml must exist."""
+    if entry.name in _REGISTRY:
+        raise ValueError(f"optimizer {entry.name!r} is registered twice")
+    if not (CONFIG_DIR / f"{entry.name}.yaml").is_file():
+        raise ValueError(f"optimizer {entry.name!r} has no config file {CONFIG_DIR}/{entry.name}.yaml")
+    bad = set(entry.paths) - set(PATHS)
+    if bad:
+        raise ValueError(f"optimizer {entry.name!r}: unknown paths {sorted(bad)}; use {PATHS}")
+    _REGISTRY[entry.name] = entry
+    return entry
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module,
-                    device: torch.device) -> OptimizerSetup:
-    """Build the optimizer named by ``cfg['name']``; constructor errors become HarnessErrors."""
-    name = cfg.get("name")
-    if name not in OPTIMIZERS:
-        raise HarnessError(f"optimizer.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}.")
+@cache
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def entries() -> dict[str, OptimizerEntry]:
+    """Every registered optimizer, by config name, in name order."""
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_entry(name: Any) -> OptimizerEntry:
+    """The entry of ``optimizer=<name>``; an unknown name is a :class:`HarnessError`."""
+    known = entries()
+    if name not in known:
+        raise HarnessError(f"optimizer.name={name!r} is unknown; choose one of {', '.join(known)}.")
+    return known[name]
+
+
+@cache
+def _yaml_defaults(name: str) -> DictConfig:
+    # OmegaConf, as Hydra reads it: plain YAML 1.1 would read 6e-4 as a string
+    return OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+
+
+def optimizer_defaults(name: str) -> dict[str, Any]:
+    """``configs/optimizer/<name>.yaml`` as a dict: every key the optimizer reads, with its
+    default (a fresh copy each call)."""
+    return OmegaConf.to_container(_yaml_defaults(get_entry(name).name))
+
+
+def declared_keys(name: str) -> frozenset[str]:
+    """The keys ``optimizer=<name>`` accepts: those of its yaml."""
+    return frozenset(_yaml_defaults(get_entry(name).name))
+
+
+def path_config(entry: OptimizerEntry, path: str) -> dict[str, Any]:
+    """The ``foreach``/``fused`` values that force code path ``path`` (one of ``entry.paths``)."""
+    if path not in entry.paths:
+        raise ValueError(f"{entry.name} has no {path!r} path; it has {', '.join(entry.paths) or 'none'}")
+    flags = {"foreach": path == "foreach", "fused": path == "fused"}
+    return {k: v for k, v in flags.items() if k in declared_keys(entry.name)}
+
+
+def betas(cfg: Mapping[str, Any], key: str = "betas") -> tuple[float, float]:
+    """``cfg[key]`` as a pair of floats, or a :class:`HarnessError` naming the key."""
+    value = cfg.get(key)
+    if value is None or isinstance(value, (str, bytes)) or len(value) != 2:
+        raise HarnessError(f"optimizer.{key}={value!r} must be a pair like [0.9, 0.95].")
+    return float(value[0]), float(value[1])
+
+
+def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module) -> OptimizerSetup:
+    """Build the optimizer named by ``cfg['name']`` over ``model``'s parameters; keys missing
+    from ``cfg`` take their yaml defaults. Constructor errors become HarnessErrors."""
+    entry = get_entry(cfg.get("name"))
+    cfg = {**optimizer_defaults(entry.name), **cfg}
     lr = cfg.get("lr")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise HarnessError(f"optimizer.lr={lr!r} must be a positive number.")
-    wd = float(cfg.get("weight_decay", 0.0))
-    rule = cfg.get("decay_rule", "linear_weights")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise HarnessError(f"optimizer.lr={lr!r} must be a positive finite number.")
+    k = 0
+    estimator = None
+    if entry.hessian is not None:
+        estimator = entry.hessian(cfg)
+        k = cfg["k"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise HarnessError(f"optimizer.k={k!r}: the Hessian refresh interval must be an "
+                               f"integer >= 1 (the paper uses 10).")
     try:
-        if name == "muon":
-            return _build_muon(cfg, model, rule)
-        groups = weight_decay_groups(model, wd, rule=rule)
-        if name == "adamw":
-            fused = cfg.get("fused")
-            if fused is None:
-                fused = device.type == "cuda"
-            opt = torch.optim.AdamW(groups, lr=lr, betas=_betas(cfg), eps=float(cfg.get("eps", 1e-8)),
-                                    fused=bool(fused), foreach=None if fused else True)
-            return OptimizerSetup(opt, name, None, 0)
-        if name == "lion":
-            from sophia import Lion
-
-            opt = Lion(groups, lr=lr, betas=_betas(cfg), foreach=cfg.get("foreach"),
-                       fused=cfg.get("fused"))
-            return OptimizerSetup(opt, name, None, 0, telemetry=opt.telemetry)
-        if name == "sophia":
-            from sophia import SophiaG
-
-            opt = SophiaG(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
-                          foreach=cfg.get("foreach"), fused=cfg.get("fused"))
-            return OptimizerSetup(opt, name, _sophia_estimator(cfg), _check_k(cfg),
-                                  telemetry=opt.telemetry)
-        from sophia import SophiaH
-
-        opt = SophiaH(groups, lr=lr, betas=_betas(cfg), rho=float(cfg.get("rho", 0.04)),
-                      eps=float(cfg.get("eps", 1e-15)), foreach=cfg.get("foreach"),
-                      fused=cfg.get("fused"))
-        return OptimizerSetup(opt, name, "hutchinson", _check_k(cfg), telemetry=opt.telemetry)
+        opt = entry.make(entry.groups(model, cfg), cfg)
     except ValueError as err:  # the constructors validate and name the bad value
-        raise HarnessError(f"Invalid optimizer settings for optimizer={name}: {err}") from err
-
-
-def _build_muon(cfg: Mapping[str, Any], model: torch.nn.Module, rule: str) -> OptimizerSetup:
-    from model import muon_param_split
-    from sophia import MuonAdamW
-
-    muon_params, adamw_params = muon_param_split(
-        model, include=tuple(cfg.get("muon_include", ("transformer.h.*",))),
-        exclude=tuple(cfg.get("muon_exclude", ())))
-    # The AdamW side keeps the shared weight-decay rule, restricted to the tensors Muon does not own.
-    on_adamw = {id(p) for p in adamw_params}
-    adamw_groups = [{**g, "params": [p for p in g["params"] if id(p) in on_adamw]}
-                    for g in weight_decay_groups(model, float(cfg.get("adamw_weight_decay", 0.0)),
-                                                 rule=rule)]
-    adamw_groups = [g for g in adamw_groups if g["params"]]
-    if not hasattr(torch.optim, "Muon"):
-        raise HarnessError(f"optimizer=muon needs torch.optim.Muon (torch >= 2.9); this is torch "
-                           f"{torch.__version__}. Upgrade torch or pick another optimizer.")
-    opt = MuonAdamW(
-        muon_params, adamw_groups,
-        lr=float(cfg["lr"]), momentum=cfg.get("momentum", 0.95),
-        nesterov=bool(cfg.get("nesterov", True)), ns_steps=cfg.get("ns_steps", 5),
-        adjust_lr_fn=cfg.get("adjust_lr_fn", "original"),
-        weight_decay=float(cfg.get("weight_decay", 0.01)),
-        adamw_lr=float(cfg.get("adamw_lr", 6e-4)), adamw_betas=_betas(cfg, "adamw_betas"),
-    )
-
-    def want_telemetry(wanted: bool) -> None:
-        opt.track_update_rms = wanted
-
-    return OptimizerSetup(opt, "muon", None, 0, telemetry=opt.telemetry,
-                          want_telemetry=want_telemetry)
+        raise HarnessError(f"Invalid optimizer settings for optimizer={entry.name}: {err}") from err
+    want = _always_on
+    if entry.want_telemetry is not None:
+        def want(on: bool, _hook=entry.want_telemetry) -> None:
+            _hook(opt, on)
+    return OptimizerSetup(opt, entry.name, estimator, k,
+                          telemetry=getattr(opt, "telemetry", _no_telemetry), want_telemetry=want)
