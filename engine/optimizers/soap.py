@@ -1,0 +1,20 @@
+"""SOAP (Vyas et al. 2024): sophia.SOAP, Adam in the eigenbasis of Shampoo's preconditioner."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from sophia import SOAP
+
+
+def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    return SOAP(groups, lr=cfg["lr"], betas=betas(cfg), shampoo_beta=cfg["shampoo_beta"],
+                eps=float(cfg["eps"]), weight_decay=float(cfg["weight_decay"]),
+                precondition_frequency=cfg["precondition_frequency"],
+                max_precond_dim=cfg["max_precond_dim"])
+
+
+register(OptimizerEntry(name="soap", label="SOAP", make=make, paths=("reference",),
+                        summary="Adam in the eigenbasis of Shampoo's preconditioner"))
