@@ -4,6 +4,10 @@ A checkpoint holds everything a bit-exact resume needs: model and optimizer stat
 included), the step, every RNG state, metric counters, the resolved config, the data's meta and
 the W&B run id. The loader position needs no state of its own: batches are a pure function of
 (seed, stream, step). Files load with ``torch.load(weights_only=True)``.
+
+The tools that use a trained model (``scripts/sample.py``, ``evaluate.py``, ``export_hf.py``) load
+it with :func:`load_trained`: the GPT rebuilt in eval mode and the tokenizer it was trained with.
+Every refusal, here and in resuming, is a :class:`CheckpointError`.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import io
 import os
 import random
 import re
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,8 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data.errors import DataError
+from data.files import atomic_write
+from data.tokenizers import Tokenizer, get_tokenizer
 from engine.errors import HarnessError
 from engine.hessian import HessianCost
+from model import GPT, GPTConfig
 
 if TYPE_CHECKING:
     from engine.trainer import Trainer
@@ -28,13 +38,18 @@ FORMAT = 1
 _NAME = re.compile(r"^ckpt_(\d{7,})\.pt$")
 
 
+# data.files.atomic_write's temporary files: ".<final name>.<random>.tmp".
+_TEMP_GLOB = ".ckpt_*.pt.*.tmp"
+
+
 def checkpoint_path(directory: Path, step: int) -> Path:
+    """``directory/ckpt_<step, 7+ digits>.pt``: the name sorts as the step."""
     return Path(directory) / f"ckpt_{step:07d}.pt"
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest first (temp files of an interrupted save are
-    never matched: they end in ``.tmp``)."""
+    never matched: they start with a dot and end in ``.tmp``)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -42,46 +57,41 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], directory: Path, step: int, keep_last: int) -> Path:
     """Write ``state`` atomically as ckpt_<step>.pt, then delete all but the newest ``keep_last``.
 
     A process killed at any point leaves either the previous set of checkpoints or the new one,
-    never a truncated file under a checkpoint name.
+    never a truncated file under a checkpoint name. A process killed hard (no chance to clean up)
+    can leave a temporary file; the next save removes it, since only rank 0 of the one run using
+    ``directory`` writes there.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(final, "wb") as f:
         torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    for leftover in directory.glob(_TEMP_GLOB):
+        leftover.unlink(missing_ok=True)
     if keep_last > 0:
         for old in list_checkpoints(directory)[:-keep_last]:
             old.unlink(missing_ok=True)
     return final
 
 
-class UnreadableCheckpoint(HarnessError):
+class CheckpointError(HarnessError):
+    """A checkpoint that cannot be used: missing, unreadable, foreign, or its model or tokenizer
+    cannot be rebuilt. The message names the file and the fix."""
+
+
+class UnreadableCheckpoint(CheckpointError):
     """A checkpoint file that cannot be deserialised (truncated, corrupt, not a checkpoint)."""
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and sanity-check a checkpoint; any problem becomes a HarnessError naming the file."""
+    """Load and sanity-check a checkpoint; any problem becomes a CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise HarnessError(f"Checkpoint {path} does not exist. Pass an existing file or a run "
-                           f"directory to checkpoint.resume, or use checkpoint.resume=auto.")
+        raise CheckpointError(f"Checkpoint {path} does not exist. Pass an existing file or a run "
+                              f"directory to checkpoint.resume, or use checkpoint.resume=auto.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle with foreign objects, not a checkpoint at all
@@ -93,11 +103,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in ("format", "step", "model", "optimizer", "model_config")
                if not isinstance(state, dict) or k not in state]
     if missing:
-        raise HarnessError(f"Checkpoint {path} lacks {', '.join(missing)}: it was not written by "
-                           f"this harness (or by an incompatible version).")
+        raise CheckpointError(f"Checkpoint {path} lacks {', '.join(missing)}: it was not written "
+                              f"by this harness (or by an incompatible version).")
     if state["format"] != FORMAT:
-        raise HarnessError(f"Checkpoint {path} has format {state['format']}, this harness reads "
-                           f"format {FORMAT}.")
+        raise CheckpointError(f"Checkpoint {path} has format {state['format']}, this harness "
+                              f"reads format {FORMAT}.")
     return state
 
 
@@ -107,16 +117,113 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     evaluate, export) all take either."""
     path = Path(path)
     if not path.exists():
-        raise HarnessError(f"{path} does not exist; pass a checkpoint (RUN_DIR/checkpoints/ckpt_*.pt) "
-                           f"or a run directory.")
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint "
+                              f"(RUN_DIR/checkpoints/ckpt_*.pt) or a run directory.")
     if not path.is_dir():
         return path
     found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
     if not found:
-        raise HarnessError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. The "
-                           f"run has not saved one yet (train.py saves every checkpoint.interval "
-                           f"steps and at the end); pass another run directory or a .pt file.")
+        raise CheckpointError(f"no checkpoint in {path}: expected {path / 'checkpoints'}/ckpt_*.pt. "
+                              f"The run has not saved one yet (train.py saves every "
+                              f"checkpoint.interval steps and at the end); pass another run "
+                              f"directory or a .pt file.")
     return found[-1]
+
+
+@dataclass
+class TrainedModel:
+    """A trained GPT ready for inference, and what the tools report about it."""
+
+    path: Path  # the checkpoint file loaded
+    step: int
+    config: GPTConfig
+    model: GPT  # eval mode, on the device asked for
+    tokenizer: Tokenizer | None  # None when not asked to load it
+    tokenizer_name: str | None  # the trained (or requested) tokenizer's name
+    optimizer_name: str | None
+    data_meta: dict[str, Any] = field(default_factory=dict)  # the training data's meta.json
+
+
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                 tokenizer: str | None = None, load_tokenizer: bool = True) -> TrainedModel:
+    """The model of a checkpoint (a file, or a run directory for its newest checkpoint) rebuilt
+    from its ``model_config`` and weights, in eval mode on ``device``, with the tokenizer its
+    training data was prepared with (``data_meta["tokenizer"]``).
+
+    ``tokenizer``: a name the user asked for (a tool's ``--tokenizer``); refused unless it is the
+    trained one, and used when the checkpoint records none. ``load_tokenizer=False`` leaves :attr:`TrainedModel.tokenizer`
+    None (an export only needs the name). Every problem raises :class:`CheckpointError`.
+    """
+    path = resolve_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file. Pass a checkpoint such as "
+                              f"RUN_DIR/checkpoints/ckpt_0001000.pt, or a run directory RUN_DIR.")
+    try:
+        state = load_checkpoint(path)
+    except UnreadableCheckpoint as err:
+        cause = err.__cause__
+        if not zipfile.is_zipfile(path):
+            # torch.save has written zip archives since torch 1.6; for anything else torch blames
+            # weights_only, which misleads.
+            reason = "not a torch.save archive"
+        else:  # torch's own message can run to pages; its first line says enough
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            reason = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+        raise CheckpointError(f"{path} is not a checkpoint this tool can read ({reason}). Pass a "
+                              f".pt file written by train.py (RUN_DIR/checkpoints/ckpt_*.pt); a "
+                              f"truncated or foreign file cannot be loaded.") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} Pass a file written by train.py "
+                              f"(RUN_DIR/checkpoints/ckpt_*.pt), not a bare state dict or another "
+                              f"file.") from None
+    try:
+        config = GPTConfig.from_dict(state["model_config"])
+        model = GPT(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: the checkpoint's model_config cannot build a GPT ({err}). "
+                              f"The checkpoint was written by an incompatible version of the "
+                              f"harness.") from None
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the checkpoint's weights do not match its model_config "
+                              f"({str(err).strip().splitlines()[0]}); the file is corrupt or was "
+                              f"edited.") from None
+    meta = state.get("data_meta") if isinstance(state.get("data_meta"), dict) else {}
+    name = _tokenizer_name(path, meta.get("tokenizer"), tokenizer)
+    tok = _load_tokenizer(path, name, config.vocab_size) if load_tokenizer else None
+    return TrainedModel(path=path, step=int(state["step"]), config=config,
+                        model=model.to(device).eval(), tokenizer=tok, tokenizer_name=name,
+                        optimizer_name=state.get("optimizer_name"), data_meta=dict(meta))
+
+
+def _tokenizer_name(path: Path, trained: str | None, requested: str | None) -> str | None:
+    if requested and trained and requested != trained:
+        raise CheckpointError(
+            f"tokenizer mismatch: --tokenizer {requested} was given but {path} was trained on "
+            f"data tokenized with {trained!r}. Decoding its ids with another tokenizer prints "
+            f"garbage; drop --tokenizer (the checkpoint's own is used) or pass --tokenizer "
+            f"{trained}.")
+    return requested or trained
+
+
+def _load_tokenizer(path: Path, name: str | None, model_vocab: int) -> Tokenizer:
+    if not name:
+        raise CheckpointError(
+            f"{path} does not record its tokenizer (no data_meta.tokenizer), so it was not written "
+            f"by train.py. Use a checkpoint written by train.py, or, where the tool takes one, pass "
+            f"the tokenizer the training data was prepared with (--tokenizer gpt2 or byte).")
+    try:
+        tok = get_tokenizer(name)
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
+    if tok.vocab_size > model_vocab:
+        raise CheckpointError(
+            f"tokenizer mismatch: {name!r} has {tok.vocab_size} tokens but the model's vocabulary "
+            f"has only {model_vocab}, so it cannot have been trained with it; the checkpoint's "
+            f"data_meta is inconsistent or the wrong tokenizer was asked for. Use the tokenizer "
+            f"the model was trained with, or a checkpoint trained on {name!r} data.")
+    return tok
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -132,7 +239,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         sub = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = list_checkpoints(sub)
         if not found:
-            raise HarnessError(f"checkpoint.resume={resume}: no ckpt_*.pt in {sub}.")
+            raise CheckpointError(f"checkpoint.resume={resume}: no ckpt_*.pt in {sub}.")
         return found[-1]
     return path
 
