@@ -18,29 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from data.errors import DataError
-from data.tokenizers import Tokenizer, get_tokenizer
-from engine import checkpoint
-from evals import hellaswag
+from data.files import write_text_atomic
 from engine.build import autocast_factory, resolve_dtype
+from engine.checkpoint import load_trained, resolve_checkpoint
 from engine.errors import HarnessError
-from model import GPT, GPTConfig
+from evals import hellaswag
 
 TASKS = ("hellaswag",)
-
-
-class EvalError(HarnessError):
-    """A problem the user can fix; printed as one line without a traceback."""
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -50,87 +41,36 @@ def run_dir_of(ckpt_path: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's state, loaded by the engine (weights_only); problems as EvalError."""
-    try:
-        return checkpoint.load_checkpoint(path)
-    except checkpoint.UnreadableCheckpoint:
-        kind = "not a torch.save archive" if not zipfile.is_zipfile(path) else "corrupt or foreign"
-        raise EvalError(f"{path} is not a checkpoint this tool can read ({kind}); pass a .pt file "
-                        f"written by train.py (RUN_DIR/checkpoints/ckpt_*.pt).") from None
-    except HarnessError as err:
-        raise EvalError(f"{err}".replace("\n", " ")) from None
-
-
-def build_model(ckpt: dict[str, Any], device: str) -> GPT:
-    """The GPT of the checkpoint, in eval mode on ``device``."""
-    try:
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EvalError(f"the checkpoint's model_config and weights do not build a GPT ({first}); "
-                        f"the file was written by an incompatible version or edited.") from None
-    return model.to(device).eval()
-
-
-def checkpoint_tokenizer(ckpt: dict[str, Any], model_vocab: int) -> Tokenizer:
-    """The tokenizer the model was trained with (``data_meta["tokenizer"]``)."""
-    meta = ckpt.get("data_meta") if isinstance(ckpt.get("data_meta"), dict) else {}
-    name = meta.get("tokenizer")
-    if not name:
-        raise EvalError("the checkpoint does not record its tokenizer (no data_meta.tokenizer); "
-                        "evaluate a checkpoint written by train.py.")
-    try:
-        tok = get_tokenizer(name)
-    except DataError as err:
-        raise EvalError(str(err).replace("\n", " ")) from None
-    if tok.vocab_size > model_vocab:
-        raise EvalError(f"the checkpoint's tokenizer {name!r} has {tok.vocab_size} tokens but the "
-                        f"model only {model_vocab}; the checkpoint's data_meta is inconsistent.")
-    return tok
-
-
 def write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Strict JSON (NaN as null), written to a temp file and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Strict JSON (NaN as null), written atomically."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in obj.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(clean, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
 
 
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Load, score, return the result record and where it is to be written."""
     if args.limit is not None and args.limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {args.limit}; omit it to evaluate every example.")
+        raise HarnessError(f"--limit must be >= 1, got {args.limit}; omit it to evaluate every example.")
     if args.batch_size < 1:
-        raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}.")
+        raise HarnessError(f"--batch-size must be >= 1, got {args.batch_size}.")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {args.device} was requested but CUDA is not available; use "
-                        f"--device cpu.")
-    path = checkpoint.resolve_checkpoint(args.checkpoint)
+        raise HarnessError(f"--device {args.device} was requested but CUDA is not available; use "
+                           f"--device cpu.")
+    path = resolve_checkpoint(args.checkpoint)
     # The task first: a missing file or network fails before the (possibly large) model loads.
     try:
         task_file = hellaswag.task_file_path(args.task_file)
         examples = hellaswag.load_task(task_file, args.limit)
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt, device)
-        tok = checkpoint_tokenizer(ckpt, model.config.vocab_size)
+        trained = load_trained(path, device)
         dtype = resolve_dtype(args.dtype, torch.device(device))
-    except HarnessError as err:
-        raise EvalError(str(err).replace("\n", " ")) from None
+    except HarnessError as err:  # one line: the progress bar and the result line follow it
+        raise HarnessError(str(err).replace("\n", " ")) from None
+    model, tok = trained.model, trained.tokenizer
     # Named once everything has loaded, so that a refusal stays a single line.
-    print(f"{args.task}: {len(examples)} examples, {path} (step {ckpt.get('step')}) on {device}",
+    print(f"{args.task}: {len(examples)} examples, {path} (step {trained.step}) on {device}",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     scores = hellaswag.score_examples(
@@ -142,7 +82,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         "task": args.task, **counts.result(),
         "correct": counts.correct, "correct_norm": counts.correct_norm,
         "truncated": sum(s.truncated for s in scores),
-        "checkpoint": str(path.resolve()), "step": ckpt.get("step"),
+        "checkpoint": str(path.resolve()), "step": trained.step,
         "task_file": str(task_file.resolve()),
         "limit": args.limit, "tokenizer": tok.name, "block_size": model.config.block_size,
         "device": device, "dtype": str(dtype).removeprefix("torch."),
@@ -176,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             write_json(out, record)
         except OSError as err:
-            raise EvalError(f"cannot write the result to {out} ({err.strerror or err}); pass "
-                            f"--out with a writable path.") from None
+            raise HarnessError(f"cannot write the result to {out} ({err.strerror or err}); pass "
+                               f"--out with a writable path.") from None
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from engine import checkpoint
+from engine.checkpoint import load_trained
 from engine.errors import HarnessError
-from model import GPT, GPTConfig
+from model import GPT
 from model.hf import HFConversionError, preset_overrides, save_gpt2_tokenizer, save_hf
 
 # Logits of the reloaded export may differ from ours by float32 rounding only (they are equal in
@@ -55,10 +55,6 @@ BYTE_NOTE = ("No Hugging Face tokenizer: this run used the byte tokenizer. A tok
              "returns an empty GPT-2 tokenizer that encodes every text to [].")
 
 
-class ExportError(HarnessError):
-    """A problem the user can fix; printed as one paragraph without a traceback."""
-
-
 def tiktoken_cache_dir() -> Path:
     """Where tiktoken keeps its downloads: the folder it would use itself."""
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
@@ -70,38 +66,34 @@ def tiktoken_cache_dir() -> Path:
 def export(ckpt_path: Path, out_dir: Path, *, keep_padding: bool = False, verify: bool = True,
            force: bool = False, log=print) -> dict[str, Any]:
     """Write the Hugging Face export of the checkpoint at ``ckpt_path`` (a file or a run dir) to
-    ``out_dir``; returns the facts written to ``export_info.json``. Raises :class:`ExportError`."""
-    ckpt_path = checkpoint.resolve_checkpoint(Path(ckpt_path))
+    ``out_dir``; returns the facts written to ``export_info.json``. Raises :class:`HarnessError`
+    (a :class:`~engine.checkpoint.CheckpointError` for the checkpoint)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise ExportError(f"{out_dir} exists and is not an empty directory; choose a new OUT_DIR or "
-                          f"pass --force to overwrite the files the export writes there.")
-    try:
-        state = checkpoint.load_checkpoint(ckpt_path)
-        config = GPTConfig.from_dict(state["model_config"])
-    except (HarnessError, ValueError, TypeError) as err:
-        raise ExportError(f"cannot export {ckpt_path}: {err}") from None
-    meta = state.get("data_meta") or {}
-    tokenizer = meta.get("tokenizer")
+        raise HarnessError(f"{out_dir} exists and is not an empty directory; choose a new OUT_DIR "
+                           f"or pass --force to overwrite the files the export writes there.")
+    trained = load_trained(ckpt_path, load_tokenizer=False)
+    ckpt_path, config, meta = trained.path, trained.config, trained.data_meta
+    tokenizer = trained.tokenizer_name
     data_vocab = meta.get("vocab_size")
     if data_vocab is None and not keep_padding:
         log(f"note: {ckpt_path} records no data vocabulary; exporting all {config.vocab_size} rows")
     vocab = config.vocab_size if keep_padding or data_vocab is None else int(data_vocab)
-    model_state = state["model"]
+    model_state = trained.model.state_dict()
     try:
         written = save_hf(model_state, config, out_dir, vocab_size=vocab, eot=meta.get("eot"))
         tok_files = []
         if tokenizer == "gpt2":
             tok_files = save_gpt2_tokenizer(out_dir, tiktoken_cache_dir(), config.block_size)
     except HFConversionError as err:
-        raise ExportError(str(err)) from None
+        raise HarnessError(str(err)) from None
     note = None if tokenizer == "gpt2" else (
         BYTE_NOTE if tokenizer == "byte"
         else f"No Hugging Face tokenizer: the run's tokenizer is {tokenizer!r}, which has none.")
     info = {
         "source_checkpoint": str(ckpt_path.resolve()),
-        "step": int(state["step"]),
-        "optimizer": state.get("optimizer_name"),
+        "step": trained.step,
+        "optimizer": trained.optimizer_name,
         "model_config": config.to_dict(),
         "data_tokenizer": tokenizer,
         "data_vocab_size": data_vocab,
@@ -122,19 +114,18 @@ def export(ckpt_path: Path, out_dir: Path, *, keep_padding: bool = False, verify
     if note:
         log(note)
     if verify:
-        verify_export(model_state, config, out_dir, vocab, tokenizer, log=log)
+        verify_export(trained.model, out_dir, vocab, tokenizer, log=log)
     return info
 
 
-def verify_export(model_state: dict[str, torch.Tensor], config: GPTConfig, out_dir: Path,
-                  vocab: int, tokenizer: str | None, log=print) -> float:
-    """Reload ``out_dir`` through transformers and compare with our model; returns the largest
-    logit difference. Raises AssertionError when the export does not compute our model."""
+def verify_export(ours: GPT, out_dir: Path, vocab: int, tokenizer: str | None,
+                  log=print) -> float:
+    """Reload ``out_dir`` through transformers and compare with ``ours`` (in eval mode); returns
+    the largest logit difference. Raises AssertionError when the export does not compute our
+    model."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    ours = GPT(config)
-    ours.load_state_dict(model_state)
-    ours.eval()
+    config = ours.config
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (2, min(config.block_size, 64)), generator=gen)
 

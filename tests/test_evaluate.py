@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from data.tokenizers import get_tokenizer
+from engine.checkpoint import load_trained
 from evals import hellaswag
 from evals.hellaswag import ChoiceCounts, Example, TaskError
 from model import GPT, GPTConfig
@@ -346,8 +347,7 @@ def test_cli_scores_a_training_checkpoint_and_writes_json(trained_run, tmp_path)
     assert not (tmp_path / "cache").exists()
 
     # The in-training entry point on the same weights agrees with the command line.
-    ckpt = evaluate_script.load_checkpoint(evaluate_script.checkpoint.resolve_checkpoint(trained_run))
-    model = evaluate_script.build_model(ckpt, "cpu")
+    model = load_trained(trained_run, "cpu").model
     result = hellaswag.evaluate_multiple_choice(model, hellaswag.load_task(task, 3), BYTE.encode,
                                                  model.config.block_size, "cpu")
     assert result == {"acc": record["acc"], "acc_norm": record["acc_norm"], "n": 3}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.tokenizers import get_tokenizer
+from engine.checkpoint import load_trained
 from model import GPT, GPTConfig
 from train_helpers import load_script
 
@@ -74,9 +75,8 @@ def test_cli_samples_the_learned_string(tiny_checkpoint):
 
 
 def test_sampling_is_deterministic_given_a_seed(tiny_checkpoint):
-    ckpt = sample_script.load_checkpoint(tiny_checkpoint)
-    model = sample_script.build_model(ckpt, "cpu")
-    tok = sample_script.resolve_tokenizer(ckpt, None, model.config.vocab_size)
+    trained = load_trained(tiny_checkpoint, "cpu")
+    model, tok = trained.model, trained.tokenizer
 
     def draw(seed):
         # temperature 3 makes sampling genuinely random, so the seed has something to decide.
@@ -145,7 +145,7 @@ def test_run_dir_samples_its_newest_checkpoint(tiny_checkpoint, tmp_path):
     # An older checkpoint that cannot be loaded, and a newer save still in progress: neither is used.
     (ckpts / "ckpt_0000050.pt").write_text("older, not a checkpoint\n")
     shutil.copy(tiny_checkpoint, ckpts / "ckpt_0000100.pt")
-    (ckpts / "ckpt_0000200.pt.tmp").write_text("interrupted save\n")
+    (ckpts / ".ckpt_0000200.pt.x7q2.tmp").write_text("interrupted save\n")
     for target in (run_dir, ckpts):
         proc = run_cli(target, "--prompt", "hello", "--max-new-tokens", "8", "--top-k", "1", "--device", "cpu")
         assert proc.returncode == 0, proc.stderr
