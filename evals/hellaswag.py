@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data.files import write_bytes_atomic
 from engine.errors import HarnessError
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -224,18 +224,7 @@ def download_task_file(url: str = HELLASWAG_VAL_URL, dest: str | os.PathLike | N
     except (TaskError, UnicodeDecodeError) as err:
         raise TaskError(f"the file downloaded from {url} is not a valid task file ({err}); "
                         f"nothing was cached. Download it by hand and pass --task-file PATH.") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return write_bytes_atomic(dest, data)
 
 
 def task_file_path(path: str | os.PathLike | None = None) -> Path:
