@@ -161,25 +161,26 @@ def test_skip_policy_skips_the_bad_step(tiny_data, tmp_path, monkeypatch):
 
 
 def test_kill_during_checkpoint_save_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
-    import engine.checkpoint as ckpt_mod
+    import data.files as files_mod  # checkpoints are saved with its atomic_write
 
-    real_replace = ckpt_mod.os.replace
+    real_replace = files_mod.os.replace
 
     def dying_replace(src, dst):
         if str(dst).endswith("ckpt_0000020.pt"):
             raise KeyboardInterrupt("killed mid-save")  # after the temp file is written
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", dying_replace)
+    monkeypatch.setattr(files_mod.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         run(compose_cfg(tiny_overrides(tiny_data, "sophia")), tmp_path)
     found = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in found] == ["ckpt_0000010.pt"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))  # the partial file is removed
     assert load_checkpoint(found[0])["step"] == 10
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "train/lo')  # a line cut off by the kill
     # Re-running the same command resumes from step 10 and finishes, with clean metrics.
-    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    monkeypatch.setattr(files_mod.os, "replace", real_replace)
     assert run(compose_cfg(tiny_overrides(tiny_data, "sophia")), tmp_path)["step"] == 30
     steps = [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r]
     assert steps == [5, 10, 15, 20, 25, 30]
