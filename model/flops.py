@@ -13,11 +13,13 @@ from .config import GPTConfig
 
 
 def count_params(config: GPTConfig, non_embedding: bool = True) -> int:
-    """Closed-form parameter count of ``GPT(config)``, equal to ``GPT.num_params``.
+    """Parameter count of ``GPT(config)`` in closed form: the one implementation, which
+    ``GPT.num_params`` and the rest of the harness use (tests check it against the tensors).
 
-    Tied wte/lm_head is counted once. ``non_embedding=True`` subtracts the position embeddings
-    only (nanoGPT's convention): the token embedding doubles as the output head, whose matmul
-    does cost FLOPs, so it stays in.
+    The tied wte/lm_head matrix is counted once. ``non_embedding=True`` subtracts the position
+    embedding only (nanoGPT's convention): it is a table lookup that costs no FLOPs, while the token
+    embedding doubles as the output head, whose matmul does, so it stays in. This is the ``N`` of
+    ``6N`` in :func:`flops_per_token`. For the N of scaling laws see :func:`scaling_params`.
     """
     C, L = config.n_embd, config.n_layer
     per_block = 12 * C * C + 2 * C  # qkv 3C^2 + proj C^2 + fc 4C^2 + proj 4C^2, two LN weights
@@ -28,6 +30,17 @@ def count_params(config: GPTConfig, non_embedding: bool = True) -> int:
     if non_embedding:
         n -= config.block_size * C
     return n
+
+
+def scaling_params(config: GPTConfig) -> int:
+    """The model size N of scaling-law fits (Kaplan et al. 2020): every parameter but the token
+    and position embeddings, i.e. the transformer blocks and the final LayerNorm.
+
+    It is :func:`count_params` (non-embedding) less the token embedding too: that matrix grows with
+    the vocabulary, not with the model's capacity, so leaving it in would make models on the same
+    data but different tokenizers, or a padded vocabulary, look like different sizes.
+    """
+    return count_params(config, non_embedding=True) - config.vocab_size * config.n_embd
 
 
 def flops_per_token(config: GPTConfig) -> int:

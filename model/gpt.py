@@ -137,15 +137,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Number of parameters; the tied wte/lm_head tensor is counted once.
-
-        ``non_embedding=True`` subtracts the position embeddings only, as nanoGPT does. The token
-        embeddings stay because, being tied, they are also the output layer's weights.
-        """
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+        """Number of parameters, :func:`model.flops.count_params` of this model's config (the tied
+        wte/lm_head tensor counted once; ``non_embedding`` subtracts the position embedding)."""
+        return _flops.count_params(self.config, non_embedding)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: ``6 N + 12 L H Q T`` (see :func:`model.flops.flops_per_token`)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT, PRESETS, GPTConfig, device_peak_flops, flops_per_token, math_attention
-from model.flops import count_params, estimate_mfu
+from model.flops import count_params, estimate_mfu, scaling_params
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -84,6 +84,7 @@ def test_gpt2_param_counts(name):
     with torch.device("meta"):  # nothing is allocated, even for 1.5B parameters
         model = GPT(hf)
     assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == HF_COUNTS[name]  # the tensors themselves
     assert model.num_params(non_embedding=False) == HF_COUNTS[name]
     # nanoGPT's printed "non-embedding" number subtracts the position table only.
     assert model.num_params() == HF_COUNTS[name] - hf.block_size * hf.n_embd
@@ -101,8 +102,12 @@ def test_gpt2_param_counts(name):
 def test_param_count_formula_matches_small_models():
     for cfg in (tiny_config(), tiny_config(bias=True), GPTConfig.from_preset("gpt2-micro", vocab_size=257)):
         model = GPT(cfg)
-        for ne in (True, False):
-            assert count_params(cfg, ne) == model.num_params(ne)
+        tensors = sum(p.numel() for p in model.parameters())  # the tied matrix once
+        assert count_params(cfg, non_embedding=False) == model.num_params(False) == tensors
+        wpe = model.transformer.wpe.weight.numel()
+        assert count_params(cfg, non_embedding=True) == model.num_params(True) == tensors - wpe
+        wte = model.transformer.wte.weight.numel()
+        assert scaling_params(cfg) == tensors - wpe - wte
 
 
 def test_no_biases_by_default_and_biases_on_request():
