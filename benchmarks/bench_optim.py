@@ -55,6 +55,7 @@ import ast
 import datetime
 import fnmatch
 import gc
+import inspect
 import platform
 import statistics
 import sys
@@ -67,19 +68,24 @@ import torch
 from benchmarks.common import command_line, cpu_threads, machine_name, synchronizer, write_json
 from model import GPT, GPTConfig
 from model.param_groups import MUON_INCLUDE, weight_decay_groups
-from sophia import Lion, MuonAdamW, SophiaG, SophiaH
+from engine.optimizers import (PATHS, OptimizerEntry, default_groups, entries, optimizer_defaults,
+                               path_config)
 
-# bytes moved per fp32 parameter by an ideal single-pass step (reads + writes). Muon is not
-# elementwise (Newton-Schulz matmuls on its side): its rows report time only.
-BYTES_FLOOR = {"adamw": 28, "sophiag": 24, "sophiah": 24, "lion": 20, "muon": None}
-# (tensors read, of which written in place) per parameter by each elementwise step
-ACCESS_PATTERN = {"adamw": (4, 3), "sophiag": (4, 2), "sophiah": (4, 2), "lion": (3, 2)}
 FLOOR_MAX_NUMEL = 2**26
 # path label of --noise-check's second torch fused AdamW
 TWIN_PATH = "fused-twin"
-PATHS = {"adamw": ("foreach", "fused"), "lion": ("reference", "foreach", "fused"),
-         "sophiag": ("reference", "foreach", "fused"), "sophiah": ("reference", "foreach", "fused"),
-         "muon": ("foreach", "fused")}  # the path of Muon's AdamW side
+
+
+def benchmarked() -> dict[str, OptimizerEntry]:
+    """The registered optimizers with a code path to time, by config name."""
+    return {name: e for name, e in entries().items() if e.paths}
+
+
+def bytes_floor(optimizer: str) -> int | None:
+    """Bytes an ideal single-pass step moves per fp32 parameter (reads + writes), from the
+    registry's access pattern; None for a step that is not elementwise (Muon's matmuls)."""
+    access = entries()[optimizer].access
+    return 4 * sum(access) if access else None
 
 
 @dataclass
@@ -161,33 +167,34 @@ def materialise(groups: list[list[torch.Size]], device: torch.device,
 # -------------------------------------------------------------------------------- optimizers
 def build(optimizer: str, path: str, groups: list[list[torch.nn.Parameter]],
           owned: list[list[bool]] | None = None) -> torch.optim.Optimizer:
-    """``optimizer`` on code path ``path`` over ``groups`` (the first decays), with the training
-    hyperparameters; Sophia's state is pre-filled so its first step is a typical one. ``owned``
-    marks the tensors Muon's side takes (the rest go to its AdamW side)."""
+    """``optimizer`` on code path ``path`` over ``groups`` (the first decays), built by its
+    registry entry from its yaml defaults, as training builds it; a Hessian-preconditioned
+    optimizer's state is pre-filled so its first step is a typical one. ``owned`` marks the
+    tensors Muon's side takes (the rest go to its AdamW side)."""
+    entry = entries()[optimizer]
+    cfg = {**optimizer_defaults(optimizer), **path_config(entry, path)}
     pg = [{"params": ps, "weight_decay": 0.1 if i == 0 else 0.0} for i, ps in enumerate(groups)]
-    kw = {"foreach": path == "foreach", "fused": path == "fused"}
-    if optimizer == "adamw":
-        return torch.optim.AdamW(pg, lr=6e-4, betas=(0.9, 0.95), **kw)
-    if optimizer == "lion":
-        return Lion(pg, lr=1e-4, betas=(0.9, 0.99), **kw)
-    if optimizer == "muon":
+    if entry.groups is not default_groups:  # Muon: its own group of the matrices it owns
         flags = owned or [[p.dim() == 2 for p in ps] for ps in groups]
         muon = [p for ps, fs in zip(groups, flags) for p, f in zip(ps, fs) if f]
-        adamw = [{"params": [p for p, f in zip(ps, fs) if not f], "weight_decay": 0.0}
-                 for ps, fs in zip(groups, flags)]
-        return MuonAdamW(muon, [g for g in adamw if g["params"]], lr=0.02, adamw_lr=6e-4,
-                         fused=kw["fused"], foreach=kw["foreach"] or None)
-    if optimizer == "sophiah":
-        opt = SophiaH(pg, lr=6e-4, betas=(0.965, 0.99), rho=0.05, **kw)
-    else:
-        opt = SophiaG(pg, lr=6e-4, betas=(0.965, 0.99), rho=0.05, **kw)
-    gen = torch.Generator(device=groups[0][0].device).manual_seed(1)
-    for ps in groups:  # a plausible h (GNB estimates are squares of small gradients)
-        for p in ps:
-            opt.state[p]["hessian"] = torch.rand(p.shape, device=p.device, generator=gen) * 1e-8
-            opt.state[p]["exp_avg"] = torch.zeros_like(p)
-            opt.state[p]["step"] = torch.tensor(0.0)
+        rest = [{"params": [p for p, f in zip(ps, fs) if not f], "weight_decay": 0.0}
+                for ps, fs in zip(groups, flags)]
+        pg = [{"params": muon, "muon": True}] + [g for g in rest if g["params"]]
+    opt = entry.make(pg, cfg)
+    if entry.hessian is not None:
+        gen = torch.Generator(device=groups[0][0].device).manual_seed(1)
+        for ps in groups:  # a plausible h (GNB estimates are squares of small gradients)
+            for p in ps:
+                opt.state[p]["hessian"] = torch.rand(p.shape, device=p.device, generator=gen) * 1e-8
+                opt.state[p]["exp_avg"] = torch.zeros_like(p)
+                opt.state[p]["step"] = torch.tensor(0.0)
     return opt
+
+
+def step_kwargs(opt: torch.optim.Optimizer) -> dict:
+    """What training passes to ``step()``: SophiaG's GNB batch size (the paper's 480 sequences
+    of 1024 tokens)."""
+    return {"bs": 480 * 1024} if "bs" in inspect.signature(opt.step).parameters else {}
 
 
 def _step(opt: torch.optim.Optimizer, kwargs: dict) -> None:
@@ -225,16 +232,16 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
     n_params = sum(p.numel() for ps in groups for p in ps)
     contenders = []
     for optimizer in args.optimizers:
-        for path in PATHS[optimizer]:
+        for path in entries()[optimizer].paths:
             if path not in args.paths:
                 continue
             opt = build(optimizer, path, groups, owned)
-            kw = {"bs": 480 * 1024} if optimizer == "sophiag" else {}
+            kw = step_kwargs(opt)
             contenders.append(Contender(optimizer, path, lambda o=opt, kw=kw: _step(o, kw), []))
             if args.noise_check and (optimizer, path) == ("adamw", "fused"):
                 twin = build(optimizer, path, groups, owned)
                 contenders.append(Contender(optimizer, TWIN_PATH, lambda o=twin: _step(o, {}), []))
-    wanted = {ACCESS_PATTERN[o] for o in args.optimizers if o in ACCESS_PATTERN}
+    wanted = {entries()[o].access for o in args.optimizers if entries()[o].access}
     # (reads, writes) -> the contender timing that access pattern alone
     patterns = {p: access_floor(*p, n_params, device) for p in sorted(wanted)
                 if args.access_floor}
@@ -267,8 +274,8 @@ def bench_model(name: str, groups_shapes: list[list[torch.Size]], args: argparse
         if c.pattern:
             floor, pattern_ms = 4 * sum(c.pattern), sec * 1e3
         else:
-            floor = BYTES_FLOOR[c.optimizer]
-            pattern_ms = floor_ms.get(ACCESS_PATTERN.get(c.optimizer))
+            floor = bytes_floor(c.optimizer)
+            pattern_ms = floor_ms.get(entries()[c.optimizer].access)
         nbytes = floor * n_params if floor else None
         rows.append({
             "optimizer": c.optimizer, "path": c.path,
@@ -347,7 +354,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shapes", default=None,
                     help="instead of --model: one param group of these shapes, e.g. 64x32,32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--optimizers", default="adamw,lion,sophiag")
+    ap.add_argument("--optimizers", default="adamw,lion,sophia",
+                    help=f"comma-separated, from {', '.join(benchmarked())}")
     ap.add_argument("--paths", default="reference,foreach,fused")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (>= 1)")
@@ -369,12 +377,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.inductor_config = dict(args.inductor_config)
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    bad = [o for o in args.optimizers if o not in PATHS]
+    bad = [o for o in args.optimizers if o not in benchmarked()]
     if bad:
-        ap.error(f"unknown optimizer(s) {bad}; choose from {', '.join(PATHS)}")
-    bad = [p for p in args.paths if p not in ("reference", "foreach", "fused")]
+        ap.error(f"unknown optimizer(s) {bad}; choose from {', '.join(benchmarked())}")
+    bad = [p for p in args.paths if p not in PATHS]
     if bad:
-        ap.error(f"unknown path(s) {bad}; choose from reference, foreach, fused")
+        ap.error(f"unknown path(s) {bad}; choose from {', '.join(PATHS)}")
     if args.noise_check and not ("adamw" in args.optimizers and "fused" in args.paths):
         ap.error("--noise-check compares two torch fused AdamW steps: add adamw to --optimizers "
                  "and fused to --paths")
@@ -408,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command_line("bench_optim", argv),
             "repeats": args.repeats, "warmup": args.warmup, "steps": args.steps,
-            "copy_mb": args.copy_mb, "copy_gbps": copy_gbps, "bytes_floor": BYTES_FLOOR,
+            "copy_mb": args.copy_mb, "copy_gbps": copy_gbps, "bytes_floor": {o: bytes_floor(o) for o in args.optimizers},
             "inductor_config": args.inductor_config,
             "models": models,
         }

@@ -50,11 +50,11 @@ from engine.build import DTYPES, autocast_factory, build_model_config, build_tra
 from engine.distributed import DistEnv, launched_by_torchrun, resolve_device
 from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
+from engine.optimizers import entries
 from engine.trainer import Trainer
 from model import GPT
 from model.flops import device_peak_flops
 
-HESSIAN_OPTIMIZERS = ("sophia", "sophiah")
 MB = 2**20
 
 
@@ -241,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog="\n".join(__doc__.splitlines()[1:7]))
     p.add_argument("--model", default="gpt2-micro",
                    help=f"preset: {', '.join(config_choices('model'))}")
-    p.add_argument("--optimizers", default="adamw,lion,sophia,sophiah,muon",
+    p.add_argument("--optimizers", default=",".join(entries()),
                    help="comma-separated; muon is skipped with a note if it does not compose")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
@@ -286,7 +286,7 @@ def _overrides(args: argparse.Namespace, optimizer: str, block: int | None) -> l
           f"dtype={args.dtype}", f"compile={str(args.compile).lower()}", f"seed={args.seed}",
           f"train.micro_batch_size={args.micro_batch_size}",
           f"train.block_size={block if block else 'null'}"]
-    if optimizer in HESSIAN_OPTIMIZERS:
+    if entries()[optimizer].hessian:
         ov.append(f"optimizer.k={args.k}")
     return ov
 
@@ -337,7 +337,7 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
     batch_tokens = args.batch_tokens or 4 * args.micro_batch_size * block
     plan = plan_batches(batch_tokens, block, args.micro_batch_size, 1)
     k = args.k
-    if any(n in HESSIAN_OPTIMIZERS for n in cfgs) and args.steps % k:
+    if any(entries()[n].hessian for n in cfgs) and args.steps % k:
         raise HarnessError(
             f"--steps={args.steps} is not a multiple of --k={k}: a timed pass would hold a "
             f"varying number of Hessian refreshes, so their cost would be mis-amortised. Use "
@@ -348,7 +348,7 @@ def benchmark(args: argparse.Namespace, print_fn: Callable[..., None] = print) -
     contenders: list[Contender] = []
     for name, cfg in cfgs.items():
         specs = [s for s in args.hessian_micro_batches.split(",") if s.strip()] \
-            if name in HESSIAN_OPTIMIZERS else [None]
+            if entries()[name].hessian else [None]
         for spec in specs:
             hmb = hessian_micro_batches(spec, plan.accum_steps) if spec is not None else None
             label = name if spec is None or len(specs) == 1 else \

@@ -2,7 +2,7 @@
 a GPU: kernel launches per step and bytes moved per parameter, against the one-pass floor.
 
     pip install triton           # the code generator (in the dev extra); no GPU, no CUDA torch
-    python -m benchmarks.cuda_kernels --optimizers sophiag,lion --model gpt2-small
+    python -m benchmarks.cuda_kernels --optimizers sophia,lion --model gpt2-small
     python -m benchmarks.cuda_kernels --model gpt2-small --dump cuda_code/   # the generated code
     python -m benchmarks.cuda_kernels --inductor-config combo_kernels=True   # a compiler setting
 
@@ -34,10 +34,16 @@ import torch
 
 # bench_optim: the parameter sets and the optimizers as it benchmarks them
 from benchmarks import bench_optim
+from engine.optimizers import entries
 from sophia import _fused
 
-# the optimizers with a compiled (fused) step of their own; AdamW's is torch's
-FUSED_OPTIMIZERS = ("sophiag", "sophiah", "lion")
+
+def compiled_optimizers() -> list[str]:
+    """The registered optimizers whose fused path is the library's compiled step (AdamW's is
+    torch's own)."""
+    return [name for name, entry in entries().items() if entry.compiled]
+
+
 _DTYPE_BYTES = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2,
                 "i8": 1, "u8": 1, "i1": 1}
 # what inductor asks of the device while generating code, answered for an H100 SXM
@@ -319,13 +325,13 @@ def inspect(optimizer: str, model: str | None = None, shapes: str | None = None,
             "tensors": sum(len(ps) for ps in groups), "chunk_calls": len(capture.launches),
             "launches": len(launches), "bytes_per_param": moved / n_params,
             "inductor_config": inductor_config or {},
-            "floor": bench_optim.BYTES_FLOOR[optimizer]}
+            "floor": bench_optim.bytes_floor(optimizer)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--optimizers", default="sophiag,sophiah,lion",
-                    help=f"comma-separated, from {', '.join(FUSED_OPTIMIZERS)}")
+    ap.add_argument("--optimizers", default=",".join(compiled_optimizers()),
+                    help=f"comma-separated, from {', '.join(compiled_optimizers())}")
     ap.add_argument("--model", default="gpt2-small", help="model preset whose parameters step")
     ap.add_argument("--shapes", help="instead of --model: one param group of these shapes, "
                                      "e.g. 768x3072,3072")
@@ -343,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                          "pip install triton (no GPU needed)")
     names = [o for o in args.optimizers.split(",") if o]
     for name in names:
-        if name not in FUSED_OPTIMIZERS:
+        if name not in compiled_optimizers():
             raise SystemExit(f"--optimizers: {name!r} has no fused step of ours; choose from "
-                             f"{', '.join(FUSED_OPTIMIZERS)}")
+                             f"{', '.join(compiled_optimizers())}")
     print(f"torch {torch.__version__}, triton {triton.__version__}; code generated for a "
           "pretended H100, not run")
     width = max(12, len(args.shapes or args.model))

@@ -27,11 +27,15 @@ from typing import NamedTuple
 
 import torch
 
-from sophia import Lion, SophiaG, SophiaH
+from engine.optimizers import entries, optimizer_defaults
 from sophia.hessian import hutchinson
 
-OPTIMIZERS = ("gd", "adam", "lion", "sophiag", "sophiah")
-LABELS = {"gd": "GD", "adam": "Adam", "lion": "Lion", "sophiag": "SophiaG", "sophiah": "SophiaH"}
+# GD and Adam are the baselines; every elementwise optimizer of the harness's registry joins them
+# (AdamW's is Adam itself: no weight decay here). Muon and SOAP are left out: they precondition
+# across a tensor's coordinates, and the toy's coordinates are independent problems.
+BASELINES = {"gd": "GD", "adam": "Adam"}
+OPTIMIZERS = (*BASELINES, *(n for n, e in entries().items() if e.access and n != "adamw"))
+LABELS = {**BASELINES, **{n: entries()[n].label for n in OPTIMIZERS if n not in BASELINES}}
 PROBLEMS = ("heterogeneous", "quadratic", "noisy-heterogeneous", "noisy-quadratic")
 NOISY_PREFIX = "noisy-"
 SCHEDULES = ("constant", "cosine")
@@ -40,7 +44,6 @@ REPLICATES = 32  # independent noisy runs per cell; their mean loss is what must
 EXACT_TARGET = 1e-6
 NOISY_TARGET = 1e-3
 HOLD_STEPS = 50  # a cell reaches the target only if its loss then stays there this many steps
-STOCHASTIC_HESSIAN = ("sophiag",)  # GNB samples labels; Hutchinson is exact on a diagonal H
 START = (math.e / 3, math.pi / 3)  # generic: sign steps of a round lr never land on 0
 HESSIAN_EVERY = 10
 RHO = 0.04
@@ -54,16 +57,17 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "gd": (0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 1.9),
     "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "lion": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    "sophiag": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "sophia": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "sophiah": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
 }
+DEFAULT_LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # a new optimizer
 QUICK_MAX_STEPS = 700
 # the quick grids keep, for every optimizer, the points that win somewhere in the full run
 QUICK_LR_GRIDS: dict[str, tuple[float, ...]] = {
     "gd": (0.1, 1.0, 1.9),
     "adam": (1e-3, 3e-2, 1e-1),
     "lion": (3e-4, 3e-3),
-    "sophiag": (3e-3, 3e-2),
+    "sophia": (3e-3, 3e-2),
     "sophiah": (3e-3, 3e-2),
 }
 
@@ -149,19 +153,29 @@ def gnb_gradient(
     return grad
 
 
+def optimizer_config(name: str) -> dict:
+    """A registry optimizer's config as the toy runs it: its defaults, rho = RHO where it has one."""
+    cfg = optimizer_defaults(name)
+    return {**cfg, **({"rho": RHO} if "rho" in cfg else {})}
+
+
+def hessian_estimate(name: str) -> str | None:
+    """The Hessian estimate ``name`` is fed ("gnb", "gnb_msq", "hutchinson"), or None."""
+    entry = entries().get(name)
+    return entry.hessian(optimizer_config(name)) if entry and entry.hessian else None
+
+
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimizer `name` over parameter groups that each carry their own lr."""
+    """The optimizer `name` over parameter groups that each carry their own lr (no weight decay:
+    the toy loss has its optimum away from 0)."""
     if name == "gd":
         return torch.optim.SGD(groups, lr=0.0)
     if name == "adam":
         return torch.optim.Adam(groups, lr=0.0)
-    if name == "lion":
-        return Lion(groups, lr=0.0)
-    if name == "sophiag":
-        return SophiaG(groups, lr=0.0, rho=RHO, weight_decay=0.0)
-    if name == "sophiah":
-        return SophiaH(groups, lr=0.0, rho=RHO, weight_decay=0.0)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return entries()[name].make([{**g, "weight_decay": 0.0} for g in groups],
+                                optimizer_config(name))
 
 
 def cosine_factor(t: int, horizon: int | None) -> float:
@@ -193,7 +207,9 @@ def simulate(
     len(kappas), 2] tensor (it then never stops early).
     """
     noisy = is_noisy(problem)
-    reps = replicates if noisy or name in STOCHASTIC_HESSIAN else 1
+    estimate = hessian_estimate(name)
+    # GNB samples labels (random); Hutchinson is exact on a diagonal Hessian
+    reps = replicates if noisy or estimate in ("gnb", "gnb_msq") else 1
     batch = noise_batch if noisy else 1  # exact gradients: one GNB label sample per refresh
     params = [  # [kappas, replicates, 2]: every coordinate is independent for these optimizers
         torch.tensor([[start_point(problem, k)] * reps for k in run.kappas], dtype=torch.float64,
@@ -218,17 +234,17 @@ def simulate(
         with torch.no_grad():
             for p, kv in zip(params, kvecs):
                 p.grad = noisy_gradient(p, kv, batch, gen) if noisy else grad_fn(p, kv)
-        if name == "sophiag":
+        if estimate in ("gnb", "gnb_msq"):
             opt.step(bs=batch)
         else:
             opt.step()
 
         if t % HESSIAN_EVERY == HESSIAN_EVERY - 1:
-            if name == "sophiag":
+            if estimate in ("gnb", "gnb_msq"):
                 for p, kv in zip(params, kvecs):
                     p.grad = gnb_gradient(p, kv, gen, batch)
                 opt.update_hessian()
-            elif name == "sophiah":  # a mini-batch loss has the same (constant) Hessian as f
+            elif estimate == "hutchinson":  # a mini-batch loss has the same (constant) Hessian as f
                 # a sum, not the replicate mean: each row must see its own f's Hessian
                 total = sum(loss_fn(p, kv).sum() for p, kv in zip(params, kvecs))
                 opt.update_hessian(hutchinson(total, params, generator=gen))
@@ -325,7 +341,7 @@ def steps_vs_condition(
     """For each optimizer: its best cell per kappa (see `tune`)."""
     results: dict[str, list[Best]] = {}
     for name in names:
-        results[name] = tune(name, problem, kappas, grids[name], max_steps, target, schedule,
+        results[name] = tune(name, problem, kappas, grids.get(name, DEFAULT_LR_GRID), max_steps, target, schedule,
                              noise_batch, replicates)
         if log:
             log(f"  tuned {LABELS[name]} on {problem}")
@@ -379,7 +395,7 @@ def format_table(kappas: Sequence[float], results: dict[str, list[Best]], max_st
 
 
 def compare(
-    kappas: Sequence[float], results: dict[str, list[Best]], a: str = "sophiag", b: str = "adam"
+    kappas: Sequence[float], results: dict[str, list[Best]], a: str = "sophia", b: str = "adam"
 ) -> str:
     """One line saying, per kappa, which of two optimizers reached the target in fewer steps."""
     cells = []

@@ -84,10 +84,10 @@ _SHAPES = "768x3072,3072,768x2304"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["sophiag", "lion"])
+@pytest.mark.parametrize("optimizer", ["sophia", "lion"])
 def test_fused_steps_are_one_pass_in_the_cuda_code(optimizer: str) -> None:
     pytest.importorskip("triton", reason="generating CUDA code needs the triton package")
-    floor = cuda_kernels.bench_optim.BYTES_FLOOR[optimizer]
+    floor = cuda_kernels.bench_optim.bytes_floor(optimizer)
     cached = fused_cache_size()
     result = cuda_kernels.inspect(optimizer, shapes=_SHAPES)
     assert fused_cache_size() == cached  # the process's compiled steps are left alone
@@ -95,7 +95,7 @@ def test_fused_steps_are_one_pass_in_the_cuda_code(optimizer: str) -> None:
     # one pass: the floor, plus the row sums and the scalars (well under 1%)
     assert floor <= result["bytes_per_param"] < floor * 1.01, result
     # one kernel per tensor, and one launch per telemetry sum to add up the partial sums
-    sums = {"sophiag": 2, "lion": 1}[optimizer]
+    sums = {"sophia": 2, "lion": 1}[optimizer]
     assert result["launches"] <= 3 + sums, result
 
     # inductor's combo kernels (several kernels per launch, not enabled): one pass as well

@@ -582,12 +582,12 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     assert result["copy_gbps"] > 0
     got = {(r["optimizer"], r["path"]) for r in model["rows"]}
     assert got >= {("adamw", "foreach"), ("adamw", "fused"), ("lion", "reference"),
-                   ("lion", "foreach"), ("lion", "fused"), ("sophiag", "reference"),
-                   ("sophiag", "foreach"), ("sophiag", "fused"), ("adamw", "fused-twin")}
+                   ("lion", "foreach"), ("lion", "fused"), ("sophia", "reference"),
+                   ("sophia", "foreach"), ("sophia", "fused"), ("adamw", "fused-twin")}
     floors = {r["path"]: r for r in model["rows"] if r["optimizer"] == "floor"}
     assert set(floors) == {"4R/3W", "4R/2W", "3R/2W"}  # AdamW's, the Sophias', Lion's
-    floor = {"adamw": 28, "lion": 20, "sophiag": 24, "floor": None}
-    pattern = {"adamw": "4R/3W", "lion": "3R/2W", "sophiag": "4R/2W"}
+    floor = {"adamw": 28, "lion": 20, "sophia": 24, "floor": None}
+    pattern = {"adamw": "4R/3W", "lion": "3R/2W", "sophia": "4R/2W"}
     for r in model["rows"]:
         assert r["ms_per_step"] > 0 and r["gbps"] > 0 and r["copy_fraction"] > 0
         if r["optimizer"] == "floor":  # 4 bytes per tensor read or written
@@ -605,14 +605,14 @@ def test_bench_optim_main_writes_wellformed_rows(tmp_path, capsys) -> None:
     twin, first = rows[("adamw", "fused-twin")], rows[("adamw", "fused")]
     assert twin["vs_adamw_fused"] == pytest.approx(twin["ms_per_step"] / first["ms_per_step"])
     table = capsys.readouterr().out
-    assert "sophiag" in table and "ms/step" in table and "vs floor" in table
+    assert "sophia" in table and "ms/step" in table and "vs floor" in table
     assert "fused-twin" in table
     assert result["inductor_config"] == {}
 
 
 def test_bench_optim_table_shows_host_time_on_cuda_only(capsys) -> None:
     bench = _load_bench()
-    row = {"optimizer": "sophiag", "path": "fused", "ms_per_step": 2.0, "host_ms_per_step": 1.5,
+    row = {"optimizer": "sophia", "path": "fused", "ms_per_step": 2.0, "host_ms_per_step": 1.5,
            "gbps": 1.0, "copy_fraction": 0.5, "vs_adamw_foreach": None, "vs_adamw_fused": 0.9,
            "vs_floor": None, "first_step_s": 3.0}
     result = {"device": "x", "threads": 1, "torch": "t", "copy_gbps": 2.0,
@@ -627,7 +627,7 @@ def test_bench_optim_table_shows_host_time_on_cuda_only(capsys) -> None:
 def test_bench_optim_noise_check_needs_fused_adamw() -> None:
     bench = _load_bench()
     assert bench.parse_args(["--noise-check"]).noise_check  # the defaults include both
-    for argv in (["--optimizers", "sophiag"], ["--paths", "foreach"]):
+    for argv in (["--optimizers", "sophia"], ["--paths", "foreach"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--noise-check", *argv])
 

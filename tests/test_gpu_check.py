@@ -94,7 +94,7 @@ def test_summary_judges_the_targets_from_the_benchmarks_json():
     results = {
         "2 optimizer step": {"bench_optim": {"models": [{"name": "gpt2-small", "rows": [
             {"optimizer": "adamw", "path": "fused", "ms_per_step": 10.0, "host_ms_per_step": 2.0},
-            {"optimizer": "sophiag", "path": "fused", "ms_per_step": 8.5,
+            {"optimizer": "sophia", "path": "fused", "ms_per_step": 8.5,
              "host_ms_per_step": 8.33},
             {"optimizer": "lion", "path": "fused", "ms_per_step": 9.5},
             {"optimizer": "adamw", "path": "fused-twin", "ms_per_step": 10.3},
@@ -109,9 +109,9 @@ def test_summary_judges_the_targets_from_the_benchmarks_json():
              "hessian_micro_batches": 1}]}},
     }
     lines = gpu_check.judge(results)
-    assert "fused sophiag step = 0.85x torch fused AdamW (target <= 0.9x: met)" in lines[0]
+    assert "fused sophia step = 0.85x torch fused AdamW (target <= 0.9x: met)" in lines[0]
     assert "fused lion step = 0.95x" in lines[1] and "NOT met" in lines[1]
-    assert "host share of each fused step's time: adamw 0.20, sophiag 0.98 (" in lines[2]
+    assert "host share of each fused step's time: adamw 0.20, sophia 0.98 (" in lines[2]
     assert "identical torch fused AdamW took 1.03x the first" in lines[3]
     assert "floor of Sophia's access pattern = 0.87x AdamW's" in lines[4]
     assert "sophia[hess 10/10] = 0.910x AdamW tokens/s (target >= 0.9x: met)" in lines[5]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sophia import Lion
 from train_helpers import load_script
 
 
@@ -50,7 +51,7 @@ def test_quick_run_writes_plots_and_all_four_tables(tmp_path: Path, capsys) -> N
         return [b.steps for b in results[problem][name]]  # [kappa=1, kappa=1000]
 
     for problem in toy.PROBLEMS:
-        g1, g1000 = steps(problem, "sophiag")
+        g1, g1000 = steps(problem, "sophia")
         h1, h1000 = steps(problem, "sophiah")
         gd1, gd1000 = steps(problem, "gd")
         assert None not in (g1, g1000, h1, h1000), problem
@@ -63,10 +64,10 @@ def test_quick_run_writes_plots_and_all_four_tables(tmp_path: Path, capsys) -> N
 
     # Adam vs SophiaG at kappa = 1e3: Adam is faster in three problems, SophiaG in one.
     for problem in ("heterogeneous", "quadratic", "noisy-quadratic"):
-        adam, sophiag = steps(problem, "adam")[1], steps(problem, "sophiag")[1]
+        adam, sophiag = steps(problem, "adam")[1], steps(problem, "sophia")[1]
         assert adam is not None and adam < sophiag, problem
     adam = steps("noisy-heterogeneous", "adam")[1]
-    sophiag = steps("noisy-heterogeneous", "sophiag")[1]
+    sophiag = steps("noisy-heterogeneous", "sophia")[1]
     assert sophiag is not None and (adam is None or sophiag < adam)
 
 
@@ -105,7 +106,7 @@ def test_sophia_needs_fewer_steps_than_adam_at_kappa_1e3_with_noisy_gradients() 
     toy = _load_toy()
     kappa, cap, target = [1e3], 3000, toy.NOISY_TARGET
     adam = toy.tune("adam", "noisy-heterogeneous", kappa, (3e-4, 1e-3, 3e-3, 1e-2), cap, target)[0]
-    sophiag = toy.tune("sophiag", "noisy-heterogeneous", kappa, (1e-3, 3e-3, 1e-2), cap, target)[0]
+    sophiag = toy.tune("sophia", "noisy-heterogeneous", kappa, (1e-3, 3e-3, 1e-2), cap, target)[0]
     assert not adam.edge and not sophiag.edge, (adam, sophiag)  # each optimum inside its grid
     assert adam.steps is not None and sophiag.steps is not None, (adam, sophiag)
     assert 2 * sophiag.steps < adam.steps, (adam, sophiag)
@@ -120,7 +121,7 @@ def test_with_a_tuned_cosine_decay_adam_wins_the_noisy_problem_too() -> None:
     kappa, cap, target = [1e3], 600, toy.NOISY_TARGET
     adam = toy.tune("adam", "noisy-heterogeneous", kappa, (1e-2, 3e-2, 1e-1, 3e-1), cap, target,
                     "cosine")[0]
-    sophiag = toy.tune("sophiag", "noisy-heterogeneous", kappa, (3e-3, 1e-2, 3e-2, 1e-1), cap,
+    sophiag = toy.tune("sophia", "noisy-heterogeneous", kappa, (3e-3, 1e-2, 3e-2, 1e-1), cap,
                        target, "cosine")[0]
     assert not adam.edge and not sophiag.edge, (adam, sophiag)
     assert adam.steps is not None and sophiag.steps is not None, (adam, sophiag)
@@ -195,13 +196,13 @@ def _sharp_noise_floor(toy, name: str, kappa: float, lr: float) -> float:
     if name == "adam":
         opt = torch.optim.Adam([theta], lr=lr)
     else:
-        opt = toy.SophiaG([theta], lr=lr, rho=toy.RHO, weight_decay=0.0)
+        opt = toy.make_optimizer("sophia", [{"params": [theta], "lr": lr}])
     gen = torch.Generator().manual_seed(0)
     tail = []
     for t in range(600):
         theta.grad = toy.noisy_gradient(theta.detach(), kappa, batch, gen)
         opt.step() if name == "adam" else opt.step(bs=batch)
-        if name == "sophiag" and t % toy.HESSIAN_EVERY == toy.HESSIAN_EVERY - 1:
+        if name == "sophia" and t % toy.HESSIAN_EVERY == toy.HESSIAN_EVERY - 1:
             theta.grad = toy.gnb_gradient(theta, kappa, gen, batch)
             opt.update_hessian()
         if t >= 400:
@@ -217,7 +218,7 @@ def test_noisy_gradients_adams_sharp_noise_floor_grows_with_kappa_sophias_does_n
     slows down as much. SophiaG divides by the curvature: its floor, ~(lr / rho) / B, is flat."""
     toy = _load_toy()
     adam = [_sharp_noise_floor(toy, "adam", k, 1e-3) for k in (10.0, 1e3)]
-    sophia = [_sharp_noise_floor(toy, "sophiag", k, 3e-3) for k in (10.0, 1e3)]
+    sophia = [_sharp_noise_floor(toy, "sophia", k, 3e-3) for k in (10.0, 1e3)]
     assert 5 < adam[1] / adam[0] < 20, adam  # ~sqrt(100) = 10
     assert 2 / 3 < sophia[1] / sophia[0] < 3 / 2, sophia
 
@@ -233,7 +234,7 @@ def test_sign_descent_fails_on_the_heterogeneous_problem_but_adam_does_not() -> 
 
     for lr in (1e-1, 1e-2, 1e-3, 1e-4):
         theta = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-        sign_gd = toy.Lion([theta], lr=lr, betas=(0.0, 0.0))  # Lion without momentum = signGD
+        sign_gd = Lion([theta], lr=lr, betas=(0.0, 0.0))  # Lion without momentum = signGD
         best = float("inf")
         for _ in range(steps):
             theta.grad = toy.grad_fn(theta.detach(), kappa)

@@ -77,6 +77,8 @@ class OptimizerEntry:
     code paths a config can force through its ``foreach``/``fused`` keys (the benchmarks time each
     one), and ``access`` the (tensors read, tensors written) per parameter of one ideal single-pass
     step, the floor the benchmarks compare its time with (None: not an elementwise step).
+    ``compiled`` says its fused path is the library's own compiled single pass (sophia._fused),
+    whose generated code benchmarks/cuda_kernels.py reads; torch's own fused kernels are not.
     """
 
     name: str
@@ -86,6 +88,7 @@ class OptimizerEntry:
     hessian: Callable[[Mapping[str, Any]], str] | None = None
     paths: tuple[str, ...] = ()
     access: tuple[int, int] | None = None
+    compiled: bool = False
     want_telemetry: Callable[[torch.optim.Optimizer, bool], None] | None = None
     summary: str = field(default="", compare=False)  # one line for listings and tables
 

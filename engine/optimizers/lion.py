@@ -14,5 +14,5 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 
 register(OptimizerEntry(name="lion", label="Lion", make=make,
-                        paths=("reference", "foreach", "fused"), access=(3, 2),
+                        paths=("reference", "foreach", "fused"), access=(3, 2), compiled=True,
                         summary="sign of an interpolated momentum (Chen et al. 2023)"))

@@ -34,5 +34,5 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 
 register(OptimizerEntry(name="sophia", label="SophiaG", make=make, hessian=estimator,
-                        paths=("reference", "foreach", "fused"), access=(4, 2),
+                        paths=("reference", "foreach", "fused"), access=(4, 2), compiled=True,
                         summary="clipped diagonal-Hessian preconditioning, GNB estimate"))

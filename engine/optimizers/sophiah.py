@@ -20,5 +20,5 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 register(OptimizerEntry(name="sophiah", label="SophiaH", make=make,
                         hessian=lambda cfg: "hutchinson", paths=("reference", "foreach", "fused"),
-                        access=(4, 2),
+                        access=(4, 2), compiled=True,
                         summary="clipped diagonal-Hessian preconditioning, Hutchinson estimate"))
