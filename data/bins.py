@@ -15,6 +15,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.files import write_text_atomic
+from data.sources import source_choices
 from data.tokenizers import token_dtype
 
 FORMAT_VERSION = 1
@@ -39,8 +40,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _prepare_hint(data_dir: Path) -> str:
-    return (f"Run `python -m data.prepare SOURCE --out {data_dir}` (SOURCE: openwebtext, stdlib, "
-            "hf:<id>, or a .txt/.jsonl/.parquet file or folder) to create it.")
+    return (f"Run `python -m data.prepare SOURCE --out {data_dir}` (SOURCE: {source_choices()}) "
+            "to create it.")
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -73,10 +74,14 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{meta_path} has format_version {meta.get('format_version')!r}; this code "
                         f"reads version {FORMAT_VERSION}. Re-run the prepare with --force.")
-    for key in ("tokenizer", "vocab_size", "eot", "dtype", "train_tokens", "val_tokens"):
+    for key in ("tokenizer", "vocab_size", "eot", "dtype", "train_tokens", "val_tokens",
+                "settings"):
         if key not in meta:
             raise DataError(f"{meta_path} lacks the field {key!r}. Re-run the prepare with "
                             "--force.")
+    if not isinstance(meta["settings"], dict):
+        raise DataError(f"{meta_path}: settings is {meta['settings']!r}, not a mapping of the "
+                        "prepare's settings. Re-run the prepare with --force.")
     expected = token_dtype(int(meta["vocab_size"])).name
     if meta["dtype"] != expected:
         raise DataError(f"{meta_path} says dtype {meta['dtype']} but a vocabulary of "

@@ -30,33 +30,24 @@ The split (``--val-split``, ``val_split``):
 meta.json records the split used as ``val_split`` (and the one asked for as
 ``val_split_requested``); ``settings`` records the split used, never ``auto``, so a folder split
 one way is refused when another way is asked for, and ``auto`` is compared as what it means for
-that folder's document count. A folder prepared before this option existed was split by
-documents.
+that folder's document count.
 
 Defaults follow the training configs (configs/data/*.yaml), so a prepare by hand and a training
-run that prepares on its own agree on one split: ``--val-fraction`` depends on the source (stdlib
-0.02, openwebtext 0.0005, anything else 0.01; ``data.sources.DEFAULT_VAL_FRACTIONS``), the seed is
-2357 and the output folder ``prepared/<source name>-<tokenizer>``.
+run that prepares on its own agree on one split: ``--val-fraction`` is the source's registered
+one (``data.sources.default_val_fraction``; 0.01 for a source without one), the seed is 2357 and
+the output folder ``prepared/<source name>-<tokenizer>``.
 
 Settings: meta.json records under ``settings`` everything that decides the prepared bytes: the
-identity of the source (a local file or folder's resolved path and a fingerprint of its files'
-names, sizes and mtimes; the stdlib's Python version and file sizes; a Hugging Face id,
-revision, split, config, data_dir and data_files; tiny Shakespeare's checksum), the tokenizer,
-val_fraction, val_split, seed, max_docs and, where they matter for the source, text_column and
-split_blank_lines. Preparing into a folder
-that already holds a complete prepare:
+source's own settings (``data.sources.Source.settings``: a local source's file fingerprint and
+the options its readers honour, the stdlib's Python version, a Hugging Face id, revision, split,
+...), the tokenizer, val_fraction, val_split, seed and max_docs. Preparing into a folder that
+already holds a complete prepare:
 
 * same settings: skipped; checking costs a ``stat`` of the source files, nothing is read;
 * different settings, a different source, or source files edited since: refused with a
   ``DataError`` listing each difference as ``name: existing -> requested``, because overwriting
   would silently re-split data that runs and checkpoints may already depend on. ``--force``
-  (``force=True``) replaces it; ``--out`` picks another folder;
-* a meta.json written before settings were recorded: compared on the settings it does record
-  (source, tokenizer, val_fraction, seed, max_docs, source details); a difference refuses as
-  above. Its source fingerprint survives only inside its ``settings_hash``: if that still matches
-  the folder is reused as is, otherwise it is reused with a warning that the source could not be
-  verified (``--force`` re-prepares it and records the full settings). Such a folder is neither
-  refused nor overwritten on a guess.
+  (``force=True``) replaces it; ``--out`` picks another folder.
 
 ``ensure_prepared`` makes the same check for the training engine, in its terms: it returns the
 meta of a matching prepare, refuses a different one naming the ``data.<key>`` settings that
@@ -68,12 +59,13 @@ complete. A state file records, after each fsync, how many documents are safely 
 re-running the same command resumes from there instead of starting over. An unfinished prepare
 whose settings differ from the requested ones is not resumed but restarted from scratch, with a
 warning that lists the differences: its partial bins never had a meta.json, so nothing could have
-trained on them.
+trained on them. ``prepare(on_progress=...)`` reports each chunk written (``PrepareProgress``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import itertools
 import json
@@ -87,7 +79,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -95,9 +87,9 @@ from data.bins import (FORMAT_VERSION, LOCK_NAME, META_NAME, SPLITS, STATE_NAME,
                        atomic_write_json, bin_path, check_bin, read_meta, tmp_bin_path)
 from data.files import fsync_dir
 from data.errors import DataError
-from data.sources import (DEFAULT_VAL_FRACTION, DEFAULT_VAL_FRACTIONS, OPENWEBTEXT_ID,
-                          OPENWEBTEXT_REVISION, Source, _digest, default_val_fraction,
-                          resolve_source)
+from data.sources import (DEFAULT_VAL_FRACTION, SOURCE_OPTIONS, SOURCES, Source, _digest,
+                          default_val_fraction, resolve_source, source_choices, source_defaults,
+                          source_options)
 from data.tokenizers import TOKENIZERS, get_tokenizer
 
 log = logging.getLogger("data.prepare")
@@ -114,16 +106,16 @@ VAL_SPLITS = ("auto", "documents", "tail")
 AUTO_MIN_EXPECTED_VAL_DOCS = 2
 TAIL_COPY_TOKENS = 1 << 22  # tokens per read when the tail split copies val out of the stream
 
-# Keyword arguments of ``resolve_source``: the options that shape what a source yields.
-_SOURCE_OPTIONS = ("text_column", "revision", "split", "split_blank_lines", "hf_id", "hf_name",
-                   "hf_data_dir", "hf_data_files")
 # What ``ensure_prepared`` passes on to ``prepare``. ``force`` is deliberately absent: training
 # must never overwrite prepared data; that takes an explicit `python -m data.prepare ... --force`.
-_ENSURE_OPTIONS = frozenset(_SOURCE_OPTIONS + ("max_docs", "val_split", "workers", "progress"))
+_ENSURE_OPTIONS = frozenset(SOURCE_OPTIONS + ("max_docs", "val_split", "workers", "progress",
+                                              "on_progress"))
 # Recorded settings that are prepare() parameters, hence also keys of the training config's data
 # group; the others (source_fingerprint, python) are facts about the source.
 _PARAMETER_KEYS = frozenset(("source", "tokenizer", "val_fraction", "val_split", "seed",
-                             "max_docs") + _SOURCE_OPTIONS)
+                             "max_docs") + SOURCE_OPTIONS)
+# The CLI's flag for a source option where it is not "--" + the name with dashes.
+_CLI_FLAGS = {"hf_data_files": "--data-files"}
 # Order of the lines that list differences: the source first, as it explains most of the rest.
 _KEY_ORDER = ("source", "source_fingerprint", "python", "hf_id", "revision", "hf_name",
               "hf_data_dir", "hf_data_files", "split", "text_column", "split_blank_lines",
@@ -133,6 +125,24 @@ _NOTES = {
                           "they were prepared",
     "python": "the stdlib corpus is the running Python's standard library",
 }
+
+
+@dataclass(frozen=True)
+class PrepareProgress:
+    """How far a prepare is, passed to ``prepare(on_progress=...)``.
+
+    ``stage`` is ``"documents"`` after each chunk of documents is written (``done`` documents so
+    far, those of an interrupted run it resumes included, of ``total``, None when the source does
+    not know its count), or ``"tail"`` while the tail split copies val out of the token stream
+    (``done`` of ``total`` val tokens). An exception raised by the callback stops the prepare like
+    any interruption: re-running the same prepare resumes it."""
+
+    stage: str
+    done: int
+    total: int | None
+
+
+ProgressCallback = Callable[[PrepareProgress], None]
 
 
 def default_workers() -> int:
@@ -148,11 +158,11 @@ def prepare(
     val_fraction: float | None = None,
     seed: int = 2357,
     workers: int | None = None,
-    text_column: str = "text",
+    text_column: str | None = None,
     revision: str | None = None,
-    split: str = "train",
+    split: str | None = None,
     max_docs: int | None = None,
-    split_blank_lines: bool = False,
+    split_blank_lines: bool | None = None,
     val_split: str = "auto",
     hf_id: str | None = None,
     hf_name: str | None = None,
@@ -160,6 +170,7 @@ def prepare(
     hf_data_files: str | list[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Prepare ``source`` into ``out_dir`` and return its meta (see the module docstring).
 
@@ -167,9 +178,13 @@ def prepare(
     ``val_fraction`` to the source's default (``data.sources.default_val_fraction``).
     ``val_split`` is ``documents`` (each document to val with probability ``val_fraction``),
     ``tail`` (the last ``round(val_fraction * tokens)`` tokens, as nanoGPT splits a text file) or
-    ``auto`` (``documents`` unless the source has too few documents; ``_choose_val_split``). When
-    ``out_dir`` already holds a complete prepare, returns its meta if the settings match and
-    raises ``DataError`` listing the differences if they do not; ``force`` redoes it either way.
+    ``auto`` (``documents`` unless the source has too few documents; ``auto_min_documents``).
+    The source options (text_column ... hf_data_files, ``data.sources.SourceOptions``) left None
+    take the source's defaults: text_column "text", split "train", one document per .txt file.
+    ``progress`` shows a progress bar; ``on_progress`` is called with a ``PrepareProgress`` as
+    the work advances. When ``out_dir`` already holds a complete prepare, returns its meta if the
+    settings match and raises ``DataError`` listing the differences if they do not; ``force``
+    redoes it either way.
     """
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
@@ -185,8 +200,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(out):
         if not force:
-            found = _inspect(out, src, settings)
-            meta = _reuse_or_refuse(found, out, force_hint="--force", refusal=lambda diff: (
+            found = _inspect(out, settings)
+            meta = _reuse_or_refuse(found, refusal=lambda diff: (
                 f"{out} already holds a complete prepare with different settings "
                 f"(name: existing -> requested):\n{diff}\n"
                 "Refusing to overwrite it: that would silently re-split data that runs may "
@@ -210,18 +225,14 @@ def prepare(
         if requested_split == "auto":
             settings = {**settings, "val_split": _choose_val_split(src, settings)}
         return _run(src, out, tok, settings, _settings_hash(settings), workers=workers,
-                    max_docs=max_docs, force=force, progress=progress,
+                    max_docs=max_docs, force=force, progress=progress, on_progress=on_progress,
                     requested_split=requested_split)
 
 
-def _reuse_or_refuse(found, out: Path, *, force_hint: str, refusal, prefix: str
-                     ) -> dict[str, Any] | None:
-    """The meta of a folder that can be used as it is (same settings, or an old unverifiable one,
-    with a warning); ``DataError(refusal(differences))`` for one holding other data; else None."""
+def _reuse_or_refuse(found, *, refusal, prefix: str) -> dict[str, Any] | None:
+    """The meta of a folder that can be used as it is (same settings);
+    ``DataError(refusal(differences))`` for one holding other data; else None."""
     if found.status == "same":
-        return found.meta
-    if found.status == "unverified":
-        _warn_unverified(out, force_hint)
         return found.meta
     if found.status == "different":
         raise DataError(refusal(_difference_lines(found.differences, prefix=prefix)))
@@ -252,8 +263,9 @@ def ensure_prepared(
       command.
 
     ``options`` are ``prepare``'s keyword arguments text_column, revision, split, max_docs,
-    split_blank_lines, val_split, hf_id, hf_name, hf_data_dir, hf_data_files, workers and
-    progress; a ``None`` value means "not set". ``val_fraction=None`` takes the source's default.
+    split_blank_lines, val_split, hf_id, hf_name, hf_data_dir, hf_data_files, workers, progress
+    and on_progress; a ``None`` value means "not set". ``val_fraction=None`` takes the source's
+    default.
     """
     unknown = sorted(set(options) - _ENSURE_OPTIONS)
     if unknown:
@@ -263,11 +275,10 @@ def ensure_prepared(
     options = {k: v for k, v in options.items() if v is not None}
     src, settings = _resolve(source, tokenizer, val_fraction, seed, options.get("max_docs"),
                              options.get("val_split", "auto"),
-                             **{k: options[k] for k in _SOURCE_OPTIONS if k in options})
+                             **{k: options[k] for k in SOURCE_OPTIONS if k in options})
     out = Path(out_dir)
-    found = _inspect(out, src, settings)
-    meta = _reuse_or_refuse(found, out, force_hint="`python -m data.prepare ... --force`",
-                            refusal=lambda diff: (
+    found = _inspect(out, settings)
+    meta = _reuse_or_refuse(found, refusal=lambda diff: (
         f"data.dir={out} holds data prepared from a different source or with different "
         f"settings than this run asks for (existing -> requested):\n{diff}\n"
         "Training on it would silently use the wrong data. Point data.dir at another folder, "
@@ -389,41 +400,12 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return _digest({"format_version": FORMAT_VERSION, "settings": settings})
 
 
-def _legacy_settings_hash(src: Source, settings: dict[str, Any]) -> str:
-    """The ``settings_hash`` a meta.json written before ``settings`` existed holds when its source
-    is unchanged: the one place such a meta kept the source's fingerprint."""
-    return _digest({
-        "format_version": FORMAT_VERSION, "source": src.spec, "source_info": src.info,
-        "source_fingerprint": src.fingerprint, "tokenizer": settings["tokenizer"],
-        "val_fraction": settings["val_fraction"], "seed": settings["seed"],
-        "max_docs": settings["max_docs"],
-    })
-
-
-def _legacy_settings(meta: dict[str, Any]) -> dict[str, Any]:
-    """The settings an old meta.json does record, under today's names."""
-    known = {k: meta[k] for k in ("source", "tokenizer", "val_fraction", "seed", "max_docs")
-             if k in meta}
-    info = meta.get("source_info")
-    info = info if isinstance(info, dict) else {}
-    for k in ("python",) + _SOURCE_OPTIONS:
-        if k in info:
-            known[k] = info[k]
-    if meta.get("source_kind") == "hf":  # these were recorded only when set
-        for k in ("hf_name", "hf_data_dir", "hf_data_files"):
-            known.setdefault(k, None)
-    if isinstance(known.get("hf_data_files"), str):
-        known["hf_data_files"] = [known["hf_data_files"]]
-    known["val_split"] = "documents"  # the only split there was
-    return _as_json(known)
-
-
 _ABSENT = object()  # a setting that one side does not have (it does not apply to its source)
 
 
-def _differences(recorded: dict[str, Any], requested: dict[str, Any], *,
-                 common_only: bool = False) -> list[tuple[str, Any, Any]]:
-    keys = set(recorded) & set(requested) if common_only else set(recorded) | set(requested)
+def _differences(recorded: dict[str, Any], requested: dict[str, Any]
+                 ) -> list[tuple[str, Any, Any]]:
+    keys = set(recorded) | set(requested)
     order = {k: i for i, k in enumerate(_KEY_ORDER)}
     diffs = []
     for k in sorted(keys, key=lambda k: (order.get(k, len(order)), k)):
@@ -458,45 +440,29 @@ def _difference_lines(diffs: list[tuple[str, Any, Any]], *, prefix: str) -> str:
 class _Existing:
     """What ``out`` holds, compared with the requested settings."""
 
-    status: str  # "none" | "same" | "unverified" | "different" | "broken"
+    status: str  # "none" | "same" | "different" | "broken"
     meta: dict[str, Any] | None = None
     differences: list[tuple[str, Any, Any]] = field(default_factory=list)
     problem: DataError | None = None
 
 
-def _inspect(out: Path, src: Source, settings: dict[str, Any]) -> _Existing:
+def _inspect(out: Path, settings: dict[str, Any]) -> _Existing:
     try:
         meta = read_meta(out)
     except DataError as e:
         return _Existing("none", problem=e)
-    recorded = meta.get("settings")
-    if isinstance(recorded, dict):
-        recorded = {"val_split": "documents", **recorded}  # written before val_split existed
-        settings = _settle_auto(meta, recorded, settings)
-        diffs = _differences(recorded, settings)
-        status = "different" if diffs else "same"
-    else:
-        recorded = _legacy_settings(meta)
-        settings = _settle_auto(meta, recorded, settings)
-        diffs = _differences(recorded, settings, common_only=True)
-        if diffs:
-            status = "different"
-        elif meta.get("settings_hash") == _legacy_settings_hash(src, settings):
-            status = "same"
-        else:
-            status = "unverified"
-    if status == "different":
-        return _Existing(status, meta, diffs)
+    diffs = _differences(meta["settings"], _settle_auto(meta, settings))
+    if diffs:
+        return _Existing("different", meta, diffs)
     try:
         for s in SPLITS:
             check_bin(out, s, meta)
     except DataError as e:
         return _Existing("broken", meta, problem=e)
-    return _Existing(status, meta)
+    return _Existing("same", meta)
 
 
-def _settle_auto(meta: dict[str, Any], recorded: dict[str, Any], requested: dict[str, Any]
-                 ) -> dict[str, Any]:
+def _settle_auto(meta: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
     """``requested`` with ``val_split="auto"`` replaced by the split it means for the recorded
     prepare, decided from its document count without reading the source.
 
@@ -504,18 +470,13 @@ def _settle_auto(meta: dict[str, Any], recorded: dict[str, Any], requested: dict
     differences listed already explain the refusal, and a guessed split would only add noise."""
     if requested.get("val_split") != "auto":
         return requested
+    recorded = meta["settings"]
     others = _differences({**recorded, "val_split": "auto"}, requested)
     documents = meta.get("documents")
     if others or not isinstance(documents, int):
-        return {**requested, "val_split": recorded.get("val_split", "documents")}
+        return {**requested, "val_split": recorded.get("val_split")}
     return {**requested, "val_split": _auto_split_for(documents, requested["val_fraction"],
                                                       requested["seed"])}
-
-
-def _warn_unverified(out: Path, fix: str) -> None:
-    log.warning("%s was prepared before meta.json recorded its source's fingerprint: the settings "
-                "it does record match, but its source files cannot be verified to be unchanged. "
-                "Using it as is; re-prepare it with %s to record the full settings.", out, fix)
 
 
 def _why_unusable(out: Path, found: _Existing) -> tuple[str, bool]:
@@ -532,6 +493,13 @@ def _why_unusable(out: Path, found: _Existing) -> tuple[str, bool]:
     return f"holds no usable prepared data: {found.problem}", True
 
 
+def _cli_option_defaults(spec: str) -> dict[str, Any]:
+    """The source options the CLI uses for ``spec`` when not given: the source's defaults, except
+    that a .txt file is read by paragraph unless the source defaults otherwise (as data=local)."""
+    return dataclasses.asdict(source_options(spec, **{"split_blank_lines": True,
+                                                      **source_defaults(spec)}))
+
+
 def _prepare_command(src: Source, out: Path, settings: dict[str, Any], *,
                      force: bool = False) -> str:
     """The ``python -m data.prepare`` command line that prepares exactly these settings."""
@@ -542,28 +510,18 @@ def _prepare_command(src: Source, out: Path, settings: dict[str, Any], *,
         args += ["--max-docs", str(settings["max_docs"])]
     if settings.get("val_split", "auto") != "auto":
         args += ["--val-split", settings["val_split"]]
-    if settings.get("split_blank_lines") is False and src.spec != "shakespeare":
-        args.append("--no-split-blank-lines")
-    elif settings.get("split_blank_lines") is True and src.spec == "shakespeare":
-        args.append("--split-blank-lines")
-    if settings.get("text_column", "text") != "text":
-        args += ["--text-column", settings["text_column"]]
-    if src.kind == "hf":
-        if src.spec == "openwebtext":
-            if settings["hf_id"] != OPENWEBTEXT_ID:
-                args += ["--hf-id", settings["hf_id"]]
-            if settings["revision"] != OPENWEBTEXT_REVISION:
-                args += ["--revision", settings["revision"]]
-        elif settings["revision"] is not None:
-            args += ["--revision", settings["revision"]]
-        if settings["split"] != "train":
-            args += ["--split", settings["split"]]
-        if settings["hf_name"]:
-            args += ["--hf-name", settings["hf_name"]]
-        if settings["hf_data_dir"]:
-            args += ["--hf-data-dir", settings["hf_data_dir"]]
-        if settings["hf_data_files"]:
-            args += ["--data-files", *settings["hf_data_files"]]
+    defaults = _cli_option_defaults(src.spec)
+    for key in SOURCE_OPTIONS:  # the options this source records, where not the CLI's default
+        value = settings.get(key)
+        if value is None or value == defaults[key]:
+            continue
+        flag = _CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
     if force:
         args.append("--force")
     return shlex.join(args)
@@ -658,18 +616,15 @@ def _load_state(out: Path, settings: dict[str, Any], settings_hash: str) -> dict
                     " (existing -> requested):\n" + _difference_lines(diffs, prefix="")
                     if diffs else "")
         return None
-    try:
-        for s in SPLITS:
-            p = tmp_bin_path(out, s)
-            if not p.exists() or p.stat().st_size < state[s]["bytes"]:
-                return None
-    except (KeyError, TypeError):  # a state from another version of this code
-        return None
+    for s in SPLITS:  # a bin shorter than recorded lost data the state counts as durable
+        p = tmp_bin_path(out, s)
+        if not p.exists() or p.stat().st_size < state[s]["bytes"]:
+            return None
     return state
 
 
 def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_docs, force,
-         progress, requested_split) -> dict[str, Any]:
+         progress, on_progress, requested_split) -> dict[str, Any]:
     state = None if force else _load_state(out, settings, settings_hash)
     if state is None:
         with contextlib.suppress(FileNotFoundError):
@@ -679,7 +634,7 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
     # The tail split streams every document into train.bin.tmp, then moves the last tokens to val
     # once their number is known; ``tail_done`` records (durably) that this move has happened.
     tail = settings["val_split"] == "tail"
-    tail_done = bool(state.get("tail_done")) if state else False
+    tail_done = state["tail_done"] if state else False
     writers = {s: _SplitWriter(out, s, state[s] if state else None, tok.eot) for s in SPLITS}
     if state:
         log.info("resuming the interrupted prepare in %s at document %d", out, start_doc)
@@ -694,6 +649,7 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
     if max_docs is not None:
         total = int(max_docs) if total is None else min(total, int(max_docs))
     bar = _progress_bar(total, start_doc, enabled=progress, desc=f"prepare {src.name}")
+    report = on_progress or (lambda p: None)
     val_fraction, seed = settings["val_fraction"], settings["seed"]
     docs_done, last_sync, chunks_since_sync = start_doc, time.monotonic(), 0
 
@@ -730,12 +686,13 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
                     or time.monotonic() - last_sync >= CHECKPOINT_SECONDS):
                 checkpoint()
                 last_sync, chunks_since_sync = time.monotonic(), 0
+            report(PrepareProgress("documents", docs_done, total))
         if docs_done == 0:
             raise DataError(f"Source {src.spec!r} yielded no non-empty documents; nothing to "
                             "prepare. Check the path, split and --text-column.")
         checkpoint()  # the state now covers everything, should the renames below be interrupted
         if tail and not tail_done:
-            _move_tail_to_val(writers["train"], writers["val"], val_fraction, tok.dtype)
+            _move_tail_to_val(writers["train"], writers["val"], val_fraction, tok.dtype, report)
             tail_done = True
             checkpoint()  # train's recorded size is now its share: a resume truncates, not redoes
         for w in writers.values():
@@ -798,11 +755,11 @@ def tail_sizes(tokens: int, val_fraction: float) -> tuple[int, int]:
 
 
 def _move_tail_to_val(train: _SplitWriter, val: _SplitWriter, val_fraction: float,
-                      dtype: np.dtype) -> None:
+                      dtype: np.dtype, report: ProgressCallback) -> None:
     """Copy the last ``tail_sizes`` val tokens of the train stream to val, then count train as
     its first part only. Train's file is cut to that size by ``finish`` (its recorded ``bytes``),
     so until the caller's checkpoint the whole stream stays on disk and a crash redoes the copy.
-    Reads in bounded pieces: memory does not grow with the corpus."""
+    Reads in bounded pieces: memory does not grow with the corpus. ``report`` hears of each."""
     n_train, n_val = tail_sizes(train.tokens, val_fraction)
     eot_moved = 0
     val.reset()
@@ -819,6 +776,7 @@ def _move_tail_to_val(train: _SplitWriter, val: _SplitWriter, val_fraction: floa
                 eot_moved += int(np.count_nonzero(piece == train.eot))
                 val.write(piece, 0)
                 left -= len(piece)
+                report(PrepareProgress("tail", n_val - left, n_val))
     # A document counts for the split that holds its end-of-text token.
     val.docs = eot_moved
     train.docs -= eot_moved
@@ -933,6 +891,17 @@ def _main_module_hidden():
 # Command line
 
 
+def _one_document_sources() -> str:
+    return ", ".join(name for name, entry in SOURCES.items()
+                     if entry.defaults.get("split_blank_lines") is False)
+
+
+def _defaults_by_source(key: str) -> str:
+    """The named sources that default option ``key`` to a value of their own, for the help."""
+    return ", ".join(f"{name} {entry.defaults[key]}" for name, entry in SOURCES.items()
+                     if key in entry.defaults) or "none"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data.prepare",
@@ -940,17 +909,16 @@ def _parser() -> argparse.ArgumentParser:
                     "already holds a complete prepare is skipped when its recorded settings "
                     "match and refused (listing the differences) when they do not; --force "
                     "replaces it.",
-        epilog="SOURCE: openwebtext | stdlib | shakespeare (tiny Shakespeare, downloaded once "
-               "into a cache) | hf:<dataset id> | a .txt/.jsonl/.parquet file or a folder of "
-               "them. nanoGPT's split of input.txt (the last 10% of the characters as val): "
-               "python -m data.prepare input.txt --tokenizer byte --val-fraction 0.1 "
-               "--val-split tail --no-split-blank-lines",
+        epilog=f"SOURCE: {source_choices()}. nanoGPT's split of input.txt (the last 10% of the "
+               "characters as val): python -m data.prepare input.txt --tokenizer byte "
+               "--val-fraction 0.1 --val-split tail --no-split-blank-lines",
     )
     p.add_argument("source")
     p.add_argument("--out", default=None,
                    help="output folder (default: prepared/<source name>-<tokenizer>)")
     p.add_argument("--tokenizer", default="gpt2", choices=TOKENIZERS)
-    by_source = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_VAL_FRACTIONS.items())
+    by_source = ", ".join(f"{name} {entry.val_fraction:g}" for name, entry in SOURCES.items()
+                          if entry.val_fraction is not None)
     p.add_argument("--val-fraction", type=float, default=None,
                    help="probability that a document goes to val (default by source, as in the "
                         f"training configs: {by_source}, any other source "
@@ -965,20 +933,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2357, help="seed of the val split (default 2357)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"tokenizer processes (default: half the cores, here {default_workers()})")
-    p.add_argument("--text-column", default="text", help="text field of jsonl/parquet/HF rows")
+    p.add_argument("--text-column", default=None,
+                   help="text field of jsonl/parquet/HF rows (default text)")
     p.add_argument("--revision", default=None,
-                   help="Hugging Face revision (openwebtext default: refs/convert/parquet)")
-    p.add_argument("--split", default="train", help="Hugging Face split to read (default train)")
+                   help=f"Hugging Face revision (defaults: {_defaults_by_source('revision')})")
+    p.add_argument("--split", default=None, help="Hugging Face split to read (default train)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     p.add_argument("--split-blank-lines", action=argparse.BooleanOptionalAction, default=None,
                    help=".txt files: one document per blank-line-separated paragraph (default, as "
-                        "data=local does), or with --no-split-blank-lines one per file; the "
-                        "shakespeare source defaults to one document, as data=shakespeare")
+                        "data=local does), or with --no-split-blank-lines one per file (the "
+                        f"default of: {_one_document_sources() or 'none'})")
     p.add_argument("--hf-id", default=None,
-                   help="openwebtext only: use this Hugging Face dataset id (a parquet mirror)")
+                   help="named Hugging Face sources: use this dataset id, e.g. a parquet mirror "
+                        f"(defaults: {_defaults_by_source('hf_id')})")
     p.add_argument("--hf-name", default=None, help="Hugging Face config name")
     p.add_argument("--hf-data-dir", default=None, help="Hugging Face data_dir")
-    p.add_argument("--data-files", nargs="+", default=None,
+    p.add_argument("--data-files", nargs="+", default=None, dest="hf_data_files", metavar="FILE",
                    help="Hugging Face data_files (e.g. with hf:parquet for local parquet files)")
     p.add_argument("--force", action="store_true",
                    help="redo a complete prepare, also one with different settings")
@@ -987,21 +957,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m data.prepare``: prepare the source named on the command line; 2 on bad input."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    split_blank_lines = args.split_blank_lines
-    if split_blank_lines is None:  # as the data config of that source does
-        split_blank_lines = args.source != "shakespeare"
+    if args.split_blank_lines is None:
+        args.split_blank_lines = _cli_option_defaults(args.source)["split_blank_lines"]
     t0 = time.perf_counter()
     try:
         meta = prepare(
             args.source, args.out, args.tokenizer, val_fraction=args.val_fraction,
-            seed=args.seed, workers=args.workers, text_column=args.text_column,
-            revision=args.revision, split=args.split, max_docs=args.max_docs,
-            split_blank_lines=split_blank_lines, val_split=args.val_split, hf_id=args.hf_id,
-            hf_name=args.hf_name, hf_data_dir=args.hf_data_dir, hf_data_files=args.data_files,
-            force=args.force,
-            progress=not args.no_progress,
+            seed=args.seed, workers=args.workers, max_docs=args.max_docs,
+            val_split=args.val_split, force=args.force, progress=not args.no_progress,
+            **{k: getattr(args, k) for k in SOURCE_OPTIONS},
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,23 +1,25 @@
-"""Where documents come from: Hugging Face datasets, local files and folders, and the stdlib.
+"""Where documents come from: two registries, named sources and local file readers by suffix.
 
-A source is resolved once into a ``Source``: a name (for the default output folder), the facts
+A source spec resolves once into a ``Source``: a name (for the default output folder), the facts
 that go into meta.json, a fingerprint (to tell whether an existing prepare is still current) and
 a function that streams documents in a fixed order. Every reader streams, so memory stays bounded
 however large the corpus (a single .txt file read as one document is the one exception, by
 definition).
 
 Spec strings:
-    openwebtext           Hugging Face ``Skylion007/openwebtext`` at ``refs/convert/parquet``
+    a registered name     ``SOURCES``: openwebtext, stdlib, shakespeare, ... (``register_source``)
     hf:<id>               any Hugging Face dataset with a text column (streamed)
-    stdlib                the .py sources of the running Python's standard library (offline)
-    shakespeare           tiny Shakespeare (nanoGPT's ``input.txt``, 1,115,394 ASCII bytes), read
-                          from a cache and downloaded there once when missing (``SHAKESPEARE_URL``)
-    PATH                  a .txt / .jsonl / .parquet file, or a folder of them (recursive)
+    PATH                  a file of a registered suffix (``READERS``: .txt, .jsonl, .parquet, ...),
+                          or a folder searched recursively for such files
+
+Adding a named source is one function registered with ``@register_source("name")``; adding a file
+format is one function registered with ``@register_reader(".suffix")``. Everything that lists the
+choices (error messages, the CLI's help, the default val_fraction per source) reads the registries.
 
 Each source also carries ``settings``: the facts that decide the prepared bytes (a local source's
-resolved path and file fingerprint, the stdlib's Python version, a Hugging Face id/revision/...).
-``data.prepare`` records them in meta.json and refuses to reuse or overwrite a folder whose
-recorded settings differ, so two sources never share one prepared folder unnoticed.
+file fingerprint and the options its readers honour, the stdlib's Python version, a Hugging Face
+id/revision/...). ``data.prepare`` records them in meta.json and refuses to reuse or overwrite a
+folder whose recorded settings differ, so two sources never share one prepared folder unnoticed.
 
 OpenWebText: its Hub repository is a loading-script dataset, which ``datasets`` >= 4 refuses to
 run. The Hub's automatic parquet conversion lives at the revision ``refs/convert/parquet`` of the
@@ -26,6 +28,7 @@ same repository and loads with plain ``datasets``; both the id and the revision 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,22 +36,18 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from data.errors import DataError
 from data.files import write_bytes_atomic
 
 OPENWEBTEXT_ID = "Skylion007/openwebtext"
 OPENWEBTEXT_REVISION = "refs/convert/parquet"
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+HF_PREFIX = "hf:"
 _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__"}
 
-# Default share of documents held out for validation, per source. These are the values of the
-# training configs (configs/data/<name>.yaml), so that `python -m data.prepare stdlib --tokenizer
-# byte` and a training run with data=stdlib agree on one split instead of re-splitting each other's
-# data: nanoGPT's 0.0005 for OpenWebText's 8M documents, 0.02 for the stdlib's ~2,000 files
-# (0.0005 would leave val one or two files), 0.01 for anything else.
-DEFAULT_VAL_FRACTIONS = {"stdlib": 0.02, "openwebtext": 0.0005, "shakespeare": 0.1}
+# The val share of a source that registers none (a named source's own default is the value of its
+# training config, configs/data/<name>.yaml, so that a prepare by hand and a training run agree).
 DEFAULT_VAL_FRACTION = 0.01
 
 # tiny Shakespeare as nanoGPT's data/shakespeare_char/prepare.py downloads it. The checksum pins the
@@ -60,9 +59,24 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 SHAKESPEARE_BYTES = 1_115_394
 
 
-def default_val_fraction(spec: str | os.PathLike) -> float:
-    """The val_fraction a source gets when none is given (see ``DEFAULT_VAL_FRACTIONS``)."""
-    return DEFAULT_VAL_FRACTIONS.get(str(spec), DEFAULT_VAL_FRACTION)
+@dataclass(frozen=True)
+class SourceOptions:
+    """The options a source or reader may honour (``resolve_source``'s keyword arguments).
+
+    A source records in ``Source.settings`` only those that change what it yields, so an option
+    that does not apply to it never makes two identical prepares look different."""
+
+    text_column: str = "text"  # the text field of .jsonl / .parquet / Hugging Face rows
+    revision: str | None = None  # Hugging Face revision
+    split: str = "train"  # Hugging Face split
+    split_blank_lines: bool = False  # .txt: one document per blank-line-separated paragraph
+    hf_id: str | None = None  # Hugging Face dataset id
+    hf_name: str | None = None  # Hugging Face config name
+    hf_data_dir: str | None = None
+    hf_data_files: str | list[str] | None = None
+
+
+SOURCE_OPTIONS = tuple(f.name for f in dataclasses.fields(SourceOptions))
 
 
 @dataclass
@@ -70,7 +84,7 @@ class Source:
     """A resolved corpus: ``documents()`` streams its documents (str) in a fixed order."""
 
     name: str
-    kind: str  # "hf" | "local" | "stdlib" | "download" (shakespeare)
+    kind: str  # "hf" | "local" | "stdlib" | "download" (shakespeare), or a new source's own
     spec: str
     documents: Callable[[], Iterator[str]] = field(repr=False)
     info: dict[str, Any] = field(default_factory=dict)  # recorded in meta.json
@@ -79,53 +93,168 @@ class Source:
     # total, and what val_split="auto" decides on without reading the corpus.
     num_documents: int | None = None
     # What decides the prepared bytes besides the tokenizer and split: recorded in meta.json and
-    # compared before an existing prepare is reused. Only settings that matter for this source are
-    # listed (text_column only where there are .jsonl/.parquet files, ...), so an irrelevant
-    # option never makes two identical prepares look different.
+    # compared before an existing prepare is reused.
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_source(
-    spec: str,
-    *,
-    text_column: str = "text",
-    revision: str | None = None,
-    split: str = "train",
-    split_blank_lines: bool = False,
-    hf_id: str | None = None,
-    hf_name: str | None = None,
-    hf_data_dir: str | None = None,
-    hf_data_files: str | list[str] | None = None,
-) -> Source:
-    """Turn a source spec string into a ``Source`` (see the module docstring for the forms)."""
+# ---------------------------------------------------------------------------------------------
+# The registries
+
+
+@dataclass(frozen=True)
+class NamedSource:
+    """A registered named source: ``make(options)`` builds its ``Source``."""
+
+    name: str
+    make: Callable[[SourceOptions], Source]
+    val_fraction: float | None = None  # its default val share; None: DEFAULT_VAL_FRACTION
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # option values it defaults to
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A registered reader of local files with one suffix: ``read(path, options)`` streams the
+    file's documents."""
+
+    suffix: str
+    read: Callable[[Path, SourceOptions], Iterator[str]]
+    options: tuple[str, ...] = ()  # the SourceOptions it honours: recorded in settings
+    # Non-empty documents in the file when known without reading it, else None.
+    count: Callable[[Path, SourceOptions], int | None] | None = None
+
+
+SOURCES: dict[str, NamedSource] = {}
+READERS: dict[str, Reader] = {}
+
+MakeSource = Callable[[SourceOptions], Source]
+ReadFile = Callable[[Path, SourceOptions], Iterator[str]]
+
+
+def _check_options(names, what: str) -> None:
+    unknown = sorted(set(names) - set(SOURCE_OPTIONS))
+    if unknown:
+        raise DataError(f"{what}: unknown option(s) {', '.join(unknown)}; the options are the "
+                         f"fields of SourceOptions: {', '.join(SOURCE_OPTIONS)}.")
+
+
+def register_source(name: str, *, val_fraction: float | None = None,
+                    defaults: Mapping[str, Any] | None = None) -> Callable[[MakeSource],
+                                                                           MakeSource]:
+    """Decorator: register ``make(options: SourceOptions) -> Source`` as the source ``name``.
+
+    ``val_fraction`` is its default val share (use the value of its ``configs/data`` preset, if
+    it has one); ``defaults`` maps ``SourceOptions`` fields to the values this source uses when
+    the caller leaves them unset, and the CLI and the ``python -m data.prepare`` command printed
+    in errors follow them too. Returns ``make`` unchanged."""
+    if not name or name.startswith(HF_PREFIX):
+        raise ValueError(f"register_source({name!r}): a source name must be non-empty and must "
+                         f"not start with {HF_PREFIX!r}, which names Hugging Face datasets.")
+    if name in SOURCES:
+        raise ValueError(f"register_source({name!r}): {name!r} is registered already; choose "
+                         f"another name (registered: {', '.join(SOURCES)}).")
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"register_source({name!r}): val_fraction={val_fraction} must be in "
+                         "[0, 1).")
+    _check_options(defaults or {}, f"register_source({name!r}) defaults")
+
+    def register(make: MakeSource) -> MakeSource:
+        SOURCES[name] = NamedSource(name, make, val_fraction, dict(defaults or {}))
+        return make
+
+    return register
+
+
+def register_reader(suffix: str, *, options: tuple[str, ...] = (),
+                    count: Callable[[Path, SourceOptions], int | None] | None = None
+                    ) -> Callable[[ReadFile], ReadFile]:
+    """Decorator: register ``read(path, options: SourceOptions) -> Iterator[str]`` as the reader
+    of local files ending in ``suffix`` (matched case-insensitively, e.g. ``".txt"``).
+
+    ``options`` names the ``SourceOptions`` fields the reader honours: a local source records
+    them in its settings when it holds a file of this type. ``count(path, options)``, if given,
+    returns the number of non-empty documents in a file without reading it (None when it cannot
+    tell). Returns ``read`` unchanged."""
+    key = suffix.lower()
+    if not key.startswith(".") or len(key) < 2:
+        raise ValueError(f"register_reader({suffix!r}): a suffix looks like '.ext'.")
+    if key in READERS:
+        raise ValueError(f"register_reader({suffix!r}): {key!r} is registered already "
+                         f"(registered: {', '.join(READERS)}).")
+    _check_options(options, f"register_reader({suffix!r}) options")
+
+    def register(read: ReadFile) -> ReadFile:
+        READERS[key] = Reader(key, read, tuple(options), count)
+        return read
+
+    return register
+
+
+def _suffixes(last: str) -> str:
+    """The registered suffixes as prose: ".txt, .jsonl or .parquet"."""
+    names = list(READERS)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
+def source_choices() -> str:
+    """The source specs this code accepts, in words, for messages and the CLI's help."""
+    return (f"{', '.join(SOURCES)}, {HF_PREFIX}<dataset id>, or a {'/'.join(READERS)} file or a "
+            "folder of them")
+
+
+def default_val_fraction(spec: str | os.PathLike) -> float:
+    """The val_fraction a source gets when none is given: its registered one, else
+    ``DEFAULT_VAL_FRACTION``."""
+    entry = SOURCES.get(str(spec))
+    if entry is None or entry.val_fraction is None:
+        return DEFAULT_VAL_FRACTION
+    return entry.val_fraction
+
+
+def source_defaults(spec: str | os.PathLike) -> dict[str, Any]:
+    """The option values source ``spec`` uses when the caller leaves them unset (beyond
+    ``SourceOptions``'s own defaults): a named source's registered ``defaults``, and for
+    ``hf:<id>`` that id as ``hf_id``."""
     spec = str(spec)
-    if spec == "openwebtext":
-        return _hf_source(
-            hf_id or OPENWEBTEXT_ID, name="openwebtext", spec=spec,
-            revision=revision or OPENWEBTEXT_REVISION, split=split, text_column=text_column,
-            config_name=hf_name, data_dir=hf_data_dir, data_files=hf_data_files,
-        )
-    if spec.startswith("hf:"):
-        dataset_id = spec[3:]
+    if spec.startswith(HF_PREFIX):
+        return {"hf_id": spec[len(HF_PREFIX):]}
+    entry = SOURCES.get(spec)
+    return dict(entry.defaults) if entry is not None else {}
+
+
+def source_options(spec: str | os.PathLike, **given: Any) -> SourceOptions:
+    """The options source ``spec`` reads with: ``given`` where not None, else the source's
+    defaults (``source_defaults``), else ``SourceOptions``'s."""
+    _check_options(given, "source options")
+    values = {**source_defaults(spec), **{k: v for k, v in given.items() if v is not None}}
+    if "split_blank_lines" in values:
+        values["split_blank_lines"] = bool(values["split_blank_lines"])
+    return SourceOptions(**values)
+
+
+def resolve_source(spec: str | os.PathLike, **options: Any) -> Source:
+    """Turn a source spec into a ``Source`` (see the module docstring for the forms).
+
+    ``options`` are ``SourceOptions`` fields (text_column, revision, split, split_blank_lines,
+    hf_id, hf_name, hf_data_dir, hf_data_files); an unset or None one takes the source's
+    default."""
+    spec = str(spec)
+    opts = source_options(spec, **options)
+    if spec.startswith(HF_PREFIX):
+        dataset_id = spec[len(HF_PREFIX):]
         if not dataset_id:
-            raise DataError("Source 'hf:' needs a dataset id, e.g. hf:roneneldan/TinyStories.")
-        return _hf_source(
-            dataset_id, name=dataset_id.replace("/", "_").replace(":", "_"), spec=spec,
-            revision=revision, split=split, text_column=text_column,
-            config_name=hf_name, data_dir=hf_data_dir, data_files=hf_data_files,
-        )
-    if spec == "stdlib":
-        return _stdlib_source()
-    if spec == "shakespeare":
-        return _shakespeare_source(split_blank_lines=split_blank_lines)
+            raise DataError(f"Source {HF_PREFIX!r} needs a dataset id, e.g. "
+                            f"{HF_PREFIX}roneneldan/TinyStories.")
+        return hf_source(dataclasses.replace(opts, hf_id=dataset_id), spec=spec,
+                         name=dataset_id.replace("/", "_").replace(":", "_"))
+    if spec in SOURCES:
+        return SOURCES[spec].make(opts)
     path = Path(spec).expanduser()
     if path.exists():
-        return _local_source(path, text_column=text_column, split_blank_lines=split_blank_lines)
+        return _local_source(path, opts)
     raise DataError(
-        f"Unknown data source {spec!r}: it is neither a built-in name (openwebtext, stdlib, "
-        "shakespeare), "
-        "nor hf:<dataset id>, nor an existing .txt/.jsonl/.parquet file or folder. Check the "
-        "path, or use 'stdlib' for an offline corpus that needs no download."
+        f"Unknown data source {spec!r}: it is no registered name, not {HF_PREFIX}<dataset id> and "
+        f"no existing file or folder. A source is {source_choices()}. Check the path, or use "
+        "'stdlib' for an offline corpus that needs no download."
     )
 
 
@@ -133,8 +262,16 @@ def resolve_source(
 # Hugging Face
 
 
-def _hf_source(dataset_id, *, name, spec, revision, split, text_column, config_name, data_dir,
-               data_files) -> Source:
+def hf_source(options: SourceOptions, *, spec: str, name: str) -> Source:
+    """A Hugging Face dataset streamed with ``datasets`` (``options.hf_id``, ``revision``,
+    ``split``, ``hf_name``, ``hf_data_dir``, ``hf_data_files``), one row per document
+    (``text_column``); ``spec`` and ``name`` are the Source's. Nothing is loaded before
+    ``documents()`` runs."""
+    dataset_id, text_column = options.hf_id, options.text_column
+    revision, split = options.revision, options.split
+    config_name, data_dir, data_files = options.hf_name, options.hf_data_dir, options.hf_data_files
+    if not dataset_id:
+        raise DataError(f"Source {spec!r} needs a Hugging Face dataset id (hf_id / --hf-id).")
     info = {"hf_id": dataset_id, "revision": revision, "split": split, "text_column": text_column}
     if config_name:
         info["hf_name"] = config_name
@@ -208,73 +345,81 @@ def _network_error(dataset_id, revision, split, e: Exception) -> DataError:
         "network access"
         + (f"; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set ({offline}), unset it"
            if offline else "")
-        + ". Re-running the same command resumes an interrupted prepare. Offline, prepare a local "
-        ".txt/.jsonl/.parquet file or folder, or the 'stdlib' corpus, instead."
+        + f". Re-running the same command resumes an interrupted prepare. Offline, prepare a "
+        f"local {'/'.join(READERS)} file or folder, or the 'stdlib' corpus, instead."
     )
+
+
+@register_source("openwebtext", val_fraction=0.0005,
+                 defaults={"hf_id": OPENWEBTEXT_ID, "revision": OPENWEBTEXT_REVISION})
+def openwebtext(options: SourceOptions) -> Source:
+    """OpenWebText from its parquet conversion on the Hugging Face hub (nanoGPT's 0.0005 val
+    share of its 8M documents)."""
+    return hf_source(options, spec="openwebtext", name="openwebtext")
 
 
 # ---------------------------------------------------------------------------------------------
 # Local files
 
 
-def _local_source(path: Path, *, text_column: str, split_blank_lines: bool) -> Source:
+def _local_source(path: Path, options: SourceOptions) -> Source:
     path = path.resolve()
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES),
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
             raise DataError(
-                f"Folder {path} holds no .txt, .jsonl or .parquet files to prepare. Point the "
-                "source at a folder (searched recursively) or file of one of those types."
+                f"Folder {path} holds no {_suffixes('or')} files to prepare. Point the source at "
+                "a folder (searched recursively) or file of one of those types."
             )
+    elif path.suffix.lower() not in READERS:
+        raise DataError(f"Cannot read {path}: supported local files are {_suffixes('and')}; "
+                        "convert it to one of those, or register a reader for its suffix.")
     else:
-        if path.suffix.lower() not in LOCAL_SUFFIXES:
-            raise DataError(
-                f"Cannot read {path}: supported local files are .txt (one document per file, or "
-                "per paragraph with --split-blank-lines), .jsonl and .parquet (text column)."
-            )
         files = [path]
+    readers = [READERS[f.suffix.lower()] for f in files]
 
     def documents() -> Iterator[str]:
-        for f in files:
-            yield from _read_file(f, text_column=text_column, split_blank_lines=split_blank_lines)
+        for f, reader in zip(files, readers):
+            yield from reader.read(f, options)
 
-    info = {"path": str(path), "files": len(files), "text_column": text_column,
-            "split_blank_lines": split_blank_lines}
-    one_doc_per_file = all(f.suffix.lower() == ".txt" for f in files) and not split_blank_lines
-    # An empty file is an empty document, which is skipped; a non-empty one never decodes to "".
-    num = sum(1 for f in files if f.stat().st_size > 0) if one_doc_per_file else None
+    counts = [r.count(f, options) if r.count is not None else None
+              for f, r in zip(files, readers)]
+    honoured = dict.fromkeys(o for r in dict.fromkeys(readers) for o in r.options)
     fingerprint = _files_fingerprint(files, root=path)
-    settings: dict[str, Any] = {"source_fingerprint": fingerprint}
-    suffixes = {f.suffix.lower() for f in files}
-    if suffixes & {".jsonl", ".parquet"}:
-        settings["text_column"] = text_column
-    if ".txt" in suffixes:
-        settings["split_blank_lines"] = bool(split_blank_lines)
+    settings: dict[str, Any] = {"source_fingerprint": fingerprint,
+                                **{o: getattr(options, o) for o in honoured}}
+    info = {"path": str(path), "files": len(files),
+            **{o: getattr(options, o) for o in honoured}}
     return Source(name=path.stem if path.is_file() else path.name, kind="local", spec=str(path),
-                  documents=documents, info=info, fingerprint=fingerprint, num_documents=num,
-                  settings=settings)
+                  documents=documents, info=info, fingerprint=fingerprint,
+                  num_documents=None if None in counts else sum(counts), settings=settings)
 
 
-def _read_file(path: Path, *, text_column: str, split_blank_lines: bool) -> Iterator[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        if split_blank_lines:
-            yield from _paragraphs(path)
-        else:
-            yield path.read_bytes().decode("utf-8", errors="replace")
-    elif suffix == ".jsonl":
-        yield from _jsonl_documents(path, text_column)
-    elif suffix == ".parquet":
-        yield from _parquet_documents(path, text_column)
+def read_file(path: str | os.PathLike, options: SourceOptions | None = None) -> Iterator[str]:
+    """The documents of one local file, by the reader registered for its suffix."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"Cannot read {path}: supported local files are {_suffixes('and')}.")
+    return reader.read(path, options or SourceOptions())
 
 
-def _paragraphs(path: Path) -> Iterator[str]:
-    """Documents separated by one or more blank (whitespace-only) lines, read line by line.
+def _txt_count(path: Path, options: SourceOptions) -> int | None:
+    # Read whole, a non-empty file is one document (it never decodes to ""); an empty one is an
+    # empty document, which prepare skips. Paragraphs cannot be counted without reading.
+    return None if options.split_blank_lines else int(path.stat().st_size > 0)
 
-    A paragraph is its lines exactly as in the file, without the final line break."""
+
+@register_reader(".txt", options=("split_blank_lines",), count=_txt_count)
+def read_txt(path: Path, options: SourceOptions) -> Iterator[str]:
+    """The whole file as one document, or with ``split_blank_lines`` one document per paragraph
+    (lines separated by blank lines, each exactly as in the file without its final line break)."""
+    if not options.split_blank_lines:
+        yield path.read_bytes().decode("utf-8", errors="replace")
+        return
     lines: list[str] = []
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         for line in f:
@@ -287,7 +432,10 @@ def _paragraphs(path: Path) -> Iterator[str]:
         yield "".join(lines).rstrip("\r\n")
 
 
-def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
+@register_reader(".jsonl", options=("text_column",))
+def read_jsonl(path: Path, options: SourceOptions) -> Iterator[str]:
+    """One document per JSON object line (its ``text_column`` field; blank lines skipped)."""
+    text_column = options.text_column
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -305,14 +453,17 @@ def _jsonl_documents(path: Path, text_column: str) -> Iterator[str]:
                 yield str(row[text_column])
 
 
-def _parquet_documents(path: Path, text_column: str, batch_rows: int = 1024) -> Iterator[str]:
+@register_reader(".parquet", options=("text_column",))
+def read_parquet(path: Path, options: SourceOptions) -> Iterator[str]:
+    """One document per row (its ``text_column`` column), read in batches of 1024 rows."""
     import pyarrow.parquet as pq
 
+    text_column = options.text_column
     pf = pq.ParquetFile(path)
     if text_column not in pf.schema_arrow.names:
         raise DataError(f"{path} has no column {text_column!r} (columns: {pf.schema_arrow.names}). "
                         "Pass --text-column with the column that holds the text.")
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_column]):
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_column]):
         for text in batch.column(0).to_pylist():
             if text is not None:
                 yield str(text)
@@ -335,7 +486,10 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _stdlib_source() -> Source:
+# 0.02 rather than 0.0005: the stdlib has ~2,000 files, and 0.0005 would leave val one or two.
+@register_source("stdlib", val_fraction=0.02)
+def stdlib(options: SourceOptions) -> Source:
+    """The running Python's standard library, one document per .py file (no download)."""
     root, files = stdlib_files()
     if not files:
         raise DataError(f"No .py files found under the standard library folder {root}; this "
@@ -416,18 +570,21 @@ def fetch_shakespeare(timeout: float = 60.0) -> Path:
     return write_bytes_atomic(path, data)
 
 
-def _shakespeare_source(*, split_blank_lines: bool) -> Source:
+# One document and nanoGPT's 0.1 val share, as its shakespeare_char data (configs/data/shakespeare).
+@register_source("shakespeare", val_fraction=0.1, defaults={"split_blank_lines": False})
+def shakespeare(options: SourceOptions) -> Source:
+    """tiny Shakespeare (nanoGPT's ``input.txt``, 1,115,394 ASCII bytes), read from a cache and
+    downloaded there once when missing (``SHAKESPEARE_URL``)."""
     # Nothing is downloaded until documents() runs, so checking an existing prepare needs no
     # network. The checksum stands in for a fingerprint: it is what the prepared bytes come from.
+    split_blank_lines = options.split_blank_lines
     info = {"url": SHAKESPEARE_URL, "sha256": SHAKESPEARE_SHA256,
             "path": str(shakespeare_path()), "split_blank_lines": split_blank_lines}
 
     def documents() -> Iterator[str]:
-        yield from _read_file(fetch_shakespeare(), text_column="text",
-                              split_blank_lines=split_blank_lines)
+        yield from read_txt(fetch_shakespeare(), options)
 
-    settings = {"source_fingerprint": SHAKESPEARE_SHA256,
-                "split_blank_lines": bool(split_blank_lines)}
+    settings = {"source_fingerprint": SHAKESPEARE_SHA256, "split_blank_lines": split_blank_lines}
     return Source(name="shakespeare", kind="download", spec="shakespeare", documents=documents,
                   info=info, fingerprint=SHAKESPEARE_SHA256,
                   num_documents=None if split_blank_lines else 1, settings=settings)

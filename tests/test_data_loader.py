@@ -171,6 +171,7 @@ def test_meta_not_marked_complete(copy_of):
     ({"format_version": 99}, "format_version 99"),
     ({"eot": 999}, "eot 999 is outside the vocabulary"),
     ({"max_token_id": 257}, "records token id 257, which is not below its vocabulary of 257"),
+    ({"settings": None}, "settings is None, not a mapping"),
 ])
 def test_meta_that_disagrees_with_the_bins(copy_of, change, match):
     d = copy_of()

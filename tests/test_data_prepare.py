@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 import data.prepare as dp
+import data.sources as sources
 from data import DataError, get_tokenizer
 from data.loader import TokenLoader
-from data.prepare import prepare, val_mask
+from data.prepare import PrepareProgress, prepare, val_mask
+from data.sources import (Source, SourceOptions, default_val_fraction, read_file,
+                          register_reader, register_source, resolve_source)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,15 +139,16 @@ def test_val_split_is_deterministic_per_document():
     assert not val_mask(idx, 2357, 0.0).any()
 
 
-def test_complete_prepare_is_skipped_and_force_redoes(tmp_path, shk_file, monkeypatch):
+def test_complete_prepare_is_skipped_and_force_redoes(tmp_path, shk_file):
     out = tmp_path / "out"
-    kw = dict(val_fraction=0.1, workers=1, split_blank_lines=True, progress=False)
+    calls: list[PrepareProgress] = []
+    kw = dict(val_fraction=0.1, workers=1, split_blank_lines=True, progress=False,
+              on_progress=calls.append)
     meta = prepare(shk_file, out, "byte", **kw)
-    calls = []
-    real = dp._encode_chunk
-    monkeypatch.setattr(dp, "_encode_chunk", lambda *a: calls.append(1) or real(*a))
+    assert calls[-1] == PrepareProgress("documents", meta["documents"], None)
+    calls.clear()
     assert prepare(shk_file, out, "byte", **kw) == meta
-    assert calls == []
+    assert calls == []  # nothing was tokenized
     assert prepare(shk_file, out, "byte", force=True, **kw) == meta
     assert calls
     # Different settings are not mistaken for the existing prepare: refused without --force...
@@ -161,27 +165,44 @@ class Interrupt(RuntimeError):
     pass
 
 
-def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeypatch):
-    kw = dict(tokenizer="gpt2", val_fraction=0.1, workers=1, split_blank_lines=True,
-              progress=False)
+@pytest.fixture()
+def scratch_registries():
+    """Sources and readers a test registers are unregistered when it ends."""
+    saved = dict(sources.SOURCES), dict(sources.READERS)
+    yield
+    for registry, before in zip((sources.SOURCES, sources.READERS), saved):
+        registry.clear()
+        registry.update(before)
+
+
+def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeypatch,
+                                                     scratch_registries):
+    """A source that breaks mid-way, as a streamed dataset can: the re-run resumes from the last
+    durable checkpoint and writes exactly what an uninterrupted prepare writes."""
+    breaks_after = [None]  # documents the source yields before it breaks; None: it does not
+
+    @register_source("flaky-paragraphs")
+    def flaky(options: SourceOptions) -> Source:
+        def documents():
+            paragraphs = read_file(shk_file, SourceOptions(split_blank_lines=True))
+            for i, doc in enumerate(paragraphs):
+                if i == breaks_after[0]:
+                    raise Interrupt("the stream broke")
+                yield doc
+
+        return Source(name="flaky", kind="test", spec="flaky-paragraphs", documents=documents,
+                      settings={"path": str(shk_file)})
+
+    kw = dict(tokenizer="gpt2", val_fraction=0.1, workers=1, progress=False)
     clean = tmp_path / "clean"
-    prepare(shk_file, clean, **kw)
+    prepare("flaky-paragraphs", clean, **kw)
 
     monkeypatch.setattr(dp, "CHUNK_DOCS", 10)
     monkeypatch.setattr(dp, "CHECKPOINT_CHUNKS", 2)  # durable after chunks 2 and 4, not 5
-    real = dp._encode_chunk
-    encoded = []
-
-    def dies_after_five(name, docs):
-        if len(encoded) == 5:
-            raise Interrupt("killed")
-        encoded.append(len(docs))
-        return real(name, docs)
-
+    breaks_after[0] = 50
     out = tmp_path / "out"
-    monkeypatch.setattr(dp, "_encode_chunk", dies_after_five)
     with pytest.raises(Interrupt):
-        prepare(shk_file, out, **kw)
+        prepare("flaky-paragraphs", out, **kw)
     assert not (out / "meta.json").exists()
     state = json.loads((out / ".prepare-state.json").read_text())
     assert state["docs_done"] == 40
@@ -190,12 +211,11 @@ def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeyp
     with pytest.raises(DataError, match="incomplete prepare.*Re-run the same"):
         TokenLoader(out, "train", block_size=8, seed=0)
 
-    encoded.clear()
-    monkeypatch.setattr(dp, "_encode_chunk",
-                        lambda name, docs: encoded.append(len(docs)) or real(name, docs))
-    meta = prepare(shk_file, out, **kw)
-    total = meta["documents"]
-    assert sum(encoded) == total - 40  # resumed: the first 40 documents were not tokenized again
+    breaks_after[0] = None
+    progress: list[PrepareProgress] = []
+    meta = prepare("flaky-paragraphs", out, on_progress=progress.append, **kw)
+    # Resumed: the first chunk written covers documents 41-50; 1-40 were not tokenized again.
+    assert progress[0].done == 50 and progress[-1].done == meta["documents"]
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == (clean / f"{split}.bin").read_bytes()
     assert meta == json.loads((clean / "meta.json").read_text())
@@ -203,20 +223,81 @@ def test_interrupted_prepare_is_detected_and_resumed(tmp_path, shk_file, monkeyp
     TokenLoader(out, "train", block_size=8, seed=0)
 
 
-def test_interrupted_reprepare_never_leaves_stale_meta(tmp_path, shk_file, monkeypatch):
+def test_interrupted_reprepare_never_leaves_stale_meta(tmp_path, shk_file):
     out = tmp_path / "out"
     kw = dict(tokenizer="byte", workers=1, split_blank_lines=True, progress=False)
     prepare(shk_file, out, val_fraction=0.1, **kw)
 
-    def boom(name, docs):
+    def boom(progress):
         raise Interrupt("killed")
 
-    monkeypatch.setattr(dp, "_encode_chunk", boom)
     with pytest.raises(Interrupt):  # other settings replace a complete prepare only with force
-        prepare(shk_file, out, val_fraction=0.2, force=True, **kw)
+        prepare(shk_file, out, val_fraction=0.2, force=True, on_progress=boom, **kw)
     # The old meta.json must be gone: it would describe bins that are being replaced.
     with pytest.raises(DataError, match="incomplete prepare"):
         TokenLoader(out, "train", block_size=8, seed=0)
+
+
+def test_a_registered_source_and_reader_are_prepared_and_checked(tmp_path, scratch_registries,
+                                                                 capsys):
+    """What docs/extending.md asks of a new source: one registered function each, and the
+    pipeline (defaults, settings, skip, refusal, messages) picks it up."""
+    size = [12]
+
+    @register_source("numbers", val_fraction=0.25)
+    def numbers(options: SourceOptions) -> Source:
+        return Source(name="numbers", kind="test", spec="numbers",
+                      documents=lambda: (f"number {i}" for i in range(size[0])),
+                      num_documents=size[0], settings={"size": size[0]})
+
+    @register_reader(".lines", options=("text_column",))
+    def read_lines(path: Path, options: SourceOptions):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            yield line.strip()
+
+    assert default_val_fraction("numbers") == 0.25
+    out = tmp_path / "numbers"
+    meta = prepare("numbers", out, "byte", workers=1, progress=False)
+    assert (meta["source_kind"], meta["val_fraction"], meta["documents"]) == ("test", 0.25, 12)
+    assert meta["settings"]["size"] == 12 and meta["settings"]["source"] == "numbers"
+    tok = get_tokenizer("byte")
+    assert_interleaving([list(f"number {i}".encode()) for i in range(12)],
+                        read_docs(out, "train"), read_docs(out, "val"))
+    assert prepare("numbers", out, "byte", workers=1, progress=False,
+                   on_progress=lambda p: pytest.fail("prepared again")) == meta
+    size[0] = 13
+    with pytest.raises(DataError, match="size: 12 -> 13"):
+        prepare("numbers", out, "byte", workers=1, progress=False)
+
+    # A folder mixing the new suffix with a built-in one; empty lines are empty documents.
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.lines").write_text("one\n\ntwo\n", encoding="utf-8")
+    (folder / "b.txt").write_text("three", encoding="utf-8")
+    meta = prepare(folder, tmp_path / "folder", "byte", val_fraction=0.0, progress=False)
+    assert [tok.decode(d) for d in read_docs(tmp_path / "folder", "train")] == \
+        ["one", "two", "three"]
+    assert set(meta["settings"]) >= {"text_column", "split_blank_lines", "source_fingerprint"}
+    (folder / "a.lines").write_text("one\ntwo!\n", encoding="utf-8")
+    with pytest.raises(DataError, match="source_fingerprint"):
+        prepare(folder, tmp_path / "folder", "byte", val_fraction=0.0, progress=False)
+
+    # The choices named to a user come from the registries.
+    with pytest.raises(DataError, match=r"numbers.*\.lines"):
+        resolve_source("no/such/source")
+    with pytest.raises(DataError, match=r"supported local files are .*\.lines"):
+        resolve_source(str(tmp_path / "numbers" / "meta.json"))
+    with pytest.raises(SystemExit):
+        dp.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "numbers 0.25" in help_text and ".lines" in help_text
+    # Names are unique, and a source's defaults must be options that exist.
+    with pytest.raises(ValueError, match="'stdlib'.*registered already"):
+        register_source("stdlib")
+    with pytest.raises(ValueError, match="unknown option.*text_colum"):
+        register_source("typo", defaults={"text_colum": "body"})
+    with pytest.raises(ValueError, match="'.txt'.*registered already"):
+        register_reader(".TXT")
 
 
 def test_txt_whole_file_and_folder_sources(tmp_path):

@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import data.prepare as dp
-import data.sources as sources
 from data import DataError
 from data.bins import read_meta
 from data.loader import TokenLoader
@@ -29,23 +29,38 @@ def write_corpus(path: Path, n: int = 60, tag: str = "") -> Path:
     return path
 
 
-def snapshot(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()
-            and not p.name.startswith(".prepare.lock")}
+def snapshot(out: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Each file's bytes, inode and mtime: a folder prepared again (written anew and renamed into
+    place) differs even where the bytes come out the same."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(out.iterdir())
+            if p.is_file() and not p.name.startswith(".prepare.lock")}
+
+
+_FORBIDDEN: set[str] = set()  # files that must not be opened, checked by _refuse_opening
+
+
+def _refuse_opening(event: str, args: tuple) -> None:
+    if event == "open" and _FORBIDDEN and isinstance(args[0], (str, os.PathLike)) \
+            and os.path.abspath(args[0]) in _FORBIDDEN:
+        raise AssertionError(f"{args[0]} was opened: the corpus was read or tokenized again")
+
+
+# An audit hook sees every open(), whichever code makes it; hooks cannot be removed, so this one
+# is installed once and does nothing while _FORBIDDEN is empty.
+sys.addaudithook(_refuse_opening)
 
 
 @pytest.fixture()
-def forbid_reading(monkeypatch):
-    """Call the returned function to make the test fail if, from then on, anything is tokenized
-    or any local source file is read."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the corpus was read or tokenized again")
+def forbid_reading():
+    """Call the returned function with source files to make the test fail if, from then on,
+    any of them is opened (hence read or tokenized); looking at their size and mtime is fine."""
 
-    def forbid() -> None:
-        monkeypatch.setattr(dp, "_encode_chunk", refuse)
-        monkeypatch.setattr(sources, "_read_file", refuse)
+    def forbid(*paths: Path) -> None:
+        _FORBIDDEN.update(os.path.abspath(p) for p in paths)
 
-    return forbid
+    yield forbid
+    _FORBIDDEN.clear()
 
 
 def config(name: str) -> dict:
@@ -92,7 +107,7 @@ def test_same_settings_are_skipped_without_reading_the_corpus(tmp_path, forbid_r
         "val_split": "documents", "seed": 2357,
         "max_docs": None}  # no text_column: a .txt file has no columns; auto meant documents
     before = snapshot(out)
-    forbid_reading()
+    forbid_reading(src)
     assert prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST) == meta
     assert ensure_prepared(str(src), out, prepare_if_missing=True, tokenizer="byte",
                            val_fraction=0.1, seed=2357, split_blank_lines=True) == meta
@@ -111,7 +126,7 @@ def test_two_sources_into_one_folder_refuse_naming_both(tmp_path, forbid_reading
     meta = ensure_prepared(str(a), out, prepare_if_missing=True, progress=False, **kw)
     assert meta["settings"]["source"] == str(a.resolve())
     before = snapshot(out)
-    forbid_reading()
+    forbid_reading(a, b)
     with pytest.raises(DataError) as err:
         ensure_prepared(str(b), out, prepare_if_missing=True, **kw)
     msg = str(err.value)
@@ -139,8 +154,8 @@ def test_editing_the_source_after_preparing_is_detected(tmp_path):
     assert meta["documents"] == before_docs(before) + 1
 
 
-def before_docs(files: dict[str, bytes]) -> int:
-    return json.loads(files["meta.json"])["documents"]
+def before_docs(files: dict[str, tuple[bytes, int, int]]) -> int:
+    return json.loads(files["meta.json"][0])["documents"]
 
 
 def test_stdlib_meta_records_the_python_version(tmp_path):
@@ -150,57 +165,21 @@ def test_stdlib_meta_records_the_python_version(tmp_path):
     assert meta["settings"]["val_fraction"] == config("stdlib")["val_fraction"]
 
 
-def test_old_meta_without_settings_still_loads(tmp_path, caplog, forbid_reading):
-    src = write_corpus(tmp_path / "c.txt")
-    out = tmp_path / "out"
-    kw = dict(tokenizer="byte", val_fraction=0.1, seed=2357, split_blank_lines=True)
-    ensure_prepared(str(src), out, prepare_if_missing=True, progress=False, **kw)
-    forbid_reading()
-    meta = json.loads((out / "meta.json").read_text())
-    # What meta.json looked like before settings were recorded: no "settings", and the source's
-    # fingerprint kept only inside settings_hash (the formula of that version).
-    legacy = {k: v for k, v in meta.items() if k != "settings"}
-    resolved = sources.resolve_source(str(src), split_blank_lines=True)
-    legacy["settings_hash"] = sources._digest({
-        "format_version": 1, "source": resolved.spec, "source_info": resolved.info,
-        "source_fingerprint": resolved.fingerprint, "tokenizer": "byte", "val_fraction": 0.1,
-        "seed": 2357, "max_docs": None})
-    (out / "meta.json").write_text(json.dumps(legacy))
-    assert read_meta(out) == legacy
-    TokenLoader(out, "train", block_size=4, seed=0).close()
-    with caplog.at_level(logging.WARNING, logger="data.prepare"):
-        assert ensure_prepared(str(src), out, prepare_if_missing=False, **kw) == legacy
-        assert prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True,
-                       **FAST) == legacy
-    assert not caplog.records  # its hash confirms the source: a plain match
-
-    # A hash from some other version: the source cannot be verified. Neither refused nor
-    # overwritten, but not passed off as a match either: a warning says so.
-    legacy["settings_hash"] = "0123456789abcdef"
-    (out / "meta.json").write_text(json.dumps(legacy))
-    with caplog.at_level(logging.WARNING, logger="data.prepare"):
-        assert ensure_prepared(str(src), out, prepare_if_missing=True, **kw) == legacy
-        assert prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True,
-                       **FAST) == legacy
-    assert len(caplog.records) == 2 and "cannot be verified" in caplog.records[0].getMessage()
-    # What it does record still counts.
-    with pytest.raises(DataError, match=r"data\.val_fraction: 0\.1 -> 0\.02"):
-        ensure_prepared(str(src), out, prepare_if_missing=True, **{**kw, "val_fraction": 0.02})
-
-
 @pytest.mark.parametrize("name", ["stdlib", "openwebtext", "local"])
-def test_cli_default_val_fraction_matches_the_training_config(name, tmp_path, monkeypatch):
+def test_cli_default_val_fraction_matches_the_training_config(name, tmp_path):
     expected = config(name)["val_fraction"]
-    if name == "local":
-        source = str(write_corpus(tmp_path / "c.txt"))
-    else:
-        source = name
-    if name == "openwebtext":  # the Hugging Face path, without the network
-        rows = [{"text": f"web page {i}"} for i in range(5)]
-        monkeypatch.setattr(sources, "_load_hf_streaming", lambda *a, **k: iter(rows))
+    source = str(write_corpus(tmp_path / "c.txt")) if name == "local" else name
+    mirror = []
+    if name == "openwebtext":  # its Hugging Face path, from a local parquet "mirror"
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": [f"web page {i}" for i in range(5)]}),
+                       tmp_path / "owt.parquet")
+        mirror = ["--hf-id", "parquet", "--data-files", str(tmp_path / "owt.parquet")]
     out = tmp_path / "out"
     rc = dp.main([source, "--out", str(out), "--tokenizer", "byte", "--max-docs", "5",
-                  "--workers", "1", "--no-progress"])
+                  "--workers", "1", "--no-progress", *mirror])
     assert rc == 0
     meta = read_meta(out)
     assert meta["val_fraction"] == meta["settings"]["val_fraction"] == expected
@@ -225,11 +204,6 @@ def test_cli_after_a_quickstart_prepare_skips(tmp_path, monkeypatch, capsys):
                            tokenizer=cfg["tokenizer"], val_fraction=cfg["val_fraction"],
                            seed=cfg["seed"], max_docs=40, **FAST)
     before = snapshot(tmp_path / cfg["dir"])
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("re-tokenized")
-
-    monkeypatch.setattr(dp, "_encode_chunk", refuse)
     assert dp.main(["stdlib", "--tokenizer", "byte", "--max-docs", "40", "--no-progress"]) == 0
     assert snapshot(tmp_path / cfg["dir"]) == before
     assert f"{meta['val_tokens']:,} val tokens" in capsys.readouterr().out
@@ -268,20 +242,14 @@ def test_unfinished_prepare_with_other_settings_restarts_with_a_warning(tmp_path
     kw = dict(split_blank_lines=True, **FAST)
     monkeypatch.setattr(dp, "CHUNK_DOCS", 10)
     monkeypatch.setattr(dp, "CHECKPOINT_CHUNKS", 1)
-    real = dp._encode_chunk
-    done = []
 
-    def dies_after_three(name, docs):
-        if len(done) == 3:
+    def dies_after_three(progress):
+        if progress.done == 30:
             raise Interrupt("killed")
-        done.append(1)
-        return real(name, docs)
 
-    monkeypatch.setattr(dp, "_encode_chunk", dies_after_three)
     with pytest.raises(Interrupt):
-        prepare(src, out, "byte", val_fraction=0.1, **kw)
-    assert (out / ".prepare-state.json").exists()
-    monkeypatch.setattr(dp, "_encode_chunk", real)
+        prepare(src, out, "byte", val_fraction=0.1, on_progress=dies_after_three, **kw)
+    assert json.loads((out / ".prepare-state.json").read_text())["docs_done"] == 30
     with caplog.at_level(logging.WARNING, logger="data.prepare"):
         meta = prepare(src, out, "byte", val_fraction=0.3, **kw)
     assert "val_fraction: 0.1 -> 0.3" in caplog.text and "from scratch" in caplog.text

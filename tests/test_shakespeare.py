@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import urllib.request
 from pathlib import Path
 
@@ -110,42 +111,35 @@ class Interrupt(RuntimeError):
 def test_interrupted_tail_split_resumes_to_the_same_bytes(tmp_path, monkeypatch, where):
     monkeypatch.setattr(dp, "CHUNK_DOCS", 10)
     monkeypatch.setattr(dp, "CHECKPOINT_CHUNKS", 1)
+    monkeypatch.setattr(dp, "TAIL_COPY_TOKENS", 100)  # val is copied in several pieces
     src = write_paragraphs(tmp_path / "p.txt", 100)
     kw = dict(val_fraction=0.2, val_split="tail", split_blank_lines=True, **FAST)
     reference = prepare(src, tmp_path / "ref", "byte", **kw)
     out = tmp_path / "out"
-    real_encode, real_move, real_finish = dp._encode_chunk, dp._move_tail_to_val, \
-        dp._SplitWriter.finish
-    calls = []
 
-    def encode(name, docs):
-        calls.append(1)
-        if len(calls) == 5:
+    def killed(progress):
+        if where == "tokenizing" and progress.stage == "documents" and progress.done == 50:
             raise Interrupt("killed while tokenizing")
-        return real_encode(name, docs)
+        if where == "moving the tail" and progress.stage == "tail":
+            # The first piece of val has been copied; the rest has not.
+            assert 0 < progress.done < progress.total
+            raise Interrupt("killed while moving the tail")
 
-    def move(train, val, *args):
-        val.write(np.arange(5, dtype=np.uint16), 0)  # a partial copy reaches the disk
-        val.sync()
-        raise Interrupt("killed while moving the tail")
+    real_replace = os.replace
 
-    def finish(self):
-        raise Interrupt("killed before the renames")
+    def dies_renaming_bins(src_path, dst_path, *args, **kwargs):
+        if str(dst_path).endswith(".bin"):
+            raise Interrupt("killed before the renames")
+        return real_replace(src_path, dst_path, *args, **kwargs)
 
-    if where == "tokenizing":
-        monkeypatch.setattr(dp, "_encode_chunk", encode)
-    elif where == "moving the tail":
-        monkeypatch.setattr(dp, "_move_tail_to_val", move)
-    else:
-        monkeypatch.setattr(dp._SplitWriter, "finish", finish)
+    if where == "after the move":
+        monkeypatch.setattr(os, "replace", dies_renaming_bins)
     with pytest.raises(Interrupt):
-        prepare(src, out, "byte", **kw)
+        prepare(src, out, "byte", on_progress=killed, **kw)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert not (out / "meta.json").exists()
     state = json.loads((out / ".prepare-state.json").read_text())
     assert state["tail_done"] is (where == "after the move")
-    monkeypatch.setattr(dp, "_encode_chunk", real_encode)
-    monkeypatch.setattr(dp, "_move_tail_to_val", real_move)
-    monkeypatch.setattr(dp._SplitWriter, "finish", real_finish)
     assert prepare(src, out, "byte", **kw) == reference
     for split in ("train", "val"):
         assert (out / f"{split}.bin").read_bytes() == \
@@ -197,7 +191,7 @@ def test_auto_with_too_few_documents_counts_them_after_max_docs(tmp_path):
     assert meta["val_split"] == "tail" and meta["documents"] == 19 and meta["val_tokens"] > 0
 
 
-def test_auto_counts_non_empty_documents_as_the_recorded_meta_does(tmp_path, monkeypatch):
+def test_auto_counts_non_empty_documents_as_the_recorded_meta_does(tmp_path):
     """A folder of one-document .txt files knows its count without reading them; empty files are
     skipped documents, so they must not count, or a later check from meta.json would disagree."""
     folder = tmp_path / "corpus"
@@ -207,8 +201,8 @@ def test_auto_counts_non_empty_documents_as_the_recorded_meta_does(tmp_path, mon
     kw = dict(val_fraction=0.1, split_blank_lines=False, **FAST)
     meta = prepare(folder, tmp_path / "out", "byte", **kw)
     assert meta["documents"] == 15 and meta["val_split"] == "tail"  # 15 < 20
-    monkeypatch.setattr(dp, "_encode_chunk", lambda *a: pytest.fail("tokenized again"))
-    assert prepare(folder, tmp_path / "out", "byte", **kw) == meta
+    assert prepare(folder, tmp_path / "out", "byte",
+                   on_progress=lambda p: pytest.fail("tokenized again"), **kw) == meta
 
 
 def test_explicit_document_split_of_one_document_still_warns_and_leaves_val_empty(
@@ -224,7 +218,7 @@ def test_explicit_document_split_of_one_document_still_warns_and_leaves_val_empt
 # The split mode is a setting
 
 
-def test_other_split_mode_on_an_existing_folder_is_refused(tmp_path, shakespeare_path, monkeypatch):
+def test_other_split_mode_on_an_existing_folder_is_refused(tmp_path, shakespeare_path):
     out = tmp_path / "out"
     prepare(shakespeare_path, out, "byte", val_fraction=0.1, val_split="tail", **FAST)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".bin", ".json")}
@@ -238,12 +232,14 @@ def test_other_split_mode_on_an_existing_folder_is_refused(tmp_path, shakespeare
     assert "--val-split documents" in str(err.value) and str(err.value).endswith("--force`.")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".bin", ".json")} == \
         before
-    # "auto" means tail for this one-document source: the same data, reused without reading it.
-    monkeypatch.setattr(dp, "_encode_chunk", lambda *a: pytest.fail("tokenized again"))
-    monkeypatch.setattr(sources, "_read_file", lambda *a, **k: pytest.fail("source read again"))
+    # "auto" means tail for this one-document source: the same data, reused without preparing it
+    # again (ensure_prepared may not prepare here, so it must find the folder usable).
+    never = dict(on_progress=lambda p: pytest.fail("prepared again"))
     assert ensure_prepared(str(shakespeare_path), out, prepare_if_missing=False,
-                           tokenizer="byte", val_fraction=0.1, seed=2357)["val_split"] == "tail"
-    assert prepare(shakespeare_path, out, "byte", val_fraction=0.1, **FAST)["val_split"] == "tail"
+                           tokenizer="byte", val_fraction=0.1, seed=2357,
+                           **never)["val_split"] == "tail"
+    assert prepare(shakespeare_path, out, "byte", val_fraction=0.1, **FAST,
+                   **never)["val_split"] == "tail"
 
 
 def test_auto_that_means_documents_is_refused_by_a_tail_folder(tmp_path):
@@ -252,21 +248,6 @@ def test_auto_that_means_documents_is_refused_by_a_tail_folder(tmp_path):
     prepare(src, out, "byte", val_fraction=0.1, val_split="tail", split_blank_lines=True, **FAST)
     with pytest.raises(DataError, match="val_split: tail -> documents"):
         prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST)
-
-
-def test_folder_prepared_before_val_split_existed_still_matches(tmp_path):
-    src = write_paragraphs(tmp_path / "p.txt", 60)
-    out = tmp_path / "out"
-    prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST)
-    meta = json.loads((out / "meta.json").read_text())
-    for d in (meta, meta["settings"]):  # as written before this option existed
-        d.pop("val_split")
-    meta.pop("val_split_requested")
-    (out / "meta.json").write_text(json.dumps(meta))
-    assert prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST) == meta
-    with pytest.raises(DataError, match="val_split: documents -> tail"):
-        prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, val_split="tail",
-                **FAST)
 
 
 def test_bad_val_split_names_the_choices(tmp_path, shakespeare_path):
