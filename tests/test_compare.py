@@ -1,4 +1,5 @@
-"""scripts/compare.py: speed-up maths on known curves, run discovery, labels, plots and the CLI."""
+"""scripts/compare.py and its analysis package: speed-up maths on known curves, run discovery,
+labels, plots, the scaling view and the CLI."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from analysis import plots, scaling, speedup, units
+from analysis.runs import Run, collect_runs, load_run, make_labels
+from engine.resume import is_result_neutral
 from train_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,21 +70,21 @@ def pair(rows, a, b):
 
 def test_steps_to_reach_interpolates_and_reports_not_reached():
     xs, losses = [0, 100, 200, 300], [5.0, 4.0, 3.0, 2.5]
-    assert compare.steps_to_reach(xs, losses, 3.5) == pytest.approx(150.0)
-    assert compare.steps_to_reach(xs, losses, 3.0) == pytest.approx(200.0)
-    assert compare.steps_to_reach(xs, losses, 2.75) == pytest.approx(250.0)
-    assert compare.steps_to_reach(xs, losses, 6.0) == 0.0  # already below at the first point
-    assert compare.steps_to_reach(xs, losses, 2.4) is None  # never extrapolated
+    assert speedup.steps_to_reach(xs, losses, 3.5) == pytest.approx(150.0)
+    assert speedup.steps_to_reach(xs, losses, 3.0) == pytest.approx(200.0)
+    assert speedup.steps_to_reach(xs, losses, 2.75) == pytest.approx(250.0)
+    assert speedup.steps_to_reach(xs, losses, 6.0) == 0.0  # already below at the first point
+    assert speedup.steps_to_reach(xs, losses, 2.4) is None  # never extrapolated
     # First crossing wins on a non-monotone curve.
-    assert compare.steps_to_reach([0, 10, 20, 30], [4.0, 2.0, 3.0, 1.0], 2.5) == pytest.approx(7.5)
+    assert speedup.steps_to_reach([0, 10, 20, 30], [4.0, 2.0, 3.0, 1.0], 2.5) == pytest.approx(7.5)
 
 
 def test_smooth_is_a_trailing_moving_average():
-    assert compare.smooth([4.0, 2.0, 6.0, 0.0], 1) == [4.0, 2.0, 6.0, 0.0]
-    assert compare.smooth([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
-    assert compare.smooth([4.0, 2.0, 6.0, 0.0], 3) == pytest.approx([4.0, 3.0, 4.0, 8 / 3])
+    assert speedup.smooth([4.0, 2.0, 6.0, 0.0], 1) == [4.0, 2.0, 6.0, 0.0]
+    assert speedup.smooth([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    assert speedup.smooth([4.0, 2.0, 6.0, 0.0], 3) == pytest.approx([4.0, 3.0, 4.0, 8 / 3])
     with pytest.raises(ValueError, match="window"):
-        compare.smooth([1.0], 0)
+        speedup.smooth([1.0], 0)
 
 
 def test_speedup_table_on_every_axis():
@@ -92,12 +96,12 @@ def test_speedup_table_on_every_axis():
     loss_a = [6.0 - 0.02 * s for s in steps_a]
 
     def curve(label, steps, loss, tok, sec):
-        return compare.Curve(label, loss, {"steps": steps, "tokens": [s * tok for s in steps],
+        return speedup.Curve(label, loss, {"steps": steps, "tokens": [s * tok for s in steps],
                                            "flops": [s * tok * 6 for s in steps], "seconds": [s * sec for s in steps]})
 
     a = curve("A", steps_a, loss_a, 1100, 0.13)
     b = curve("B", steps_b, loss_b, 1000, 0.1)
-    rows = compare.speedup_table([a, b])
+    rows = speedup.speedup_table([a, b])
     ab, ba = pair(rows, "A", "B"), pair(rows, "B", "A")
     assert ab["target"] == pytest.approx(4.0)
     expected = {"steps": 0.5, "tokens": 0.55, "flops": 0.55, "seconds": 0.65}
@@ -110,24 +114,24 @@ def test_speedup_table_on_every_axis():
         assert ba["axes"][axis]["ratio"] is None
         assert ba["axes"][axis]["note"] == "not reached by A"
     # A fixed target both reach: ratio of first crossings, interpolated between eval points.
-    rows = compare.speedup_table([a, b], target_loss=4.5)
+    rows = speedup.speedup_table([a, b], target_loss=4.5)
     assert pair(rows, "A", "B")["axes"]["steps"]["ratio"] == pytest.approx(75 / 150)
     assert pair(rows, "B", "A")["axes"]["steps"]["ratio"] == pytest.approx(2.0)
 
 
 def test_speedup_table_smoothing_and_missing_axis():
-    noisy = compare.Curve("noisy", [5.0, 4.0, 3.0, 4.0], {"steps": [0, 1, 2, 3], "tokens": None,
+    noisy = speedup.Curve("noisy", [5.0, 4.0, 3.0, 4.0], {"steps": [0, 1, 2, 3], "tokens": None,
                                                           "flops": None, "seconds": None})
-    flat = compare.Curve("flat", [5.0, 4.5, 4.0, 3.5], {"steps": [0, 1, 2, 3], "tokens": [0, 1, 2, 3],
+    flat = speedup.Curve("flat", [5.0, 4.5, 4.0, 3.5], {"steps": [0, 1, 2, 3], "tokens": [0, 1, 2, 3],
                                                         "flops": None, "seconds": None})
-    rows = compare.speedup_table([noisy, flat], smooth_n=2)
+    rows = speedup.speedup_table([noisy, flat], smooth_n=2)
     # Smoothed: noisy [5, 4.5, 3.5, 3.5], flat [5, 4.75, 4.25, 3.75]; flat's final is 3.75.
     nf = pair(rows, "noisy", "flat")
     assert nf["target"] == pytest.approx(3.75)
     assert nf["axes"]["steps"]["a"] == pytest.approx(1.75)
     assert nf["axes"]["steps"]["ratio"] == pytest.approx(1.75 / 3)
     assert nf["axes"]["tokens"]["note"] == "axis missing" and nf["axes"]["tokens"]["ratio"] is None
-    assert "axis missing" in compare.format_table(rows, 2, "val/loss", None)
+    assert "axis missing" in speedup.format_table(rows, 2, "val/loss", None)
 
 
 # --------------------------------------------------------------------------- runs, labels, CLI
@@ -140,14 +144,14 @@ def test_labels_keep_only_differing_overrides(tmp_path):
                              ("c", "adamw", ["optimizer.lr=6e-4"])]:
         write_run(tmp_path / name, optimizer=opt, overrides=[f"optimizer={opt}", *common, *extra], steps=100,
                   loss_at=linear(0.01))
-        runs.append(compare.load_run(tmp_path / name))
-    assert compare.make_labels(runs) == ["sophia optimizer.lr=3e-4", "sophia optimizer.lr=6e-4",
+        runs.append(load_run(tmp_path / name))
+    assert make_labels(runs) == ["sophia optimizer.lr=3e-4", "sophia optimizer.lr=6e-4",
                                          "adamw optimizer.lr=6e-4"]
     # Identical configurations without a seed are told apart by directory name.
     write_run(tmp_path / "twin", optimizer="sophia", overrides=["optimizer=sophia", *common, "optimizer.lr=6e-4"],
               steps=100, loss_at=linear(0.01))
-    twins = [compare.load_run(tmp_path / "b"), compare.load_run(tmp_path / "twin")]
-    assert compare.make_labels(twins) == ["sophia [b]", "sophia [twin]"]
+    twins = [load_run(tmp_path / "b"), load_run(tmp_path / "twin")]
+    assert make_labels(twins) == ["sophia [b]", "sophia [twin]"]
 
 
 def test_seeds_group_into_one_label(tmp_path):
@@ -156,11 +160,11 @@ def test_seeds_group_into_one_label(tmp_path):
                   steps=100, loss_at=linear(0.01 + 0.001 * seed))
     write_run(tmp_path / "m" / "2", optimizer="adamw", overrides=["optimizer=adamw", "seed=1"], steps=100,
               loss_at=linear(0.01))
-    runs = compare.collect_runs([tmp_path / "m"])
+    runs = collect_runs([tmp_path / "m"])
     assert [r.path.name for r in runs] == ["0", "1", "2"]
-    assert compare.make_labels(runs) == ["lion", "lion", "adamw"]
-    assert compare.make_labels(runs, group_seeds=False) == ["lion seed=1", "lion seed=2", "adamw seed=1"]
-    curve = compare.metric_curve("lion", runs[:2], "val/loss")
+    assert make_labels(runs) == ["lion", "lion", "adamw"]
+    assert make_labels(runs, group_seeds=False) == ["lion seed=1", "lion seed=2", "adamw seed=1"]
+    curve = speedup.metric_curve("lion", runs[:2], "val/loss")
     assert curve.loss[-1] == pytest.approx(6.0 - 0.0115 * 100)  # mean of the two seeds
 
 
@@ -250,16 +254,17 @@ def test_wandb_history_is_read_when_no_metrics_file(tmp_path):
     (run / "files" / "config.yaml").write_text("optimizer:\n  value:\n    name: lion\n    lr: 0.0001\n")
     rows = [{"_step": s, "tokens": 100 * s, "val/loss": 5.0 - 0.01 * s} for s in (0, 50, 100)]
     (run / "files" / "wandb-history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (r,) = compare.collect_runs([run])
+    (r,) = collect_runs([run])
     assert r.optimizer == "lion"
-    curve = compare.metric_curve("lion", [r], "val/loss")
+    curve = speedup.metric_curve("lion", [r], "val/loss")
     assert curve.x["steps"] == [0.0, 50.0, 100.0] and curve.x["tokens"] == [0.0, 5000.0, 10000.0]
     assert curve.x["seconds"] is None  # not in the history: that axis is reported missing
 
 
 def test_unreadable_runs_are_skipped_and_named(tmp_path, capsys):
-    """A failed job's stub (only .hydra/ and an empty train.log) or a damaged metrics.jsonl, given
-    directly or inside a sweep, is skipped with its path and reason; the readable runs are compared."""
+    """A failed job's stub (only .hydra/ and an empty train.log) or a metrics.jsonl with no readable
+    row, given directly or inside a sweep, is skipped with its path and reason; damaged lines cost
+    only themselves (engine/run_dir.py's rule) and are named; the readable runs are compared."""
     good_a = write_run(tmp_path / "a", optimizer="sophia", overrides=["optimizer=sophia"], steps=200,
                        loss_at=linear(0.01))
     good_b = write_run(tmp_path / "b", optimizer="adamw", overrides=["optimizer=adamw"], steps=200,
@@ -284,25 +289,29 @@ def test_unreadable_runs_are_skipped_and_named(tmp_path, capsys):
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
 
     out = tmp_path / "out"
-    bad = [stub, empty, garbled, no_step]
-    assert compare.main([str(p) for p in [good_a, *bad, good_b, sweep, tmp_path / "typo"]] + ["--out", str(out)]) == 0
+    bad = [stub, empty, no_step]
+    assert compare.main([str(p) for p in [good_a, *bad, garbled, good_b, sweep, tmp_path / "typo"]]
+                        + ["--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"skipping {stub}: no metrics.jsonl" in err and "train.log is empty" in err
     assert f"skipping {empty}: {empty / 'metrics.jsonl'} holds no metrics" in err
-    assert f"skipping {garbled}: {garbled / 'metrics.jsonl'} line 2 is not valid JSON" in err
+    assert f"warning: {garbled / 'metrics.jsonl'}: skipped 1 damaged line(s)" in err
+    assert f"warning: {no_step / 'metrics.jsonl'}: skipped 2 damaged line(s)" in err and "lines 1, 2" in err
     assert f"skipping {no_step}: {no_step / 'metrics.jsonl'} holds no metrics" in err
     assert f"skipping {sweep / '1'}: no metrics.jsonl" in err
-    assert f"skipping {sweep / '2'}: {sweep / '2' / 'metrics.jsonl'} line 1 is not valid JSON" in err
+    assert f"warning: {sweep / '2' / 'metrics.jsonl'}: skipped 1 damaged line(s)" in err
     assert f"skipping {tmp_path / 'typo'}: it does not exist" in err
     assert "Traceback" not in err
-    assert sorted(json.loads((out / "speedup.json").read_text())["runs"]) == ["adamw", "muon", "sophia"]
+    # the garbled run keeps its readable rows; sweep job 2 has no val/loss left to compare
+    assert sorted(json.loads((out / "speedup.json").read_text())["runs"]) == ["adamw", "lion", "muon", "sophia"]
+    assert "no val/loss points in 2" in err
     for name in ("loss.png", "diagnostics.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
     # Only when nothing at all is readable is it an error.
     assert compare.main([str(p) for p in [*bad, sweep / "1"]] + ["--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
-    assert err.count("warning: skipping") == 5 and "error: no runs with metrics" in err
+    assert err.count("warning: skipping") == 4 and "error: no runs with metrics" in err
 
 
 def test_labels_leave_out_overrides_that_do_not_change_the_result(tmp_path):
@@ -312,21 +321,21 @@ def test_labels_leave_out_overrides_that_do_not_change_the_result(tmp_path):
                   overrides=["optimizer=adamw", f"optimizer.lr={lr}", f"wandb.mode={mode}",
                              f"hydra.run.dir=outputs/{i}", f"data.dir=/scratch/{i}", f"checkpoint.interval={50 + i}",
                              f"+wandb.group=g{i}", f"device=cuda:{i}"])
-    runs = compare.collect_runs([sweep])
-    assert compare.make_labels(runs) == ["adamw optimizer.lr=1e-3", "adamw optimizer.lr=3e-3"]
+    runs = collect_runs([sweep])
+    assert make_labels(runs) == ["adamw optimizer.lr=1e-3", "adamw optimizer.lr=3e-3"]
     for o in ["wandb.mode=online", "hydra.sweep.dir=x", "checkpoint.resume=auto", "data.dir=p", "device=cpu",
               "train.log_interval=5", "+wandb.name=x"]:
-        assert compare.is_noise_override(o), o
+        assert is_result_neutral(o, placement=True), o
     for o in ["optimizer=sophia", "optimizer.lr=1e-3", "optimizer.rho=0.05", "optimizer.k=10", "model=gpt2-small",
               "seed=2", "data=openwebtext", "train.max_steps=100", "dtype=bfloat16", "model.dropout=0.1"]:
-        assert not compare.is_noise_override(o), o
+        assert not is_result_neutral(o, placement=True), o
 
 
 def test_si_format_tick_labels():
     cases = {0: "0", 500: "500", 1000: "1k", 120000: "120k", 1.2e6: "1.2M", 999999: "1M", 7.2e10: "72G",
              3e12: "3T", 0.5: "0.5", 2.5: "2.5", -4e3: "-4k"}
     for value, text in cases.items():
-        assert compare.si_format(value) == text, value
+        assert units.si_format(value) == text, value
 
 
 def _color_pixels(fig, ax, color) -> int:
@@ -357,16 +366,16 @@ def test_figures_are_labelled_readable_and_show_every_run(tmp_path):
         for r in recs:
             r["grad/clip_rate"] = 1.0  # every run clips every step: three identical curves
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        runs.append(compare.load_run(run_dir))
+        runs.append(load_run(run_dir))
     # A run with only validation points (a W&B history) has nothing in the diagnostics figure.
-    runs.append(compare.Run(tmp_path / "w", [{"step": s, "tokens": 100_000 * s, "val/loss": 6 - 0.002 * s}
+    runs.append(Run(tmp_path / "w", [{"step": s, "tokens": 100_000 * s, "val/loss": 6 - 0.002 * s}
                                              for s in (0, 500, 1000)], "muon", []))
     groups = {f"{r.optimizer} run": [r] for r in runs}
-    styles = compare.plot_styles(list(groups))
+    styles = plots.plot_styles(list(groups))
     assert len({(s.linestyle, s.marker) for s in styles.values()}) == len(styles)
 
-    loss = compare.loss_figure(groups, 1, styles)
-    diag = compare.diagnostics_figure(groups, styles)
+    loss = plots.loss_figure(groups, 1, styles)
+    diag = plots.diagnostics_figure(groups, styles)
     try:
         for fig in (loss, diag):
             fig.canvas.draw()
@@ -419,34 +428,34 @@ def _nano(n_layer: int, n_embd: int = 32, **extra) -> dict:
 
 def test_non_embedding_params_from_config():
     for n_layer, n_embd in [(1, 32), (3, 64), (2, 48)]:
-        n = compare.non_embedding_params(_nano(n_layer, n_embd) | {"bias": False, "vocab_size": None})
+        n = scaling.model_size(_nano(n_layer, n_embd) | {"bias": False, "vocab_size": None})
         assert n == 12 * n_layer * n_embd**2 + (2 * n_layer + 1) * n_embd  # blocks + LayerNorm weights
     # biases: 9d per block in the linears, 2d in its LayerNorms, d in the final LayerNorm
-    assert compare.non_embedding_params({"preset": "gpt2-nano", "bias": True}) == (
+    assert scaling.model_size({"preset": "gpt2-nano", "bias": True}) == (
         12 * 2 * 64**2 + (2 * 2 + 1) * 64 + 2 * 11 * 64 + 64)
     # the model's own count keeps the tied token embedding: the two differ by exactly vocab x n_embd
     from model import GPT, GPTConfig
 
     gpt = GPT(GPTConfig.from_preset("gpt2-micro", vocab_size=320))
-    assert compare.non_embedding_params({"preset": "gpt2-micro", "vocab_size": 320}) == (
+    assert scaling.model_size({"preset": "gpt2-micro", "vocab_size": 320}) == (
         gpt.num_params(non_embedding=True) - 320 * 128)
     # keys that are not GPTConfig fields (the starting weights) leave the count alone
-    assert compare.non_embedding_params({"preset": "gpt2-micro", "init_from": "gpt2"}) == (
+    assert scaling.model_size({"preset": "gpt2-micro", "init_from": "gpt2"}) == (
         gpt.num_params(non_embedding=True) - 320 * 128)
-    assert compare.non_embedding_params(None) is None
-    assert compare.non_embedding_params({"preset": "no-such-model"}) is None
+    assert scaling.model_size(None) is None
+    assert scaling.model_size({"preset": "no-such-model"}) is None
 
 
 def test_matching_size_interpolates_in_log_size():
     sizes, losses = [1e4, 1e5, 1e6], [4.0, 3.0, 2.0]
-    assert compare.matching_size(sizes, losses, 2.5)[0] == pytest.approx(math.sqrt(1e5 * 1e6))
-    assert compare.matching_size(sizes, losses, 3.0)[0] == pytest.approx(1e5)
-    size, note = compare.matching_size(sizes, losses, 4.5)
+    assert scaling.matching_size(sizes, losses, 2.5)[0] == pytest.approx(math.sqrt(1e5 * 1e6))
+    assert scaling.matching_size(sizes, losses, 3.0)[0] == pytest.approx(1e5)
+    size, note = scaling.matching_size(sizes, losses, 4.5)
     assert size is None and "already at or below it at its smallest size" in note
-    size, note = compare.matching_size(sizes, losses, 1.5)
+    size, note = scaling.matching_size(sizes, losses, 1.5)
     assert size is None and "stays above it up to its largest size, 1M" in note  # no extrapolation
-    assert compare.value_at([0, 10, 20], [5.0, 4.0, 2.0], 15) == pytest.approx(3.0)
-    assert compare.value_at([0, 10], [5.0, 4.0], 11) is None
+    assert scaling.value_at([0, 10, 20], [5.0, 4.0, 2.0], 15) == pytest.approx(3.0)
+    assert scaling.value_at([0, 10], [5.0, 4.0], 11) is None
 
 
 def _scaling_sweep(root: Path, steps: int = 200) -> dict:
@@ -459,7 +468,7 @@ def _scaling_sweep(root: Path, steps: int = 200) -> dict:
     sizes = {}
     for opt, layers, tokens in (("adamw", (1, 2, 4, 8, 16), 1000), ("sophia", (1, 2, 4), 1100)):
         for n_layer in layers:
-            n = compare.non_embedding_params(_nano(n_layer) | {"bias": False, "vocab_size": None})
+            n = scaling.model_size(_nano(n_layer) | {"bias": False, "vocab_size": None})
             sizes[opt, n_layer] = n
             final = loss_b(n) if opt == "adamw" else loss_b(2 * n)
             for seed, delta in ((1, -0.01), (2, 0.01)):
@@ -482,8 +491,8 @@ def test_scaling_finds_the_size_at_which_b_matches_a(tmp_path, capsys):
     assert [r["size_a"] for r in final] == [sizes["sophia", n] for n in (1, 2, 4)]
     for r in final:  # Sophia at size N matches AdamW at 2N
         assert r["size_b"] == pytest.approx(2 * r["size_a"], rel=1e-9) and r["ratio"] == pytest.approx(2.0)
-        assert f"sophia at {compare.si_format(r['size_a'])} params" in printed
-    assert f"matches adamw at {compare.si_format(2 * sizes['sophia', 1])} params (2.00x)" in printed
+        assert f"sophia at {units.si_format(r['size_a'])} params" in printed
+    assert f"matches adamw at {units.si_format(2 * sizes['sophia', 1])} params (2.00x)" in printed
     # the other way round AdamW's losses lie above every Sophia size's: nothing to interpolate
     back = [r for r in report["size_matches"]["final"] if r["a"] == "adamw" and r["b"] == "sophia"]
     assert back[0]["size_b"] is None and "already at or below it at its smallest size" in back[0]["note"]
@@ -511,9 +520,9 @@ def test_scaling_figure_draws_seed_bands(tmp_path):
     from matplotlib.collections import PolyCollection
 
     _scaling_sweep(tmp_path)
-    points, notes = compare.scaling_points(compare.collect_runs(sorted(tmp_path.iterdir())))
+    points, notes = scaling.scaling_points(collect_runs(sorted(tmp_path.iterdir())))
     assert notes == []
-    fig = compare.scaling_figure(points)
+    fig = plots.scaling_figure(points)
     try:
         assert [ax.get_xscale() for ax in fig.axes] == ["log"] * 3
         titles = [ax.get_title() for ax in fig.axes]
@@ -570,10 +579,10 @@ def test_downstream_accuracies_get_their_own_figure_only_when_logged(tmp_path):
     out = tmp_path / "out"
     assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     assert (out / "downstream.png").read_bytes()[:8] == PNG_MAGIC
-    groups = {name: [compare.load_run(tmp_path / name)] for name in ("a", "b")}
-    fig = compare.downstream_figure(groups)
+    groups = {name: [load_run(tmp_path / name)] for name in ("a", "b")}
+    fig = plots.downstream_figure(groups)
     axes = fig.axes[:2]
-    assert [ax.get_title() for ax in axes] == [t for _, t in compare.DOWNSTREAM_PANELS]
+    assert [ax.get_title() for ax in axes] == [t for _, t in plots.DOWNSTREAM_PANELS]
     assert [[line.get_ydata()[-1] for line in ax.get_lines() if line.get_label() in groups]
             for ax in axes] == [[0.30, 0.35], [0.32, 0.37]]
     plain = tmp_path / "plain"
