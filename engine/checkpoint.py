@@ -151,8 +151,9 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     training data was prepared with (``data_meta["tokenizer"]``).
 
     ``tokenizer``: a name the user asked for (a tool's ``--tokenizer``); refused unless it is the
-    trained one, and used when the checkpoint records none. ``load_tokenizer=False`` leaves :attr:`TrainedModel.tokenizer`
-    None (an export only needs the name). Every problem raises :class:`CheckpointError`.
+    trained one, and used when the checkpoint records none. ``load_tokenizer=False`` leaves
+    :attr:`TrainedModel.tokenizer` None (an export only needs the name). Every problem raises
+    :class:`CheckpointError`.
     """
     path = resolve_checkpoint(path)
     if not path.is_file():
