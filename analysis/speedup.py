@@ -151,8 +151,6 @@ def metric_curve(label: str, runs: Sequence[Run], metric: str) -> Curve:
     return Curve(label, loss, x)
 
 
-
-
 DEFINITION = ("ratio = cost for A to reach the target / cost for B to reach it, first crossing of "
               "the linearly interpolated smoothed curve; target = B's final smoothed loss unless "
               "target_loss is set; null when not reached")
