@@ -243,7 +243,6 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
     return paths
 
 
-
 def scaling_figure(points: Sequence[ScalingPoint]):
     """1x3: final val loss against non-embedding params and against total FLOPs, and val loss at the
     matched FLOPs budget against params; one line per optimizer, a min/max band over seeds."""
