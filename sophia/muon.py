@@ -48,86 +48,60 @@ _MAX_NS_STEPS = 100
 # --------------------------------------------------------------------------------------------
 # argument validation
 #
-# torch.optim.Muon and AdamW check only their constructor's values, never a param group's own
-# settings, and they accept values that make no sense here (lr = 0, momentum >= 1; ns_steps is
-# checked only at step time and only against 100). So every setting below is checked, for the
-# constructor and for each group, with a message that names the setting as the caller spells it
-# (adamw_lr, not lr) and what is allowed: the engine shows these messages to users as they are.
-# AdamW's eps is left to torch: its own check (eps >= 0 on the constructor value) is the same.
+# torch.optim.Muon and AdamW check their constructor's lr, weight decay, momentum >= 0, betas and
+# eps, with errors that name the value; those are left to them (see `_torch_optimizer`). Checked
+# here is what torch does not check, or checks only at step time, after a whole forward and
+# backward: momentum below 1, ns_steps, the Newton-Schulz settings, and adjust_lr_fn with its
+# choices (torch's error does not list them). These are checked for the constructor and for each
+# param group, whose own settings torch never checks.
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_lr(value: Any) -> bool:
-    # torch.optim accepts a 1-element tensor lr (e.g. for capturable / compiled steps).
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and value.is_floating_point() and bool(value > 0)
-    return _is_number(value) and value > 0.0  # `> 0.0` is also False for NaN
-
-
-def _is_nonnegative(value: Any) -> bool:
-    return _is_number(value) and value >= 0.0  # False for NaN too
-
-
-def _is_ns_steps(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < _MAX_NS_STEPS
-
-
-def _is_betas(value: Any) -> bool:
-    return (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(_is_number(b) and 0.0 <= b < 1.0 for b in value)
-    )
-
-
-# setting -> (test, what is allowed), per side
-_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "muon": {
-        "lr": (
-            _is_lr,
-            "the Muon learning rate must be a number > 0 "
-            "(0.02 with adjust_lr_fn='original', an AdamW-like lr with 'match_rms_adamw')",
-        ),
-        "momentum": (
-            lambda v: _is_number(v) and 0.0 <= v < 1.0,
-            "momentum must be in [0, 1) (0.95 is standard)",
-        ),
-        "ns_steps": (
-            _is_ns_steps,
-            f"the number of Newton-Schulz iterations must be an int in [1, {_MAX_NS_STEPS}) "
-            "(5 is standard)",
-        ),
-        "adjust_lr_fn": (
-            lambda v: v in ADJUST_LR_FNS, f"choose one of {', '.join(map(repr, ADJUST_LR_FNS))}"
-        ),
-        "weight_decay": (_is_nonnegative, "weight decay must be a number >= 0"),
-        "eps": (
-            lambda v: _is_number(v) and v > 0.0,
-            "the Newton-Schulz normalisation eps must be a number > 0",
-        ),
-        "nesterov": (lambda v: isinstance(v, bool), "nesterov must be True or False"),
-        "ns_coefficients": (
-            lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(_is_number, v)),
-            "expected three numbers (a, b, c)",
-        ),
-    },
-    "adamw": {
-        "lr": (_is_lr, "the AdamW learning rate must be a number > 0"),
-        "betas": (_is_betas, "expected a pair (beta1, beta2), each in [0, 1)"),
-        "weight_decay": (_is_nonnegative, "weight decay must be a number >= 0"),
-    },
+# setting -> (test, what is allowed)
+_MUON_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "momentum": (
+        lambda v: _is_number(v) and v < 1.0, "momentum must be below 1 (0.95 is standard)"
+    ),
+    "ns_steps": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v < _MAX_NS_STEPS,
+        f"the number of Newton-Schulz iterations must be an int in [1, {_MAX_NS_STEPS}) "
+        "(5 is standard)",
+    ),
+    "adjust_lr_fn": (
+        lambda v: v in ADJUST_LR_FNS, f"choose one of {', '.join(map(repr, ADJUST_LR_FNS))}"
+    ),
+    "eps": (
+        lambda v: _is_number(v) and v > 0.0,
+        "the Newton-Schulz normalisation eps must be a number > 0",
+    ),
+    "nesterov": (lambda v: isinstance(v, bool), "nesterov must be True or False"),
+    "ns_coefficients": (
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(map(_is_number, v)),
+        "expected three numbers (a, b, c)",
+    ),
 }
 
 
-def _check_settings(side: str, settings: Mapping[str, Any], where: str, prefix: str = "") -> None:
-    """Raise a ValueError naming the first invalid setting of one side (defaults or a group)."""
-    for name, (ok, allowed) in _RULES[side].items():
+def _check_muon_settings(settings: Mapping[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first invalid Muon setting (defaults or a group's)."""
+    for name, (ok, allowed) in _MUON_RULES.items():
         value = settings[name]
         if not ok(value):
-            raise ValueError(f"MuonAdamW: invalid {prefix}{name}={value!r}{where}: {allowed}.")
+            raise ValueError(f"MuonAdamW: invalid {name}={value!r}{where}: {allowed}.")
+
+
+def _torch_optimizer(cls: type[Optimizer], groups: list[dict[str, Any]], settings: str,
+                     **kwargs: Any) -> Optimizer:
+    """``cls(groups, **kwargs)``, its ValueError saying which side's settings it refused."""
+    try:
+        return cls(groups, **kwargs)
+    except ValueError as err:
+        raise ValueError(
+            f"MuonAdamW: torch.optim.{cls.__name__} refused {settings}: {err}"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,9 +221,11 @@ class MuonAdamW(Optimizer):
             attribute: the engine may turn it on only for steps it logs.
 
     Raises:
-        RuntimeError: torch is older than 2.9 (no torch.optim.Muon).
-        ValueError: an invalid setting, an empty side, a parameter on both sides, or a
-            non-2-D parameter in `muon_params`.
+        RuntimeError: torch is older than 2.9 (no torch.optim.Muon), or torch's own refusal of
+            foreach=True with fused=True.
+        ValueError: an invalid setting (torch's own checks of lr, weight decay, betas and eps
+            pass through, prefixed with the side), an empty side, a parameter on both sides, or
+            a non-2-D parameter in `muon_params`.
     """
 
     def __init__(
@@ -296,10 +272,7 @@ class MuonAdamW(Optimizer):
             weight_decay=adamw_weight_decay,
         )
         side_defaults = {"muon": muon_defaults, "adamw": adamw_defaults}
-        _check_settings("muon", muon_defaults, "")
-        _check_settings("adamw", adamw_defaults, "", prefix="adamw_")
-        if foreach and fused:  # torch raises a RuntimeError here; a ValueError is a user error
-            raise ValueError("MuonAdamW: foreach=True and fused=True exclude each other; pick one.")
+        _check_muon_settings(muon_defaults, "")
 
         muon_groups = _as_groups(muon_params, "muon_params")
         adamw_groups = _as_groups(adamw_params, "adamw_params")
@@ -314,7 +287,7 @@ class MuonAdamW(Optimizer):
                     )
                 if side == "muon":
                     _check_muon_shapes(g, where)
-                _check_settings(side, {**side_defaults[side], **g}, where)
+                    _check_muon_settings({**muon_defaults, **g}, where)
                 for p in g["params"]:
                     other = seen.setdefault(id(_unnamed(p)), side)
                     if other != side:
@@ -329,9 +302,13 @@ class MuonAdamW(Optimizer):
         if foreach is None and fused is None:
             on_cuda = [_unnamed(p).is_cuda for g in adamw_groups for p in g["params"]]
             fused = True if all(on_cuda) else None
-        self._muon = torch.optim.Muon(muon_groups, **muon_defaults)
-        self._adamw = torch.optim.AdamW(
-            adamw_groups, **adamw_defaults, foreach=foreach, fused=fused
+        self._muon = _torch_optimizer(
+            torch.optim.Muon, muon_groups, "a Muon setting (lr, momentum, weight_decay)",
+            **muon_defaults,
+        )
+        self._adamw = _torch_optimizer(
+            torch.optim.AdamW, adamw_groups, "an adamw_* setting",
+            **adamw_defaults, foreach=foreach, fused=fused,
         )
 
         self.track_update_rms = track_update_rms
@@ -375,7 +352,7 @@ class MuonAdamW(Optimizer):
         inner = self._muon if side == "muon" else self._adamw
         if side == "muon":
             _check_muon_shapes(group, where)
-        _check_settings(side, {**inner.defaults, **group}, where)
+            _check_muon_settings({**inner.defaults, **group}, where)
         other = self._adamw if side == "muon" else self._muon
         other_ids = {id(p) for g in other.param_groups for p in g["params"]}
         if any(id(_unnamed(p)) in other_ids for p in group["params"]):
