@@ -15,7 +15,6 @@ import yaml
 import data.prepare as dp
 from data import DataError
 from data.bins import read_meta
-from data.loader import TokenLoader
 from data.prepare import ensure_prepared, prepare
 
 REPO = Path(__file__).resolve().parents[1]
