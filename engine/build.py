@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
 from engine.nonfinite import NonFiniteGuard
 from engine.optimizers import build_optimizer
+from engine.schedules import Span, build_schedule
 from engine.trainer import Trainer, TrainSettings
 from model import GPT, GPTConfig
 from model.flops import device_peak_flops
@@ -150,13 +151,19 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     if t.eval_interval and t.eval_batches < 1:
         raise HarnessError("train.eval_batches must be >= 1 when train.eval_interval > 0.")
     return TrainSettings(
-        max_steps=t.max_steps, warmup_steps=t.warmup_steps,
-        decay_steps=t.decay_steps if t.decay_steps is not None else t.max_steps,
-        min_lr_ratio=float(t.min_lr_ratio), grad_clip=float(t.grad_clip),
+        max_steps=t.max_steps, grad_clip=float(t.grad_clip),
         log_interval=t.log_interval, eval_interval=t.eval_interval, eval_batches=t.eval_batches,
         eval_at_start=bool(t.eval_at_start), checkpoint_interval=int(cfg.checkpoint.interval),
         stop_at_step=t.stop_at_step, peak_flops=t.peak_flops,
     )
+
+
+def lr_schedule(cfg: DictConfig) -> Callable[[int], float]:
+    """``schedule`` with the shared knobs of the ``train`` group: step -> lr multiplier."""
+    t = cfg.train
+    span = Span(warmup_steps=t.warmup_steps, min_lr_ratio=float(t.min_lr_ratio),
+                decay_steps=t.decay_steps if t.decay_steps is not None else t.max_steps)
+    return build_schedule(OmegaConf.to_container(cfg.schedule), span)
 
 
 def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer:
@@ -220,6 +227,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
                                   extra),
         nonfinite=NonFiniteGuard(cfg.train.on_nonfinite, int(cfg.train.max_rollbacks), env),
         flops_per_token=flops_per_token, autocast=autocast_factory(dtype, env.device),
+        lr_schedule=lr_schedule(cfg),
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
         prefetch=(env.device.type == "cuda" if cfg.train.get("prefetch") is None
                   else bool(cfg.train.prefetch)),

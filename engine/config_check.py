@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine.errors import HarnessError
 from engine.optimizers import declared_keys, entries
 from engine.resume import flatten
+from engine.schedules import SCHEDULES
 from model import GPTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -27,13 +28,19 @@ def _yaml_keys(path: Path) -> set[str]:
     return {k for k in yaml.safe_load(path.read_text()) or {} if k != "defaults"}
 
 
+# Groups whose every option declares its own keys: optimizer=NAME reads configs/optimizer/NAME.yaml.
+PER_OPTION_GROUPS = ("optimizer", "schedule")
+
+
 @cache
 def section_keys() -> dict[str, frozenset[str]]:
     """Every key the engine reads, by section ("" is the top level), taken from the config files
     that declare them: configs/config.yaml for its own sections, the union of a group's files for
-    ``data``, GPTConfig's fields for ``model``. The optimizer's keys are its own yaml's."""
+    ``data``, GPTConfig's fields for ``model``. The keys of a :data:`PER_OPTION_GROUPS` section are
+    those of the chosen option's file (:func:`option_keys`)."""
     root = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
-    keys = {"": frozenset(set(root) - {"defaults", "hydra"} | {"model", "optimizer", "data"})}
+    keys = {"": frozenset(set(root) - {"defaults", "hydra"}
+                          | {"model", "data", *PER_OPTION_GROUPS})}
     keys.update({name: frozenset(value) for name, value in root.items()
                  if isinstance(value, dict) and name != "hydra"})
     keys["data"] = frozenset().union(*(_yaml_keys(f) for f in (CONFIG_DIR / "data").glob("*.yaml")))
@@ -80,7 +87,20 @@ def check_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     for section, allowed in sections.items():
         if section and isinstance(cfg.get(section), Mapping):
             _unknown(section, cfg[section], allowed, f"the {section} group")
-    optimizer = cfg.get("optimizer")
-    if isinstance(optimizer, Mapping) and optimizer.get("name") in entries():
-        name = optimizer["name"]
-        _unknown("optimizer", optimizer, declared_keys(name), f"optimizer={name}")
+    for group in PER_OPTION_GROUPS:
+        section = cfg.get(group)
+        if isinstance(section, Mapping) and section.get("name") in option_names(group):
+            name = section["name"]
+            _unknown(group, section, option_keys(group, name), f"{group}={name}")
+
+
+def option_names(group: str) -> frozenset[str]:
+    """The registered options of a :data:`PER_OPTION_GROUPS` group."""
+    return frozenset(entries() if group == "optimizer" else SCHEDULES)
+
+
+def option_keys(group: str, name: str) -> frozenset[str]:
+    """The keys ``<group>=<name>`` declares in configs/<group>/<name>.yaml."""
+    if group == "optimizer":
+        return declared_keys(name)
+    return frozenset(_yaml_keys(CONFIG_DIR / group / f"{name}.yaml"))

@@ -1,19 +1,66 @@
-"""Linear warmup then cosine decay to ``min_lr``: the same schedule shape for every optimizer."""
+"""The lr schedules, by name: ``schedule=<name>`` picks one for every optimizer alike.
+
+A schedule is a function registered with :func:`register_schedule`; ``configs/schedule/<name>.yaml``
+declares the keys of its own (the config check accepts exactly those). The knobs every schedule
+shares, warmup, the end of the decay and the final lr ratio, are ``train.warmup_steps``,
+``train.decay_steps`` and ``train.min_lr_ratio``, handed to it as a :class:`Span`.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from engine.errors import HarnessError
 
 
-def lr_multiplier(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier on each param group's base lr at optimizer step ``step`` (0-based).
+@dataclass(frozen=True)
+class Span:
+    """The shared shape of a schedule: warmup steps, the step where decay ends, the lr ratio left."""
 
-    Warmup is linear from 1/warmup to 1 so the first step is never taken at lr 0; after
-    ``decay_steps`` the multiplier stays at ``min_lr_ratio`` (a fully decayed schedule, which a
-    fair comparison evaluates at).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_lr_ratio
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_lr_ratio)
+    warmup_steps: int
+    decay_steps: int
+    min_lr_ratio: float
+
+
+# (0-based optimizer step, span, the schedule's own config) -> multiplier on each group's base lr
+Schedule = Callable[[int, Span, Mapping[str, Any]], float]
+SCHEDULES: dict[str, Schedule] = {}
+
+
+def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
+    """Decorator: make ``fn`` the schedule ``schedule=<name>``."""
+    def add(fn: Schedule) -> Schedule:
+        if name in SCHEDULES:
+            raise ValueError(f"schedule {name!r} is registered twice")
+        SCHEDULES[name] = fn
+        return fn
+    return add
+
+
+def warmup(step: int, span: Span) -> float | None:
+    """The linear warmup's multiplier, from 1/warmup (the first step is never taken at lr 0) to
+    1; None once warmup is over."""
+    return (step + 1) / span.warmup_steps if step < span.warmup_steps else None
+
+
+@register_schedule("cosine")
+def cosine(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` at ``decay_steps``, flat after it (a
+    fully decayed schedule, which a fair comparison evaluates at)."""
+    ramp = warmup(step, span)
+    if ramp is not None:
+        return ramp
+    if step >= span.decay_steps:
+        return span.min_lr_ratio
+    progress = (step - span.warmup_steps) / max(1, span.decay_steps - span.warmup_steps)
+    return span.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - span.min_lr_ratio)
+
+
+def build_schedule(cfg: Mapping[str, Any], span: Span) -> Callable[[int], float]:
+    """``step -> lr multiplier`` for the ``schedule`` config ``cfg`` (its ``name`` and own keys)."""
+    name = cfg.get("name")
+    if name not in SCHEDULES:
+        raise HarnessError(f"schedule={name!r} is unknown; choose one of {', '.join(SCHEDULES)}.")
+    fn, own = SCHEDULES[name], dict(cfg)
+    return lambda step: fn(step, span, own)

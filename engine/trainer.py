@@ -21,7 +21,6 @@ from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv
 from evals.hellaswag import MultipleChoiceEval
 from engine.hessian import HessianRefresher
-from engine.schedules import lr_multiplier
 from engine.metrics import MetricsLogger, StepStats
 from engine.nonfinite import NonFiniteGuard
 from engine.optimizers import OptimizerSetup
@@ -32,9 +31,6 @@ class TrainSettings:
     """The knobs of the loop itself (the ``train`` config group, already validated)."""
 
     max_steps: int
-    warmup_steps: int
-    decay_steps: int
-    min_lr_ratio: float
     grad_clip: float
     log_interval: int
     eval_interval: int
@@ -71,6 +67,7 @@ class Trainer:
     nonfinite: NonFiniteGuard
     flops_per_token: float
     autocast: Callable[[], contextlib.AbstractContextManager]
+    lr_schedule: Callable[[int], float]  # optimizer step -> multiplier on each group's base lr
     scaler: torch.amp.GradScaler | None = None
     hessian: HessianRefresher | None = None
     logger: MetricsLogger = field(default_factory=lambda: MetricsLogger([]))
@@ -105,7 +102,7 @@ class Trainer:
         """Forward/backward over the accumulation micro-batches, clip, optimizer step, and the
         Hessian refresh when due. Nothing here waits on the device unless policy=skip."""
         s = self.settings
-        mult = lr_multiplier(step, s.warmup_steps, s.decay_steps, s.min_lr_ratio)
+        mult = self.lr_schedule(step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * mult
 

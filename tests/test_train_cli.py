@@ -196,11 +196,10 @@ def _muon_bf16_atol(cfg):
     """
     import fnmatch
 
-    from engine.schedules import lr_multiplier
+    from engine.build import lr_schedule
 
-    t = cfg.train
-    lr_sum = sum(cfg.optimizer.lr * lr_multiplier(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-                 for s in range(t.max_steps))
+    t, schedule = cfg.train, lr_schedule(cfg)
+    lr_sum = sum(cfg.optimizer.lr * schedule(s) for s in range(t.max_steps))
 
     def atol(name, tensor):
         owned = tensor.dim() == 2 and any(fnmatch.fnmatch(name, pat)
