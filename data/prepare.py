@@ -287,9 +287,11 @@ def ensure_prepared(
     if meta is not None:
         return meta
     if not prepare_if_missing:
-        reason, needs_force = _why_unusable(out, found)
-        command = _prepare_command(src, out, settings, force=needs_force)
-        raise DataError(f"data.dir={out} {reason}. Prepare it first with:\n  {command}\n"
+        # Missing, unfinished (the command resumes it) or unusable: read_meta or check_bin said
+        # why. Preparing it needs no --force, since no usable data is overwritten.
+        reason = "does not exist." if not out.is_dir() else f"holds no usable data: {found.problem}"
+        raise DataError(f"data.dir={out} {reason}\nPrepare it first with:\n  "
+                        f"{_prepare_command(src, out, settings)}\n"
                         "(or set data.prepare_if_missing=true to let training prepare it).")
     if options.get("progress", True):
         print(f"preparing {src.spec} into {out} (once)", file=sys.stderr, flush=True)
@@ -477,20 +479,6 @@ def _settle_auto(meta: dict[str, Any], requested: dict[str, Any]) -> dict[str, A
         return {**requested, "val_split": recorded.get("val_split")}
     return {**requested, "val_split": _auto_split_for(documents, requested["val_fraction"],
                                                       requested["seed"])}
-
-
-def _why_unusable(out: Path, found: _Existing) -> tuple[str, bool]:
-    """Why ``out`` holds no usable prepare, and whether preparing it again needs ``--force``."""
-    if not out.is_dir():
-        return "does not exist", False
-    if not (out / META_NAME).exists():
-        unfinished = (out / STATE_NAME).exists() or any(
-            tmp_bin_path(out, s).exists() for s in SPLITS)
-        if unfinished:
-            return ("holds an unfinished prepare (interrupted before it wrote meta.json; the "
-                    "command below resumes it)"), False
-        return f"has no {META_NAME}, so it holds no prepared data", False
-    return f"holds no usable prepared data: {found.problem}", True
 
 
 def _cli_option_defaults(spec: str) -> dict[str, Any]:
