@@ -1,6 +1,8 @@
 """Process-group setup for torchrun (DDP): gloo on CPU, NCCL on CUDA, one process per device."""
 from __future__ import annotations
 
+import contextlib
+
 import datetime
 import os
 from dataclasses import dataclass
@@ -122,3 +124,12 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """A context in which a backward pass all-reduces the gradients across ranks (``enabled``) or
+    only accumulates them locally: DDP's ``no_sync``. A model that is not DDP-wrapped never syncs,
+    so the context is empty for it either way."""
+    if enabled or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()

@@ -23,7 +23,6 @@ resumed run draws exactly the same ones, and so does a run on a different number
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from engine.batching import BatchPlan
-from engine.distributed import DistEnv
+from engine.distributed import DistEnv, grad_sync
 from engine.seeding import derive_seed
 from model import math_attention
 from sophia.hessian import gnb_loss, hutchinson
@@ -141,9 +140,7 @@ class HessianRefresher:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(self.micro_batches):
             x, _ = get_batch(batch_step, micro, stream)
-            last = micro == self.micro_batches - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            with grad_sync(model, micro == self.micro_batches - 1):
                 with autocast():
                     logits, _ = model(x)
                 loss = gnb_loss(logits, generator=self._generator(step, micro)) / self.micro_batches
@@ -168,11 +165,10 @@ class HessianRefresher:
         # one all-reduce per buffer (one in practice) and no copy.
         buffers, squares = _flat_zeros(params)
         seen = [False] * len(params)
-        no_sync = model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
         optimizer.zero_grad(set_to_none=True)
         for micro in range(self.micro_batches):
             x, _ = get_batch(batch_step, micro, stream)
-            with no_sync():
+            with grad_sync(model, False):
                 with autocast():
                     logits, _ = model(x)
                 gnb_loss(logits, generator=self._generator(step, micro)).backward()

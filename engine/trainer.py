@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from engine.batching import BatchPlan
 from engine.checkpoint import Checkpointer
-from engine.distributed import DistEnv
+from engine.distributed import DistEnv, grad_sync
 from evals.hellaswag import MultipleChoiceEval
 from engine.hessian import HessianRefresher
 from engine.metrics import MetricsLogger, StepStats
@@ -111,10 +111,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.get_batch(step, micro, "train")
             # DDP all-reduces gradients only on the last micro-step.
-            last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") \
-                else self.model.no_sync()
-            with sync:
+            with grad_sync(self.model, micro == accum - 1):
                 with self.autocast():
                     _, micro_loss = self.model(x, y)
                 micro_loss = micro_loss / accum

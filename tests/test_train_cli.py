@@ -103,7 +103,7 @@ def test_a_bad_input_exits_2_with_one_paragraph_and_no_traceback(tiny_data, tmp_
     args = tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 2}) + ["optimizer.lr=-1"]
     res = run_train_cli(args + [f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == "error: optimizer.lr=-1 must be a positive number."
+    assert res.stderr.strip() == "error: optimizer.lr=-1 must be a positive finite number."
 
 
 @pytest.mark.distributed
@@ -381,5 +381,5 @@ def test_a_refused_run_leaves_no_trace_and_torchrun_prints_the_error_once(tmp_pa
     res = run_train_cli(["experiment=quickstart", "optimizer.lr=-1"], cwd=tmp_path,
                         torchrun_nproc=2)
     assert res.returncode != 0
-    assert res.stderr.count("optimizer.lr=-1 must be a positive number") == 1
+    assert res.stderr.count("optimizer.lr=-1 must be a positive finite number") == 1
     assert not (tmp_path / "outputs").exists()
