@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine.batching import plan_batches
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv
-from evals.hellaswag import build_multiple_choice_eval
+from evals import build_evals
 from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
 from engine.nonfinite import NonFiniteGuard
@@ -212,11 +212,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
     if settings.peak_flops is None and env.device.type == "cuda":
         settings.peak_flops = device_peak_flops(env.device, dtype)
 
-    ev = cfg.get("eval") or {}
-    hellaswag = build_multiple_choice_eval(
-        ev.get("hellaswag_interval", 0), ev.get("hellaswag_task_file"), ev.get("hellaswag_limit"),
-        ev.get("hellaswag_batch_size", 8), meta["tokenizer"], rank=env.rank,
-        world_size=env.world_size)
+    evals = build_evals(cfg.get("eval") or {}, meta["tokenizer"], rank=env.rank,
+                        world_size=env.world_size)
     extra = {"config": OmegaConf.to_container(cfg, resolve=True), "data_meta": meta,
              "wandb_id": None}
     return Trainer(
@@ -231,5 +228,5 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, hessian=hessian,
         prefetch=(env.device.type == "cuda" if cfg.train.get("prefetch") is None
                   else bool(cfg.train.prefetch)),
-        hellaswag=hellaswag,
+        evals=evals,
     )

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from engine.batching import BatchPlan
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv, grad_sync
-from evals.hellaswag import MultipleChoiceEval
+from evals import DownstreamEval
 from engine.hessian import HessianRefresher
 from engine.metrics import MetricsLogger, StepStats
 from engine.nonfinite import NonFiniteGuard
@@ -72,7 +72,7 @@ class Trainer:
     hessian: HessianRefresher | None = None
     logger: MetricsLogger = field(default_factory=lambda: MetricsLogger([]))
     prefetch: bool = False  # on CUDA: overlap reading batches with compute
-    hellaswag: MultipleChoiceEval | None = None  # eval.hellaswag_interval > 0
+    evals: list[DownstreamEval] = field(default_factory=list)  # the eval group's, when on
     step: int = 0
     counters: Counters = field(default_factory=Counters)
     last_val_loss: float = math.nan
@@ -161,12 +161,14 @@ class Trainer:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return (total / self.settings.eval_batches).item()
 
-    def downstream(self) -> dict[str, float]:
-        """Zero-shot downstream accuracies (``eval/hellaswag_*``) when configured, else {}."""
-        if self.hellaswag is None:
-            return {}
-        return self.hellaswag(self.raw_model, self.env.device, self.autocast, self.env.rank,
-                              self.env.world_size)
+    def downstream(self, step: int | None = None) -> dict[str, float]:
+        """The metrics of every downstream evaluation due at ``step`` (None: all of them)."""
+        record: dict[str, float] = {}
+        for evaluation in self.evals:
+            if step is None or evaluation.due(step, self.settings.max_steps):
+                record.update(evaluation(self.raw_model, self.env.device, self.autocast,
+                                         self.env.rank, self.env.world_size))
+        return record
 
     def position(self) -> dict[str, Any]:
         """Where the run stands: step and the cumulative tokens, FLOPs and training seconds."""
@@ -181,7 +183,7 @@ class Trainer:
         stop = min(s.max_steps, s.stop_at_step) if s.stop_at_step else s.max_steps
         if self.hessian is not None and self.hessian.warm_start and self.step == 0:
             self.refresh_hessian(-1)
-        if s.eval_at_start and self.step == 0 and (s.eval_interval > 0 or self.hellaswag):
+        if s.eval_at_start and self.step == 0 and (s.eval_interval > 0 or self.evals):
             record = self.position()
             if s.eval_interval > 0:
                 self.last_val_loss = record["val/loss"] = self.evaluate()
@@ -202,8 +204,7 @@ class Trainer:
             log_now = self.is_log_step(self.step)
             eval_now = s.eval_interval > 0 and (self.step % s.eval_interval == 0
                                                 or self.step == s.max_steps)
-            downstream_now = self.hellaswag is not None and self.hellaswag.due(self.step,
-                                                                                s.max_steps)
+            downstream_now = any(e.due(self.step, s.max_steps) for e in self.evals)
             ckpt_now = (s.checkpoint_interval > 0 and self.step % s.checkpoint_interval == 0) \
                 or self.step == stop
             if not (log_now or eval_now or downstream_now or ckpt_now):
@@ -230,7 +231,7 @@ class Trainer:
                 self.last_val_loss = self.evaluate()
                 record.update({**self.position(), "val/loss": self.last_val_loss})
             if downstream_now:  # likewise excluded from time/elapsed
-                record.update({**self.position(), **self.downstream()})
+                record.update({**self.position(), **self.downstream(self.step)})
             if record and self.env.is_main:
                 self.logger.log(record)
             if ckpt_now:

@@ -1,1 +1,64 @@
-"""Downstream evaluations run during training and by scripts/evaluate.py (HellaSwag: ``hellaswag``)."""
+"""Downstream evaluations: name -> a builder, one module per evaluation.
+
+An evaluation ``NAME`` is configured by the ``eval.NAME_*`` keys of configs/config.yaml (its
+``eval.NAME_interval`` > 0 turns it on during training) and logs ``eval/NAME_*`` metrics. Its
+module registers a builder with :func:`register_eval`; the builder gets its own keys without the
+prefix (``interval``, ``task_file``, ...), the data's tokenizer name, and the rank and world size,
+and returns a :class:`DownstreamEval` or None when it is off. HellaSwag is ``evals/hellaswag.py``.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+
+class DownstreamEval(Protocol):
+    """What the training loop needs of an evaluation."""
+
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether it runs after ``step`` optimizer steps."""
+
+    def __call__(self, model: torch.nn.Module, device: torch.device | str,
+                 autocast: Callable[[], Any] | None = None, rank: int = 0,
+                 world_size: int = 1) -> dict[str, float]:
+        """Its metrics (``eval/NAME_*``); every rank calls it."""
+
+
+EvalBuilder = Callable[..., "DownstreamEval | None"]
+EVALS: dict[str, EvalBuilder] = {}
+
+
+def register_eval(name: str) -> Callable[[EvalBuilder], EvalBuilder]:
+    """Decorator: make ``builder(options, tokenizer, *, rank, world_size)`` the evaluation
+    ``name`` (configured by the ``eval.<name>_*`` keys)."""
+    def add(builder: EvalBuilder) -> EvalBuilder:
+        if name in EVALS:
+            raise ValueError(f"evaluation {name!r} is registered twice")
+        EVALS[name] = builder
+        return builder
+    return add
+
+
+@cache
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def build_evals(eval_cfg: Mapping[str, Any], tokenizer: str, *, rank: int = 0,
+                world_size: int = 1) -> list[DownstreamEval]:
+    """Every evaluation the ``eval`` config turns on, in name order. Call it on every rank while
+    building the trainer, so that a missing task file is refused before the run dir is written."""
+    _discover()
+    built = []
+    for name in sorted(EVALS):
+        options = {key[len(name) + 1:]: value for key, value in eval_cfg.items()
+                   if key.startswith(f"{name}_")}
+        evaluation = EVALS[name](options, tokenizer, rank=rank, world_size=world_size)
+        if evaluation is not None:
+            built.append(evaluation)
+    return built

@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from data.files import write_bytes_atomic
 from engine.errors import HarnessError
+from evals import register_eval
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_FILE = "hellaswag_val.jsonl"
@@ -441,3 +442,13 @@ def build_multiple_choice_eval(interval: int, task_file: str | None, limit: int 
         if rank != 0:
             examples = load_task(task_file, limit)
     return MultipleChoiceEval(examples, get_tokenizer(tokenizer).encode, interval, batch_size)
+
+
+@register_eval("hellaswag")
+def from_config(options: Mapping[str, Any], tokenizer: str, *, rank: int = 0,
+                world_size: int = 1) -> MultipleChoiceEval | None:
+    """HellaSwag from the ``eval.hellaswag_*`` keys (``interval``, ``task_file``, ``limit``,
+    ``batch_size``), or None when its interval is 0."""
+    return build_multiple_choice_eval(
+        options.get("interval", 0), options.get("task_file"), options.get("limit"),
+        options.get("batch_size", DEFAULT_BATCH_SIZE), tokenizer, rank=rank, world_size=world_size)
