@@ -1,6 +1,6 @@
 """The cost of a GNB Hessian estimate: the sampled-label loss itself, and how many micro-batches.
 
-    python -m benchmarks.bench_hessian                     # CPU, offline, ~5 min on a busy 2-core box
+    python -m benchmarks.bench_hessian                     # CPU, offline, a few minutes
     python -m benchmarks.bench_hessian --device cuda --dtype bfloat16 --batch 16 --seq 1024 \\
         --model gpt2-small --mb-rows 16 --mb-seq 1024 --train-steps 200 \\
         --json results/bench_hessian_h100.json

@@ -39,8 +39,8 @@ own, joins the round-robin as row `adamw fused-twin`, and its `vs AdamW fused` w
 exactly 1.00x without noise. A ratio between other contenders means something only beyond
 that spread, and only what repeats over several processes.
 
-Byte counts assume a read and a write cost the same, which is not true everywhere: on a 2-core
-CPU, writing back a line the same loop has just read cost far less than reading one more stream
+Byte counts assume a read and a write cost the same, which is not true everywhere: on some CPUs
+writing back a line the same loop has just read costs far less than reading one more stream
 (docs/benchmarks.md). `--access-floor` therefore also times, in the same round-robin, a
 compiled one-pass kernel with each optimizer's *access pattern* and almost no arithmetic
 (AdamW: 4 tensors read, 3 of them written in place; SophiaG/SophiaH: 4 read, 2 written; Lion:

@@ -14,9 +14,8 @@ Why each piece is the way it is:
   ("nodes are too far away", a guard against peak memory that does not apply to in-place
   updates). With its default heuristics, a graph over more than a handful of tensors therefore
   computes the update in one loop and stores m (or a clip ratio) from a second loop that reads
-  the tensors again: GPT-2 small's SophiaG step took 2.7x torch's fused AdamW on CPU that way,
-  and Lion's step moved 1.3x the bytes it needs (docs/benchmarks.md). So the kernels are
-  compiled with that one limit lifted for loops that share a tensor's data
+  the tensors again, moving more bytes than one pass needs (measured in docs/benchmarks.md). So
+  the kernels are compiled with that one limit lifted for loops that share a tensor's data
   (`_OnePassFusion`); loops of different tensors, which share only the hyperparameter scalars,
   keep inductor's rule. tests/test_fused.py counts the loads and stores of the generated code.
 - On CUDA the telemetry sums go row by row (`partial_sums`): a whole-tensor sum is split by
@@ -102,11 +101,10 @@ def _triton_available() -> bool:
     return bool(has_triton())
 
 
-# fused=None takes the fused path on CPU only for groups at least this large: compiling costs
-# seconds to tens of seconds (cold, on 2 cores: about 10 s for GPT-2 small's SophiaG step, 18 s
-# for Lion's) and each step saves about 30 ns per parameter over the foreach path
-# (docs/benchmarks.md), so only big groups repay it within a few dozen steps. Tiny models
-# (tests, the offline quickstart) never would.
+# fused=None takes the fused path on CPU only for groups at least this large: a cold compile costs
+# seconds to tens of seconds and each step saves only nanoseconds per parameter over the foreach
+# path (both measured in docs/benchmarks.md), so only big groups repay it within a few dozen
+# steps. Tiny models (tests, the offline quickstart) never would.
 CPU_FUSED_MIN_NUMEL = 2**24
 
 
@@ -176,7 +174,7 @@ def count_partials(mask: Tensor) -> Tensor:
     """`partial_sums` of a boolean mask: how many entries are True, for `sum_of_partials`.
 
     Counting in int32 where it cannot overflow lets inductor's CPU code keep the count in one
-    vector register: an int64 count made the whole fused SophiaG step 2-3x slower on CPU.
+    vector register; an int64 count splits it across two and slows the whole fused step.
     """
     return partial_sums(mask, torch.int32 if mask.numel() < 2**31 else torch.int64)
 

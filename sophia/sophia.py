@@ -363,10 +363,10 @@ def _fused_sophia_kernel(
     # Every hyperparameter is a tensor so that a changing lr or bs, other betas or rho, and
     # maximize (grad_sign = -1 / +1, exact) reuse the compiled kernel. The shift and the floor
     # are Python flags, as in the reference path: a no-op clamp at -inf still costs a max, a NaN
-    # check and a blend per vector, 12% of SophiaG's arithmetic on CPU.
+    # check and a blend per vector.
     # For a positive denominator d, u = clamp(m / d, -1, 1) equals sign(m) * min(|m| / d, 1)
-    # bit for bit ((-a) / d == -(a / d)), and it saves the sign's two compares and blends: 9%
-    # of the arithmetic. Both optimizers keep d > 0: SophiaH floors it at eps > 0, SophiaG
+    # bit for bit ((-a) / d == -(a / d)), and it saves the sign's two compares and blends.
+    # Both optimizers keep d > 0: SophiaH floors it at eps > 0, SophiaG
     # refuses negative estimates and state (its h is otherwise an EMA of squares).
     # A coordinate was clipped exactly when u^2 >= 1 (|u| = 1; the largest float below 1
     # squares to below 1), so the clip count reuses the square the r^2 sum needs.

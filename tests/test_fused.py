@@ -426,8 +426,7 @@ def _one_pass_case(name: str, shapes: list[tuple[int, ...]], device: str = "cpu"
 def test_each_chunk_reads_and_writes_every_tensor_once(name: str) -> None:
     # The fused step is worth having only as one pass over memory per tensor, telemetry sums
     # included. Inductor can silently lose that: over many tensors it stored every
-    # coordinate's clip ratio to a temporary and read it back (2.7x slower on CPU, the reason
-    # for the chunks), and exact rewrites of the maths made it store m from a second loop that
+    # coordinate's clip ratio to a temporary and read it back (the reason for the chunks), and exact rewrites of the maths made it store m from a second loop that
     # reads g and m again. Checked on the generated code, by counting its vector loads and stores.
     from torch._inductor.utils import run_and_get_code
 
