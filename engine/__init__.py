@@ -1,22 +1,23 @@
 """The training engine: small named components composed by :func:`engine.run.run`.
 
-``train.py`` is the Hydra entry point; everything it needs lives here (a map with each module's
-contract: docs/architecture.md):
+``train.py`` is the Hydra entry point; everything it needs lives here (each module's contract:
+docs/extending.md):
 
 - ``run``            one run: checks, build, resume, the run dir's files, fit, summary
 - ``build``          config -> a ready Trainer (``build_trainer``)
 - ``trainer``        the training step, evaluation and the loop
-- ``optimizers``     optimizer name + config -> optimizer and what the loop needs to know of it
+- ``optimizers``     the optimizer registry: one module per optimizer, its yaml its config
+- ``schedules``      the lr schedule registry (``schedule=<name>``)
 - ``hessian``        the Sophia Hessian refresh schedule (GNB or Hutchinson) and its cost
 - ``metrics``        the record of a logged step; console, metrics.jsonl and W&B sinks
-- ``checkpoint``     atomic keep-last-N checkpoints; the Checkpointer (state in and out)
-- ``resume``         a resumed run keeps its config; differences are refused
+- ``checkpoint``     atomic keep-last-N checkpoints, the Checkpointer, a trained model for tools
+- ``resume``         a resumed run keeps its config; the keys that do not change a result
+- ``run_dir``        reading a run directory back (metrics, config, overrides, summary)
 - ``nonfinite``      stop / skip / rollback on a NaN or inf loss
 - ``config_check``   unknown keys and unset values refused before anything runs
 - ``summary``        summary.json and the end-of-run block
 - ``console_log``    the console copied into train.log
 - ``sweep_callback`` the table that ends a multirun
-- ``schedules``      the lr schedules, by name
-- ``distributed``, ``batching``, ``seeding``, ``errors``: torchrun/DDP, batch
-  plan, derived seeds, HarnessError
+- ``distributed``, ``batching``, ``seeding``, ``errors``: torchrun/DDP and the gradient-sync
+  toggle, the batch plan, derived seeds, HarnessError
 """
