@@ -18,7 +18,7 @@ TOKENIZERS = ("gpt2", "byte")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """On-disk dtype: uint16 while every id fits, else uint32 (docs/design.md#data-format)."""
+    """On-disk dtype: uint16 while every id fits, else uint32 (docs/data.md#the-prepared-format)."""
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 

@@ -1,6 +1,6 @@
 """The Sophia Hessian refresh schedule: when, on which batches, and at what cost.
 
-See docs/design.md#hessian-schedule for the rules this implements.
+See docs/optimizers.md#hessian-estimators-and-refresh-schedule for the rules this implements.
 
 After the regular optimizer step of an iteration with ``step % k == k - 1`` (the official timing)
 the refresher draws fresh micro-batches from the ``hessian`` stream and

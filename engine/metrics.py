@@ -1,7 +1,7 @@
 """Metrics: the record of a logged step, and its sinks: the console (rank 0), ``metrics.jsonl``
 (always) and W&B (when enabled).
 
-:class:`StepStats` builds one flat dict per logged step with the keys of docs/design.md#metrics;
+:class:`StepStats` builds one flat dict per logged step with the keys of docs/metrics.md;
 :class:`MetricsLogger` fans it out. Only rank 0 ever holds sinks.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 
-# Optimizer telemetry names -> metric keys (docs/design.md#metrics).
+# Optimizer telemetry names -> metric keys (docs/metrics.md).
 TELEMETRY_KEYS = {"clip_frac": "sophia/clip_frac", "win_rate": "sophia/win_rate",
                   "hessian_l1": "hessian/l1", "hessian_l2": "hessian/l2",
                   "update_rms": "optim/update_rms"}

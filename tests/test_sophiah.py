@@ -10,7 +10,7 @@ from sophia.hessian import hutchinson
 
 
 def _transcribed_step(p, g, m, h, *, lr, beta1, rho, wd, eps):
-    """The SophiaH update (docs/design.md, "Optimizer semantics") on plain tensors: new p, m."""
+    """The SophiaH update (docs/optimizers.md#sophiah) on plain tensors: new p, m."""
     p = p * (1 - lr * wd)
     m = beta1 * m + (1 - beta1) * g
     ratio = torch.clamp(m.abs() / torch.clamp(rho * h, min=eps), max=1)

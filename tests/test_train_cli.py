@@ -75,7 +75,7 @@ def test_multirun_2x2_writes_four_runs_and_wandb_offline(tiny_data, tmp_path):
     (["model.vocab_size=128"], "smaller than the data's vocabulary"),
 ])
 def test_bad_inputs_are_refused_with_a_message(extra, message, tiny_data, tmp_path):
-    """The bad inputs a CLI user can hit (docs/design.md#bad-inputs), checked in-process: the
+    """The bad inputs a CLI user can hit (docs/runs.md#config-checks-and-errors), checked in-process: the
     error names the value, and the refused run writes nothing."""
     from data.errors import DataError
     from engine.errors import HarnessError
