@@ -59,12 +59,13 @@ def resume_base(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[D
 
     from engine.checkpoint import find_resume_checkpoint
     from engine.resume import merge_overrides
+    from engine.run_dir import read_overrides
 
     path = find_resume_checkpoint(cfg.checkpoint.resume, run_dir)
-    saved = path.parent.parent / ".hydra" / "overrides.yaml" if path is not None else None
-    if saved is None or not saved.is_file():
+    saved = read_overrides(path.parent.parent) if path is not None else None
+    if saved is None:
         return cfg, overrides
-    merged = merge_overrides(OmegaConf.to_container(OmegaConf.load(saved)), overrides)
+    merged = merge_overrides(saved, overrides)
     if merged == overrides:
         return cfg, overrides
     return compose(config_name="config", overrides=merged), merged
