@@ -60,6 +60,9 @@ re-running the same command resumes from there instead of starting over. An unfi
 whose settings differ from the requested ones is not resumed but restarted from scratch, with a
 warning that lists the differences: its partial bins never had a meta.json, so nothing could have
 trained on them. ``prepare(on_progress=...)`` reports each chunk written (``PrepareProgress``).
+A fault of the source itself (``data.errors.SourceError``: text that is not UTF-8, no documents,
+a row without its text field) is no interruption, since resuming would meet it again: the prepare
+removes what it wrote, so the folder is as it was and a corrected re-run starts clean.
 """
 from __future__ import annotations
 
@@ -85,11 +88,11 @@ import numpy as np
 
 from data.bins import (FORMAT_VERSION, LOCK_NAME, META_NAME, SPLITS, STATE_NAME,
                        atomic_write_json, bin_path, check_bin, read_meta, tmp_bin_path)
-from data.files import fsync_dir
-from data.errors import DataError
-from data.sources import (DEFAULT_VAL_FRACTION, SOURCE_OPTIONS, SOURCES, Source, _digest,
-                          default_val_fraction, resolve_source, source_choices, source_defaults,
-                          source_options)
+from data.files import fsync_dir, write_bytes_atomic
+from data.errors import DataError, SourceError
+from data.sources import (DEFAULT_VAL_FRACTION, IMPLIED_SETTINGS, SOURCE_OPTIONS, SOURCES,
+                          TEXT_ERRORS, Source, _digest, default_val_fraction, resolve_source,
+                          source_choices, source_defaults, source_options)
 from data.tokenizers import TOKENIZERS, get_tokenizer
 
 log = logging.getLogger("data.prepare")
@@ -117,9 +120,10 @@ _PARAMETER_KEYS = frozenset(("source", "tokenizer", "val_fraction", "val_split",
 # The CLI's flag for a source option where it is not "--" + the name with dashes.
 _CLI_FLAGS = {"hf_data_files": "--data-files"}
 # Order of the lines that list differences: the source first, as it explains most of the rest.
-_KEY_ORDER = ("source", "source_fingerprint", "python", "hf_id", "revision", "hf_name",
-              "hf_data_dir", "hf_data_files", "split", "text_column", "split_blank_lines",
-              "tokenizer", "val_fraction", "val_split", "seed", "max_docs")
+_KEY_ORDER = ("source", "source_fingerprint", "follow_symlinks", "python", "hf_id", "revision",
+              "hf_name", "hf_data_dir", "hf_data_files", "split", "text_column",
+              "split_blank_lines", "errors", "tokenizer", "val_fraction", "val_split", "seed",
+              "max_docs")
 _NOTES = {
     "source_fingerprint": "the source files' names, sizes or modification times changed since "
                           "they were prepared",
@@ -168,6 +172,8 @@ def prepare(
     hf_name: str | None = None,
     hf_data_dir: str | None = None,
     hf_data_files: str | list[str] | None = None,
+    errors: str | None = None,
+    follow_symlinks: bool | None = None,
     force: bool = False,
     progress: bool = True,
     on_progress: ProgressCallback | None = None,
@@ -179,12 +185,18 @@ def prepare(
     ``val_split`` is ``documents`` (each document to val with probability ``val_fraction``),
     ``tail`` (the last ``round(val_fraction * tokens)`` tokens, as nanoGPT splits a text file) or
     ``auto`` (``documents`` unless the source has too few documents; ``auto_min_documents``).
-    The source options (text_column ... hf_data_files, ``data.sources.SourceOptions``) left None
-    take the source's defaults: text_column "text", split "train", one document per .txt file.
+    The source options (text_column ... follow_symlinks, ``data.sources.SourceOptions``) left
+    None take the source's defaults: text_column "text", split "train", one document per .txt
+    file, local text that is not UTF-8 refused (``errors="replace"`` accepts it), symbolic links
+    out of a source folder refused (``follow_symlinks=True`` reads them).
     ``progress`` shows a progress bar; ``on_progress`` is called with a ``PrepareProgress`` as
     the work advances. When ``out_dir`` already holds a complete prepare, returns its meta if the
     settings match and raises ``DataError`` listing the differences if they do not; ``force``
     redoes it either way.
+
+    A fault of the source's content (``SourceError``: not UTF-8, no documents, a row without its
+    text, ...) leaves ``out_dir`` as it was: what this call wrote is removed, a replaced
+    meta.json restored, a folder it created deleted.
     """
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
@@ -192,41 +204,78 @@ def prepare(
     src, settings = _resolve(
         source, tokenizer, val_fraction, seed, max_docs, val_split, text_column=text_column,
         revision=revision, split=split, split_blank_lines=split_blank_lines, hf_id=hf_id,
-        hf_name=hf_name, hf_data_dir=hf_data_dir, hf_data_files=hf_data_files,
+        hf_name=hf_name, hf_data_dir=hf_data_dir, hf_data_files=hf_data_files, errors=errors,
+        follow_symlinks=follow_symlinks,
     )
     tok = get_tokenizer(tokenizer)  # fail here, in the main process, if tiktoken files are missing
     out = Path(out_dir) if out_dir is not None else Path("prepared") / f"{src.name}-{tok.name}"
+    if src.num_documents == 0:  # known without reading: refused before anything is written
+        raise _no_documents(src)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out):
-        if not force:
-            found = _inspect(out, settings)
-            meta = _reuse_or_refuse(found, refusal=lambda diff: (
-                f"{out} already holds a complete prepare with different settings "
-                f"(name: existing -> requested):\n{diff}\n"
-                "Refusing to overwrite it: that would silently re-split data that runs may "
-                "already use. Re-run with --force (prepare(..., force=True)) to replace it, "
-                "or write to another folder with --out."), prefix="")
-            if meta is not None:
-                log.info("%s already holds this prepare (settings %s); skipping. Use --force to "
-                         "redo it.", out, meta.get("settings_hash"))
-                return meta
-            if found.status == "broken":
-                log.warning("%s: %s Preparing it again with the same settings.", out,
-                            found.problem)
-        # From here on the folder is being rewritten: drop any old meta first so that a crash
-        # can never leave an old meta.json next to new, partial bins.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(out / META_NAME)
-            fsync_dir(out)
+    created = not out.is_dir()
+    try:
+        with _exclusive_lock(out):
+            return _prepare_locked(src, out, tok, settings, force=force, workers=workers,
+                                   max_docs=max_docs, progress=progress,
+                                   on_progress=on_progress)
+    except SourceError:
+        if created:  # emptied by _prepare_locked; another prepare may have put files there
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _prepare_locked(src: Source, out: Path, tok, settings: dict[str, Any], *, force: bool,
+                    **run_options: Any) -> dict[str, Any]:
+    """``prepare``'s work once it holds ``out``'s lock."""
+    if not force:
+        found = _inspect(out, settings)
+        meta = _reuse_or_refuse(found, refusal=lambda diff: (
+            f"{out} already holds a complete prepare with different settings "
+            f"(name: existing -> requested):\n{diff}\n"
+            "Refusing to overwrite it: that would silently re-split data that runs may "
+            "already use. Re-run with --force (prepare(..., force=True)) to replace it, "
+            "or write to another folder with --out."), prefix="")
+        if meta is not None:
+            log.info("%s already holds this prepare (settings %s); skipping. Use --force to "
+                     "redo it.", out, meta.get("settings_hash"))
+            return meta
+        if found.status == "broken":
+            log.warning("%s: %s Preparing it again with the same settings.", out,
+                        found.problem)
+    # From here on the folder is being rewritten: drop any old meta first so that a crash can
+    # never leave an old meta.json next to new, partial bins. Its bytes are kept to put back
+    # should the source turn out unpreparable: the old bins are only replaced at the very end.
+    old_meta = None
+    with contextlib.suppress(FileNotFoundError):
+        old_meta = (out / META_NAME).read_bytes()
+        os.remove(out / META_NAME)
+        fsync_dir(out)
+    try:
         # "auto" becomes the split it stands for before anything is written: the recorded
         # settings, and the resume state's hash, always name the split the bins really hold.
         requested_split = settings["val_split"]
         if requested_split == "auto":
             settings = {**settings, "val_split": _choose_val_split(src, settings)}
-        return _run(src, out, tok, settings, _settings_hash(settings), workers=workers,
-                    max_docs=max_docs, force=force, progress=progress, on_progress=on_progress,
-                    requested_split=requested_split)
+        return _run(src, out, tok, settings, _settings_hash(settings), force=force,
+                    requested_split=requested_split, **run_options)
+    except SourceError:
+        _discard(out, old_meta)
+        raise
+
+
+def _discard(out: Path, old_meta: bytes | None) -> None:
+    """Undo an unfinished prepare that can never finish: its temporary bins, its resume state
+    and the lock go, and the meta.json it had removed comes back (the old bins are untouched).
+    Called with the lock held; ``_exclusive_lock`` lets a waiting prepare notice the removal."""
+    for name in [*(tmp_bin_path(out, s).name for s in SPLITS), STATE_NAME]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out / name)
+    if old_meta is not None:
+        write_bytes_atomic(out / META_NAME, old_meta)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(out / LOCK_NAME)
+    fsync_dir(out)
 
 
 def _reuse_or_refuse(found, *, refusal, prefix: str) -> dict[str, Any] | None:
@@ -381,6 +430,8 @@ def _choose_val_split(src: Source, settings: dict[str, Any]) -> str:
         count = min(src.num_documents, cap)
     else:
         count = sum(1 for _ in itertools.islice((d for d in src.documents() if d), cap))
+    if count == 0:
+        raise _no_documents(src)
     if count >= need:
         return "documents"
     log.warning("%s has %d document%s, fewer than the %d that a per-document split needs at "
@@ -390,6 +441,11 @@ def _choose_val_split(src: Source, settings: dict[str, Any]) -> str:
                 "(data.val_split).", src.spec, count, "" if count == 1 else "s", need, f,
                 AUTO_MIN_EXPECTED_VAL_DOCS, f)
     return "tail"
+
+
+def _no_documents(src: Source) -> SourceError:
+    return SourceError(f"Source {src.spec!r} yielded no non-empty documents; nothing to "
+                       "prepare. Check the path, split and --text-column.")
 
 
 def _as_json(obj: Any) -> Any:
@@ -410,14 +466,16 @@ def _differences(recorded: dict[str, Any], requested: dict[str, Any]
     keys = set(recorded) | set(requested)
     order = {k: i for i, k in enumerate(_KEY_ORDER)}
     diffs = []
+    one_sided = set(recorded) ^ set(requested)
     for k in sorted(keys, key=lambda k: (order.get(k, len(order)), k)):
-        old, new = recorded.get(k, _ABSENT), requested.get(k, _ABSENT)
+        implied = IMPLIED_SETTINGS.get(k, _ABSENT)  # what a setting left out stands for
+        old, new = recorded.get(k, implied), requested.get(k, implied)
         if old != new:
             diffs.append((k, old, new))
     if any(k == "source" for k, _, _ in diffs):
         # Facts about another source, and options that apply to only one of the two, are implied
         # by the source line and would only bury the settings that really differ.
-        diffs = [d for d in diffs if d[0] in _PARAMETER_KEYS and _ABSENT not in (d[1], d[2])]
+        diffs = [d for d in diffs if d[0] in _PARAMETER_KEYS and d[0] not in one_sided]
     return diffs
 
 
@@ -518,18 +576,30 @@ def _prepare_command(src: Source, out: Path, settings: dict[str, Any], *,
 @contextlib.contextmanager
 def _exclusive_lock(out: Path):
     """One prepare per folder at a time (e.g. several ranks asking for the same corpus): the
-    others wait, then find the finished meta and skip."""
+    others wait, then find the finished meta and skip. Creates ``out`` when missing."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no locking
+        out.mkdir(parents=True, exist_ok=True)
         yield
         return
-    with open(out / LOCK_NAME, "a") as f:
+    while True:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_NAME, "a")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        try:  # the holder may have removed the file (_discard) while this one waited on it
+            current = os.stat(out / LOCK_NAME)
+            held = os.fstat(f.fileno())
+            if (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
 
 
 class _SplitWriter:
@@ -676,8 +746,7 @@ def _run(src: Source, out: Path, tok, settings, settings_hash, *, workers, max_d
                 last_sync, chunks_since_sync = time.monotonic(), 0
             report(PrepareProgress("documents", docs_done, total))
         if docs_done == 0:
-            raise DataError(f"Source {src.spec!r} yielded no non-empty documents; nothing to "
-                            "prepare. Check the path, split and --text-column.")
+            raise _no_documents(src)
         checkpoint()  # the state now covers everything, should the renames below be interrupted
         if tail and not tail_done:
             _move_tail_to_val(writers["train"], writers["val"], val_fraction, tok.dtype, report)
@@ -938,6 +1007,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-data-dir", default=None, help="Hugging Face data_dir")
     p.add_argument("--data-files", nargs="+", default=None, dest="hf_data_files", metavar="FILE",
                    help="Hugging Face data_files (e.g. with hf:parquet for local parquet files)")
+    p.add_argument("--errors", choices=TEXT_ERRORS, default=None,
+                   help="local text that is not valid UTF-8: strict (default) refuses it, naming "
+                        "the file and the byte offset; replace prepares it with each invalid "
+                        "sequence replaced by U+FFFD (recorded in the folder's settings)")
+    p.add_argument("--follow-symlinks", action=argparse.BooleanOptionalAction, default=None,
+                   help="a source folder: read symbolic links whose targets lie outside it "
+                        "(default: refuse them); links inside it are read, each file once")
     p.add_argument("--force", action="store_true",
                    help="redo a complete prepare, also one with different settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -21,6 +21,12 @@ file fingerprint and the options its readers honour, the stdlib's Python version
 id/revision/...). ``data.prepare`` records them in meta.json and refuses to reuse or overwrite a
 folder whose recorded settings differ, so two sources never share one prepared folder unnoticed.
 
+Local files are read as UTF-8: a file that is not (a binary file given as text) is refused, naming
+the byte offset of its first invalid sequence, unless ``errors="replace"`` asks for each invalid
+sequence to become U+FFFD. A folder is searched without leaving it: a symbolic link whose target
+lies outside it is refused unless ``follow_symlinks``, and a file reachable under several names is
+read once.
+
 OpenWebText: its Hub repository is a loading-script dataset, which ``datasets`` >= 4 refuses to
 run. The Hub's automatic parquet conversion lives at the revision ``refs/convert/parquet`` of the
 same repository and loads with plain ``datasets``; both the id and the revision are configurable
@@ -28,6 +34,8 @@ same repository and loads with plain ``datasets``; both the id and the revision 
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -38,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from data.errors import DataError
+from data.errors import DataError, SourceError
 from data.files import write_bytes_atomic
 
 OPENWEBTEXT_ID = "Skylion007/openwebtext"
@@ -74,9 +82,16 @@ class SourceOptions:
     hf_name: str | None = None  # Hugging Face config name
     hf_data_dir: str | None = None
     hf_data_files: str | list[str] | None = None
+    errors: str = "strict"  # local text that is not UTF-8: "strict" refuses it, "replace" U+FFFDs
+    follow_symlinks: bool = False  # read symlinks in a source folder whose targets lie outside it
 
 
 SOURCE_OPTIONS = tuple(f.name for f in dataclasses.fields(SourceOptions))
+TEXT_ERRORS = ("strict", "replace")  # the values of SourceOptions.errors
+# Option values that a source's settings leave out: they yield exactly what the code did before
+# the option existed, so folders prepared then still match. A setting missing on one side of a
+# comparison stands for this value.
+IMPLIED_SETTINGS: Mapping[str, Any] = {"errors": "strict", "follow_symlinks": False}
 
 
 @dataclass
@@ -226,8 +241,13 @@ def source_options(spec: str | os.PathLike, **given: Any) -> SourceOptions:
     defaults (``source_defaults``), else ``SourceOptions``'s."""
     _check_options(given, "source options")
     values = {**source_defaults(spec), **{k: v for k, v in given.items() if v is not None}}
-    if "split_blank_lines" in values:
-        values["split_blank_lines"] = bool(values["split_blank_lines"])
+    for key in ("split_blank_lines", "follow_symlinks"):
+        if key in values:
+            values[key] = bool(values[key])
+    if values.get("errors", "strict") not in TEXT_ERRORS:
+        raise DataError(f"errors={values['errors']!r} is not a way to read text; choose strict "
+                        "(refuse a file that is not valid UTF-8) or replace (prepare it with each "
+                        "invalid sequence replaced by U+FFFD).")
     return SourceOptions(**values)
 
 
@@ -235,8 +255,8 @@ def resolve_source(spec: str | os.PathLike, **options: Any) -> Source:
     """Turn a source spec into a ``Source`` (see the module docstring for the forms).
 
     ``options`` are ``SourceOptions`` fields (text_column, revision, split, split_blank_lines,
-    hf_id, hf_name, hf_data_dir, hf_data_files); an unset or None one takes the source's
-    default."""
+    hf_id, hf_name, hf_data_dir, hf_data_files, errors, follow_symlinks); an unset or None one
+    takes the source's default."""
     spec = str(spec)
     opts = source_options(spec, **options)
     if spec.startswith(HF_PREFIX):
@@ -298,7 +318,7 @@ def hf_source(options: SourceOptions, *, spec: str, name: str) -> Source:
             for row in ds:
                 if first:
                     if text_column not in row:
-                        raise DataError(
+                        raise SourceError(
                             f"Hugging Face dataset {dataset_id!r} has no column {text_column!r}; "
                             f"its columns are {sorted(row)}. Pass --text-column with the right "
                             "name."
@@ -364,11 +384,9 @@ def openwebtext(options: SourceOptions) -> Source:
 
 def _local_source(path: Path, options: SourceOptions) -> Source:
     path = path.resolve()
+    followed = False
     if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READERS),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
+        files, followed = _folder_files(path, options.follow_symlinks)
         if not files:
             raise DataError(
                 f"Folder {path} holds no {_suffixes('or')} files to prepare. Point the source at "
@@ -388,14 +406,82 @@ def _local_source(path: Path, options: SourceOptions) -> Source:
     counts = [r.count(f, options) if r.count is not None else None
               for f, r in zip(files, readers)]
     honoured = dict.fromkeys(o for r in dict.fromkeys(readers) for o in r.options)
+    if followed:  # it decided which files are read
+        honoured["follow_symlinks"] = None
+    recorded = {o: getattr(options, o) for o in honoured
+                if o not in IMPLIED_SETTINGS or getattr(options, o) != IMPLIED_SETTINGS[o]}
     fingerprint = _files_fingerprint(files, root=path)
-    settings: dict[str, Any] = {"source_fingerprint": fingerprint,
-                                **{o: getattr(options, o) for o in honoured}}
-    info = {"path": str(path), "files": len(files),
-            **{o: getattr(options, o) for o in honoured}}
+    settings: dict[str, Any] = {"source_fingerprint": fingerprint, **recorded}
+    info = {"path": str(path), "files": len(files), **recorded}
     return Source(name=path.stem if path.is_file() else path.name, kind="local", spec=str(path),
                   documents=documents, info=info, fingerprint=fingerprint,
                   num_documents=None if None in counts else sum(counts), settings=settings)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _folder_files(root: Path, follow_symlinks: bool) -> tuple[list[Path], bool]:
+    """The readable files of folder ``root`` (resolved), in sorted relative-path order, and
+    whether a symbolic link out of it was followed.
+
+    Every file is read once, however many names reach it: by a path without links when it has
+    one, else by the first (in sorted order) of the names that reach it. A link whose target lies
+    outside ``root`` is refused unless ``follow_symlinks``; a link to nothing is refused either
+    way."""
+    base = str(root)
+    chosen: dict[str, tuple[int, str, Path]] = {}  # real path -> (via a link, name, path)
+    outside: list[tuple[str, Path, str]] = []  # (name, link, target)
+
+    def offer(path: Path, target: str, via_link: bool) -> None:
+        key = (int(via_link), path.relative_to(root).as_posix(), path)
+        if target not in chosen or key[:2] < chosen[target][:2]:
+            chosen[target] = key
+
+    def leaves(link: Path, target: str) -> bool:
+        if _inside(target, base):
+            return False
+        outside.append((link.relative_to(root).as_posix(), link, target))
+        return True
+
+    pending, seen_dirs = [(root, False)], {base}
+    while pending:
+        top, via_link = pending.pop()
+        for dirpath, dirnames, filenames in os.walk(top):  # never into linked folders itself
+            here = Path(dirpath)
+            for name in dirnames:
+                link = here / name
+                if link.is_symlink():
+                    target = os.path.realpath(link)
+                    # One inside the folder is walked anyway, without the link.
+                    if leaves(link, target) and follow_symlinks and target not in seen_dirs:
+                        seen_dirs.add(target)
+                        pending.append((link, True))
+            for name in filenames:
+                path = here / name
+                if path.suffix.lower() not in READERS:
+                    continue
+                if not path.is_symlink():
+                    if path.is_file():
+                        offer(path, os.path.realpath(path), via_link)
+                    continue
+                target = os.path.realpath(path)
+                if not os.path.exists(target):
+                    raise DataError(f"{path} is a symbolic link to {target}, which does not "
+                                    "exist: remove the link or restore its target.")
+                if (not leaves(path, target) or follow_symlinks) and os.path.isfile(target):
+                    offer(path, target, True)
+    if outside and not follow_symlinks:
+        _, link, target = min(outside)
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise DataError(
+            f"{link} is a symbolic link to {target}, outside the source folder {root}{more}: "
+            "refusing to read files from elsewhere. Copy them into the folder, or pass "
+            "--follow-symlinks (data.follow_symlinks=true) to read them.")
+    files = sorted((path for _, _, path in chosen.values()),
+                   key=lambda p: p.relative_to(root).as_posix())
+    return files, bool(outside)
 
 
 def read_file(path: str | os.PathLike, options: SourceOptions | None = None) -> Iterator[str]:
@@ -407,21 +493,63 @@ def read_file(path: str | os.PathLike, options: SourceOptions | None = None) -> 
     return reader.read(path, options or SourceOptions())
 
 
+def _not_utf8(where: str, offset: int, e: UnicodeDecodeError, of: str = "") -> SourceError:
+    bad = " ".join(f"0x{b:02x}" for b in e.object[e.start:e.end])
+    return SourceError(
+        f"{where} is not valid UTF-8: {bad} at byte offset {offset}{of} ({e.reason}). Prepare "
+        "text only, or pass --errors replace (data.errors=replace) to prepare it with each "
+        "invalid sequence replaced by U+FFFD.")
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int, UnicodeDecodeError] | None:
+    """The byte offset of the first invalid UTF-8 sequence in ``path`` and its decode error
+    (None when the whole file is valid), streamed in bounded pieces."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            piece = f.read(1 << 20)
+            buffered = len(decoder.getstate()[0])  # the start of a sequence cut by the last piece
+            try:
+                decoder.decode(piece, final=not piece)
+            except UnicodeDecodeError as e:
+                return offset - buffered + e.start, e
+            if not piece:
+                return None
+            offset += len(piece)
+
+
+@contextlib.contextmanager
+def _utf8_errors_named(path: Path) -> Iterator[None]:
+    """Turn a decode error while reading ``path`` as text into a ``SourceError`` that names the
+    file's first invalid byte offset (a text stream's own error only knows its buffer's)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        found = _first_invalid_utf8(path)
+        offset, e = found if found is not None else (e.start, e)
+        raise _not_utf8(str(path), offset, e) from None
+
+
 def _txt_count(path: Path, options: SourceOptions) -> int | None:
     # Read whole, a non-empty file is one document (it never decodes to ""); an empty one is an
     # empty document, which prepare skips. Paragraphs cannot be counted without reading.
     return None if options.split_blank_lines else int(path.stat().st_size > 0)
 
 
-@register_reader(".txt", options=("split_blank_lines",), count=_txt_count)
+@register_reader(".txt", options=("split_blank_lines", "errors"), count=_txt_count)
 def read_txt(path: Path, options: SourceOptions) -> Iterator[str]:
     """The whole file as one document, or with ``split_blank_lines`` one document per paragraph
-    (lines separated by blank lines, each exactly as in the file without its final line break)."""
+    (lines separated by blank lines, each exactly as in the file without its final line break).
+    Text that is not UTF-8 raises ``SourceError`` unless ``options.errors`` is "replace"."""
     if not options.split_blank_lines:
-        yield path.read_bytes().decode("utf-8", errors="replace")
+        with _utf8_errors_named(path):
+            text = path.read_bytes().decode("utf-8", errors=options.errors)
+        yield text
         return
     lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding="utf-8", errors=options.errors, newline="") as f, \
+            _utf8_errors_named(path):
         for line in f:
             if line.strip():
                 lines.append(line)
@@ -432,39 +560,49 @@ def read_txt(path: Path, options: SourceOptions) -> Iterator[str]:
         yield "".join(lines).rstrip("\r\n")
 
 
-@register_reader(".jsonl", options=("text_column",))
+@register_reader(".jsonl", options=("text_column", "errors"))
 def read_jsonl(path: Path, options: SourceOptions) -> Iterator[str]:
     """One document per JSON object line (its ``text_column`` field; blank lines skipped)."""
     text_column = options.text_column
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors=options.errors) as f, _utf8_errors_named(path):
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e}); each line of a .jsonl "
-                                "file must be one JSON object.") from e
+                raise SourceError(f"{path}:{lineno} is not valid JSON ({e}); each line of a "
+                                  ".jsonl file must be one JSON object.") from e
             if not isinstance(row, dict) or text_column not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno} has no {text_column!r} field (found {keys}). "
-                                "Pass --text-column with the field that holds the text.")
+                raise SourceError(f"{path}:{lineno} has no {text_column!r} field (found {keys}). "
+                                  "Pass --text-column with the field that holds the text.")
             if row[text_column] is not None:
                 yield str(row[text_column])
 
 
-@register_reader(".parquet", options=("text_column",))
+@register_reader(".parquet", options=("text_column", "errors"))
 def read_parquet(path: Path, options: SourceOptions) -> Iterator[str]:
-    """One document per row (its ``text_column`` column), read in batches of 1024 rows."""
+    """One document per row (its ``text_column`` column), read in batches of 1024 rows; a binary
+    column is decoded as UTF-8 (``options.errors``)."""
     import pyarrow.parquet as pq
 
     text_column = options.text_column
     pf = pq.ParquetFile(path)
     if text_column not in pf.schema_arrow.names:
-        raise DataError(f"{path} has no column {text_column!r} (columns: {pf.schema_arrow.names}). "
-                        "Pass --text-column with the column that holds the text.")
+        raise SourceError(f"{path} has no column {text_column!r} (columns: "
+                          f"{pf.schema_arrow.names}). Pass --text-column with the column that "
+                          "holds the text.")
+    row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[text_column]):
         for text in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8", errors=options.errors)
+                except UnicodeDecodeError as e:
+                    raise _not_utf8(f"{path}, row {row} of column {text_column!r},", e.start, e,
+                                    of=" of the value") from None
             if text is not None:
                 yield str(text)
 
