@@ -29,13 +29,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``dtype`` config value -> torch dtype (``auto``: bf16 on a CUDA device that has it)."""
+    """``dtype`` config value (``auto`` or a :data:`DTYPES` name, as the schema and the tools'
+    argument choices allow) -> torch dtype (``auto``: bf16 on a CUDA device that has it)."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    if name not in DTYPES:
-        raise HarnessError(f"dtype={name!r} is not one of auto, {', '.join(DTYPES)}.")
     if name == "float16" and device.type != "cuda":
         raise HarnessError("dtype=float16 needs a CUDA device; use bfloat16 or float32 on CPU.")
     return DTYPES[name]
@@ -136,24 +135,15 @@ def init_from_hf(model: GPT, source: str, cfg: DictConfig, run_dir: Path, env: D
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    """The ``train`` group checked and turned into the loop's settings."""
+    """The ``train`` group as the loop's settings. Each value's type and range is the config
+    check's (engine/schema.py); only what depends on several keys is checked here."""
     t = cfg.train
-    for key in ("max_steps", "log_interval"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise HarnessError(f"train.{key}={t[key]!r} must be an integer >= 1.")
-    for key in ("warmup_steps", "eval_interval", "eval_batches"):
-        if not isinstance(t[key], int) or t[key] < 0:
-            raise HarnessError(f"train.{key}={t[key]!r} must be an integer >= 0.")
-    if t.grad_clip < 0:
-        raise HarnessError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping).")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise HarnessError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
     if t.eval_interval and t.eval_batches < 1:
         raise HarnessError("train.eval_batches must be >= 1 when train.eval_interval > 0.")
     return TrainSettings(
         max_steps=t.max_steps, grad_clip=float(t.grad_clip),
         log_interval=t.log_interval, eval_interval=t.eval_interval, eval_batches=t.eval_batches,
-        eval_at_start=bool(t.eval_at_start), checkpoint_interval=int(cfg.checkpoint.interval),
+        eval_at_start=t.eval_at_start, checkpoint_interval=cfg.checkpoint.interval,
         stop_at_step=t.stop_at_step, peak_flops=t.peak_flops,
     )
 
@@ -177,7 +167,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
     settings = train_settings(cfg)
     data_dir, meta = prepare_data(cfg, env)
     model_cfg = build_model_config(cfg, int(meta["vocab_size"]))
-    block = cfg.train.block_size or model_cfg.block_size
+    block = model_cfg.block_size if cfg.train.block_size is None else cfg.train.block_size
     if block > model_cfg.block_size:
         raise HarnessError(
             f"train.block_size={block} is longer than the model's block size "
@@ -220,7 +210,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer
         env=env, model=model, raw_model=raw_model, optim=setup, plan=plan, settings=settings,
         train_loader=TokenLoader(data_dir, "train", block, seed=cfg.seed, device=env.device),
         val_loader=TokenLoader(data_dir, "val", block, seed=cfg.seed, device=env.device),
-        checkpointer=Checkpointer(Path(run_dir) / "checkpoints", int(cfg.checkpoint.keep_last),
+        checkpointer=Checkpointer(Path(run_dir) / "checkpoints", cfg.checkpoint.keep_last,
                                   extra),
         nonfinite=NonFiniteGuard(cfg.train.on_nonfinite, int(cfg.train.max_rollbacks), env),
         flops_per_token=flops_per_token, autocast=autocast_factory(dtype, env.device),

@@ -1,7 +1,8 @@
 """The lr schedules, by name: ``schedule=<name>`` picks one for every optimizer alike.
 
 A schedule is a function registered with :func:`register_schedule`; ``configs/schedule/<name>.yaml``
-declares the keys of its own (the config check accepts exactly those). The knobs every schedule
+declares the keys of its own with their defaults (the config check accepts exactly those), and the
+registration their types and ranges (``schema``, engine/schema.py). The knobs every schedule
 shares, warmup, the end of the decay and the final lr ratio, are ``train.warmup_steps``,
 ``train.decay_steps`` and ``train.min_lr_ratio``, handed to it as a :class:`Span`.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from engine.errors import HarnessError
+from engine.schema import Spec
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,18 @@ class Span:
 # (0-based optimizer step, span, the schedule's own config) -> multiplier on each group's base lr
 Schedule = Callable[[int, Span, Mapping[str, Any]], float]
 SCHEDULES: dict[str, Schedule] = {}
+# name -> the specs of the schedule's own keys (its yaml's keys but ``name``)
+SCHEDULE_SCHEMAS: dict[str, Mapping[str, Spec]] = {}
 
 
-def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
-    """Decorator: make ``fn`` the schedule ``schedule=<name>``."""
+def register_schedule(name: str, *, schema: Mapping[str, Spec]) -> Callable[[Schedule], Schedule]:
+    """Decorator: make ``fn`` the schedule ``schedule=<name>``; ``schema`` gives the type and
+    range of each key its yaml declares besides ``name`` (``{}`` when it has none)."""
     def add(fn: Schedule) -> Schedule:
         if name in SCHEDULES:
             raise ValueError(f"schedule {name!r} is registered twice")
         SCHEDULES[name] = fn
+        SCHEDULE_SCHEMAS[name] = dict(schema)
         return fn
     return add
 
@@ -44,7 +50,7 @@ def warmup(step: int, span: Span) -> float | None:
     return (step + 1) / span.warmup_steps if step < span.warmup_steps else None
 
 
-@register_schedule("cosine")
+@register_schedule("cosine", schema={})
 def cosine(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
     """Linear warmup, then cosine decay to ``min_lr_ratio`` at ``decay_steps``, flat after it (a
     fully decayed schedule, which a fair comparison evaluates at)."""

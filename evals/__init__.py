@@ -4,7 +4,9 @@ An evaluation ``NAME`` is configured by the ``eval.NAME_*`` keys of configs/conf
 ``eval.NAME_interval`` > 0 turns it on during training) and logs ``eval/NAME_*`` metrics. Its
 module registers a builder with :func:`register_eval`; the builder gets its own keys without the
 prefix (``interval``, ``task_file``, ...), the data's tokenizer name, and the rank and world size,
-and returns a :class:`DownstreamEval` or None when it is off. HellaSwag is ``evals/hellaswag.py``.
+and returns a :class:`DownstreamEval` or None when it is off. The registration also declares the
+type and range of each of those keys (``schema``), which the config check applies before a run
+starts. HellaSwag is ``evals/hellaswag.py``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from functools import cache
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
+
+from engine.schema import Spec
 
 
 class DownstreamEval(Protocol):
@@ -30,15 +34,19 @@ class DownstreamEval(Protocol):
 
 EvalBuilder = Callable[..., "DownstreamEval | None"]
 EVALS: dict[str, EvalBuilder] = {}
+# name -> the specs of its options (without the ``<name>_`` prefix)
+SCHEMAS: dict[str, Mapping[str, Spec]] = {}
 
 
-def register_eval(name: str) -> Callable[[EvalBuilder], EvalBuilder]:
+def register_eval(name: str, *, schema: Mapping[str, Spec]) -> Callable[[EvalBuilder], EvalBuilder]:
     """Decorator: make ``builder(options, tokenizer, *, rank, world_size)`` the evaluation
-    ``name`` (configured by the ``eval.<name>_*`` keys)."""
+    ``name``, configured by the ``eval.<name>_*`` keys; ``schema`` gives each option's type and
+    range (engine/schema.py), keyed without the prefix."""
     def add(builder: EvalBuilder) -> EvalBuilder:
         if name in EVALS:
             raise ValueError(f"evaluation {name!r} is registered twice")
         EVALS[name] = builder
+        SCHEMAS[name] = dict(schema)
         return builder
     return add
 
@@ -47,6 +55,14 @@ def register_eval(name: str) -> Callable[[EvalBuilder], EvalBuilder]:
 def _discover() -> None:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
+
+
+def eval_schema() -> dict[str, Spec]:
+    """The specs of every registered evaluation's keys, as the ``eval`` group names them
+    (``<name>_<option>``)."""
+    _discover()
+    return {f"{name}_{key}": spec for name, specs in sorted(SCHEMAS.items())
+            for key, spec in specs.items()}
 
 
 def build_evals(eval_cfg: Mapping[str, Any], tokenizer: str, *, rank: int = 0,

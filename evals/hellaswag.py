@@ -44,12 +44,20 @@ import torch.nn.functional as F
 
 from data.files import write_bytes_atomic
 from engine.errors import HarnessError
+from engine.schema import Int, Optional, Str, check_values
 from evals import register_eval
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_FILE = "hellaswag_val.jsonl"
 NUM_CHOICES = 4
 DEFAULT_BATCH_SIZE = 8  # examples per forward pass (4 rows each)
+# The eval.hellaswag_* keys, without the prefix: their types and ranges.
+OPTIONS = {
+    "interval": Int(min=0, doc="steps between HellaSwag evaluations; 0 disables them"),
+    "task_file": Optional(Str(), doc="a local hellaswag_val.jsonl; null: downloaded once"),
+    "limit": Optional(Int(min=1), doc="the first N examples; null: every example"),
+    "batch_size": Int(min=1, doc="examples per forward pass"),
+}
 
 Encode = Callable[[str], Sequence[int]]
 Autocast = Callable[[], ContextManager]
@@ -422,20 +430,10 @@ def build_multiple_choice_eval(interval: int, task_file: str | None, limit: int 
     """
     from data.tokenizers import get_tokenizer
 
-    def positive_int(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, int) and value >= 1
-
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-        raise TaskError(f"eval.hellaswag_interval={interval!r}: use an integer >= 0 (steps between "
-                        f"HellaSwag evaluations; 0 disables them).")
+    check_values({"interval": interval, "task_file": task_file, "limit": limit,
+                  "batch_size": batch_size}, OPTIONS, prefix="eval.hellaswag_", error=TaskError)
     if interval == 0:
         return None
-    if limit is not None and not positive_int(limit):
-        raise TaskError(f"eval.hellaswag_limit={limit!r}: use an integer >= 1, or null for every "
-                        f"example.")
-    if not positive_int(batch_size):
-        raise TaskError(f"eval.hellaswag_batch_size={batch_size!r}: use an integer >= 1 (examples "
-                        f"per forward pass).")
     examples = load_task(task_file, limit) if rank == 0 else None
     if world_size > 1:
         dist.barrier()  # the download (rank 0) lands before the other ranks look for it
@@ -444,7 +442,7 @@ def build_multiple_choice_eval(interval: int, task_file: str | None, limit: int 
     return MultipleChoiceEval(examples, get_tokenizer(tokenizer).encode, interval, batch_size)
 
 
-@register_eval("hellaswag")
+@register_eval("hellaswag", schema=OPTIONS)
 def from_config(options: Mapping[str, Any], tokenizer: str, *, rank: int = 0,
                 world_size: int = 1) -> MultipleChoiceEval | None:
     """HellaSwag from the ``eval.hellaswag_*`` keys (``interval``, ``task_file``, ``limit``,

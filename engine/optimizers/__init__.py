@@ -3,7 +3,8 @@
 Each optimizer is one module in this package that calls :func:`register`, plus
 ``configs/optimizer/<name>.yaml``, the single declaration of its config keys and their defaults:
 the config check accepts exactly the yaml's keys, and :func:`build_optimizer` fills any key a
-caller leaves out from the same file. The modules are discovered on first use, so adding an
+caller leaves out from the same file. The entry's ``schema`` gives each of those keys' type and
+range (engine/schema.py), which the config check and :func:`build_optimizer` apply. The modules are discovered on first use, so adding an
 optimizer edits nothing here; training, the benchmarks, the GPU pack and the toy problems all
 list and build optimizers through this registry.
 
@@ -13,7 +14,6 @@ comparison differs only in the update rule.
 from __future__ import annotations
 
 import importlib
-import math
 import pkgutil
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import HarnessError
-from model import weight_decay_groups
+from engine.schema import Bool, Choice, Float, Int, Optional, Pair, Spec, check_values
+from model import WEIGHT_DECAY_RULES, weight_decay_groups
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "optimizer"
 # Code paths an optimizer may offer, as the benchmarks name them: the per-tensor loop, torch's
@@ -32,6 +33,27 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "optimizer"
 PATHS = ("reference", "foreach", "fused")
 
 ParamGroups = list[dict[str, Any]]
+
+# Specs of the keys most optimizers share, for their entries' schemas.
+LR = Float(gt=0)
+BETAS = Pair(Float(min=0, lt=1))
+WEIGHT_DECAY = Float(min=0)
+EPS = Float(gt=0)
+DECAY_RULE = Choice(*WEIGHT_DECAY_RULES)
+# lr, betas, weight decay and the shared decay rule: an element-wise optimizer's core keys.
+BASE_SCHEMA: dict[str, Spec] = {"lr": LR, "betas": BETAS, "weight_decay": WEIGHT_DECAY,
+                                "decay_rule": DECAY_RULE}
+# The code-path switches (null: the optimizer picks by device and size).
+PATH_SCHEMA: dict[str, Spec] = {"foreach": Optional(Bool(), doc="null: chosen by device"),
+                                "fused": Optional(Bool(), doc="null: chosen by device")}
+# The keys of a Sophia fed a Hessian estimate (engine/hessian.py reads all but rho).
+HESSIAN_SCHEMA: dict[str, Spec] = {
+    "rho": Float(gt=0, doc="the clipping scale of the update"),
+    "k": Int(min=1, doc="the Hessian refresh interval; the paper uses 10"),
+    "hessian_micro_batches": Optional(Int(min=1), doc="micro-batches per rank feeding the "
+                                                      "estimate; null: all"),
+    "hessian_warm_start": Bool(),
+}
 
 
 def _no_telemetry() -> dict[str, torch.Tensor]:
@@ -79,6 +101,7 @@ class OptimizerEntry:
     step, the floor the benchmarks compare its time with (None: not an elementwise step).
     ``compiled`` says its fused path is the library's own compiled single pass (sophia._fused),
     whose generated code benchmarks/cuda_kernels.py reads; torch's own fused kernels are not.
+    ``schema`` gives the type and range of every key its yaml declares but ``name``.
     """
 
     name: str
@@ -91,6 +114,7 @@ class OptimizerEntry:
     compiled: bool = False
     want_telemetry: Callable[[torch.optim.Optimizer, bool], None] | None = None
     summary: str = field(default="", compare=False)  # one line for listings and tables
+    schema: Mapping[str, Spec] = field(default_factory=dict, compare=False)
 
 
 _REGISTRY: dict[str, OptimizerEntry] = {}
@@ -155,29 +179,24 @@ def path_config(entry: OptimizerEntry, path: str) -> dict[str, Any]:
 
 
 def betas(cfg: Mapping[str, Any], key: str = "betas") -> tuple[float, float]:
-    """``cfg[key]`` as a pair of floats, or a :class:`HarnessError` naming the key."""
-    value = cfg.get(key)
-    if value is None or isinstance(value, (str, bytes)) or len(value) != 2:
-        raise HarnessError(f"optimizer.{key}={value!r} must be a pair like [0.9, 0.95].")
-    return float(value[0]), float(value[1])
+    """``cfg[key]`` (a pair, checked by the entry's schema) as a tuple of floats."""
+    first, second = cfg[key]
+    return float(first), float(second)
 
 
 def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module) -> OptimizerSetup:
     """Build the optimizer named by ``cfg['name']`` over ``model``'s parameters; keys missing
-    from ``cfg`` take their yaml defaults. Constructor errors become HarnessErrors."""
+    from ``cfg`` take their yaml defaults. A value the entry's schema refuses is a HarnessError
+    (as in the config check, for callers that build without one: benchmarks, tools); so are
+    constructor errors."""
     entry = get_entry(cfg.get("name"))
     cfg = {**optimizer_defaults(entry.name), **cfg}
-    lr = cfg.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise HarnessError(f"optimizer.lr={lr!r} must be a positive finite number.")
+    check_values(cfg, entry.schema, prefix="optimizer.")
     k = 0
     estimator = None
     if entry.hessian is not None:
         estimator = entry.hessian(cfg)
         k = cfg["k"]
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise HarnessError(f"optimizer.k={k!r}: the Hessian refresh interval must be an "
-                               f"integer >= 1 (the paper uses 10).")
     try:
         opt = entry.make(entry.groups(model, cfg), cfg)
     except ValueError as err:  # the constructors validate and name the bad value

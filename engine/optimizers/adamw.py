@@ -5,7 +5,8 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from engine.optimizers import BASE_SCHEMA, EPS, OptimizerEntry, ParamGroups, betas, register
+from engine.schema import Bool, Optional
 
 
 def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -17,4 +18,6 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 
 register(OptimizerEntry(name="adamw", label="AdamW", make=make, paths=("foreach", "fused"),
-                        access=(4, 3), summary="torch.optim.AdamW"))
+                        access=(4, 3), summary="torch.optim.AdamW",
+                        schema={**BASE_SCHEMA, "eps": EPS,
+                                "fused": Optional(Bool(), doc="null: fused on CUDA")}))

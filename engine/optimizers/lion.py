@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from engine.optimizers import BASE_SCHEMA, PATH_SCHEMA, OptimizerEntry, ParamGroups, betas, register
 from sophia import Lion
 
 
@@ -15,4 +15,5 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 register(OptimizerEntry(name="lion", label="Lion", make=make,
                         paths=("reference", "foreach", "fused"), access=(3, 2), compiled=True,
-                        summary="sign of an interpolated momentum (Chen et al. 2023)"))
+                        summary="sign of an interpolated momentum (Chen et al. 2023)",
+                        schema={**BASE_SCHEMA, **PATH_SCHEMA}))

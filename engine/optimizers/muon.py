@@ -7,7 +7,9 @@ from typing import Any, Mapping
 import torch
 
 from engine.errors import HarnessError
-from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from engine.optimizers import (BETAS, DECAY_RULE, LR, PATH_SCHEMA, WEIGHT_DECAY, OptimizerEntry,
+                               ParamGroups, betas, register)
+from engine.schema import Bool, Choice, Float, Int, List, Str
 from model import muon_param_split, weight_decay_groups
 from sophia import MuonAdamW
 
@@ -44,4 +46,14 @@ def want_telemetry(opt: torch.optim.Optimizer, wanted: bool) -> None:
 
 register(OptimizerEntry(name="muon", label="Muon", make=make, groups=groups,
                         paths=("foreach", "fused"), want_telemetry=want_telemetry,
-                        summary="orthogonalised momentum on hidden matrices, AdamW elsewhere"))
+                        summary="orthogonalised momentum on hidden matrices, AdamW elsewhere",
+                        schema={"lr": LR, "weight_decay": WEIGHT_DECAY, "decay_rule": DECAY_RULE,
+                                **PATH_SCHEMA, "adamw_lr": LR, "adamw_betas": BETAS,
+                                "adamw_weight_decay": WEIGHT_DECAY,
+                                "momentum": Float(min=0, lt=1, doc="0.95 is standard"),
+                                "nesterov": Bool(),
+                                "ns_steps": Int(min=1, max=99, doc="Newton-Schulz iterations; 5 "
+                                                                   "is standard"),
+                                "adjust_lr_fn": Choice("original", "match_rms_adamw"),
+                                "muon_include": List(Str(), doc="parameter name patterns"),
+                                "muon_exclude": List(Str(), doc="parameter name patterns")}))

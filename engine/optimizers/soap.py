@@ -5,7 +5,8 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from engine.optimizers import BASE_SCHEMA, EPS, OptimizerEntry, ParamGroups, betas, register
+from engine.schema import Float, Int, Optional
 from sophia import SOAP
 
 
@@ -17,4 +18,9 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 
 register(OptimizerEntry(name="soap", label="SOAP", make=make, paths=("reference",),
-                        summary="Adam in the eigenbasis of Shampoo's preconditioner"))
+                        summary="Adam in the eigenbasis of Shampoo's preconditioner",
+                        schema={**BASE_SCHEMA, "eps": EPS,
+                                "shampoo_beta": Optional(Float(min=0, lt=1),
+                                                         doc="null: betas[1]"),
+                                "precondition_frequency": Int(min=1),
+                                "max_precond_dim": Int(min=1)}))

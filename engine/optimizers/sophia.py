@@ -5,8 +5,9 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.errors import HarnessError
-from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from engine.optimizers import (BASE_SCHEMA, HESSIAN_SCHEMA, PATH_SCHEMA, OptimizerEntry,
+                               ParamGroups, betas, register)
+from engine.schema import Choice
 from sophia import SophiaG
 
 # The official GNB estimate (bs * g^2 of the loss averaged over the whole Hessian batch) or the
@@ -15,17 +16,8 @@ ESTIMATORS = ("gnb", "gnb_msq")
 
 
 def estimator(cfg: Mapping[str, Any]) -> str:
-    """``optimizer.hessian_estimator``, checked."""
-    value = cfg["hessian_estimator"]
-    if value not in ESTIMATORS:
-        hint = (" Hutchinson estimates feed SophiaH: use optimizer=sophiah."
-                if value == "hutchinson" else "")
-        raise HarnessError(
-            f"optimizer.hessian_estimator={value!r} is not one of {', '.join(ESTIMATORS)}: "
-            f"gnb is the official estimate, gnb_msq the lower-variance mean of per-micro-batch "
-            f"squares at the same cost.{hint}"
-        )
-    return value
+    """``optimizer.hessian_estimator`` (checked by the schema)."""
+    return cfg["hessian_estimator"]
 
 
 def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -35,4 +27,10 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 
 register(OptimizerEntry(name="sophia", label="SophiaG", make=make, hessian=estimator,
                         paths=("reference", "foreach", "fused"), access=(4, 2), compiled=True,
-                        summary="clipped diagonal-Hessian preconditioning, GNB estimate"))
+                        summary="clipped diagonal-Hessian preconditioning, GNB estimate",
+                        schema={**BASE_SCHEMA, **HESSIAN_SCHEMA, **PATH_SCHEMA,
+                                "hessian_estimator": Choice(
+                                    *ESTIMATORS, doc="gnb is the official estimate, gnb_msq the "
+                                    "lower-variance mean of per-micro-batch squares at the same "
+                                    "cost; Hutchinson estimates feed SophiaH: use "
+                                    "optimizer=sophiah")}))

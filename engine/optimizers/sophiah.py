@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 import torch
 
-from engine.optimizers import OptimizerEntry, ParamGroups, betas, register
+from engine.optimizers import (BASE_SCHEMA, EPS, HESSIAN_SCHEMA, PATH_SCHEMA, OptimizerEntry,
+                               ParamGroups, betas, register)
 from sophia import SophiaH
 
 
@@ -21,4 +22,5 @@ def make(groups: ParamGroups, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
 register(OptimizerEntry(name="sophiah", label="SophiaH", make=make,
                         hessian=lambda cfg: "hutchinson", paths=("reference", "foreach", "fused"),
                         access=(4, 2), compiled=True,
-                        summary="clipped diagonal-Hessian preconditioning, Hutchinson estimate"))
+                        summary="clipped diagonal-Hessian preconditioning, Hutchinson estimate",
+                        schema={**BASE_SCHEMA, **HESSIAN_SCHEMA, **PATH_SCHEMA, "eps": EPS}))
