@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from engine.errors import HarnessError
 
@@ -162,32 +162,30 @@ class Choice(Spec):
 
 
 @dataclass(frozen=True)
-class Pair(Spec):
-    """Two values, each accepted by ``item`` (betas: ``Pair(Float(min=0, lt=1))``)."""
-
-    item: Spec
-    doc: str = field(default="", kw_only=True)
-
-    def accepts(self, value: Any) -> bool:
-        return isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            self.item.accepts(v) for v in value)
-
-    def describe(self, plural: bool = False) -> str:
-        return f"{'pairs' if plural else 'a pair'} [a, b] of {self.item.describe(plural=True)}"
-
-
-@dataclass(frozen=True)
 class List(Spec):
     """A list (possibly empty) whose every element ``item`` accepts."""
 
     item: Spec
     doc: str = field(default="", kw_only=True)
+    length: ClassVar[int | None] = None  # a fixed number of elements (Pair: 2)
 
     def accepts(self, value: Any) -> bool:
-        return isinstance(value, (list, tuple)) and all(self.item.accepts(v) for v in value)
+        return (isinstance(value, (list, tuple))
+                and (self.length is None or len(value) == self.length)
+                and all(self.item.accepts(v) for v in value))
 
     def describe(self, plural: bool = False) -> str:
-        return f"{'lists' if plural else 'a list'} of {self.item.describe(plural=True)}"
+        if self.length == 2:
+            noun = "pairs [a, b]" if plural else "a pair [a, b]"
+        else:
+            noun = "lists" if plural else "a list"
+        return f"{noun} of {self.item.describe(plural=True)}"
+
+
+class Pair(List):
+    """Two values, each accepted by ``item`` (betas: ``Pair(Float(min=0, lt=1))``)."""
+
+    length = 2
 
 
 @dataclass(frozen=True)
@@ -245,6 +243,7 @@ def _model_section() -> dict[str, Spec]:
 
 def _data_section() -> dict[str, Spec]:
     from data.prepare import VAL_SPLITS
+    from data.sources import TEXT_ERRORS
     from data.tokenizers import TOKENIZERS
 
     return {
@@ -261,6 +260,9 @@ def _data_section() -> dict[str, Spec]:
         "max_docs": Optional(Int(min=1), doc="the first N documents only; null: all"),
         "hf_id": Str(),
         "revision": Optional(Str(), doc="a Hugging Face revision; null: the default branch"),
+        "errors": Choice(*TEXT_ERRORS, doc="text that is not UTF-8: strict refuses it, replace "
+                                           "prepares it with U+FFFD"),
+        "follow_symlinks": Bool(doc="read links out of a source folder"),
     }
 
 
