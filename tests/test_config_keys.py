@@ -1,6 +1,6 @@
 """The config files are the one declaration of the keys the engine reads: every declared key is
 read (each optimizer builds from its yaml alone), and a key nothing declares (a typo) is refused
-before a run starts."""
+before a run starts. The values' types and ranges: tests/test_config_types.py."""
 from __future__ import annotations
 
 import pytest

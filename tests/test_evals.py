@@ -2,9 +2,13 @@
 its builder says so; the loop runs the ones due and logs their metrics."""
 from __future__ import annotations
 
+import pytest
+
 import evals
+from engine.config_check import check_config, section_keys
+from engine.errors import HarnessError
 from engine.run import run
-from evals import EVALS, build_evals
+from evals import EVALS, build_evals, eval_schema, register_eval
 from train_helpers import compose_cfg, read_metrics, tiny_overrides
 
 
@@ -42,6 +46,14 @@ def test_hellaswag_is_discovered_and_registered():
     build_evals({}, "byte")
     assert "hellaswag" in EVALS and EVALS["hellaswag"].__module__ == "evals.hellaswag"
     assert evals.hellaswag.from_config({"interval": 0}, "byte") is None
+
+
+def test_each_evaluation_declares_the_specs_of_its_keys():
+    assert set(eval_schema()) == section_keys()["eval"]
+    with pytest.raises(TypeError):
+        register_eval("unchecked")  # registering without a schema is an error
+    with pytest.raises(HarnessError, match=r"^eval\.hellaswag_batch_size=0 must be an integer >= 1"):
+        check_config(compose_cfg(["eval.hellaswag_batch_size=0"]))
 
 
 def test_the_loop_runs_due_evaluations_and_logs_them(tiny_data, tmp_path, monkeypatch):

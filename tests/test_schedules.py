@@ -8,7 +8,7 @@ import pytest
 from engine.build import lr_schedule
 from engine.config_check import check_config
 from engine.errors import HarnessError
-from engine.schedules import SCHEDULES, Span, build_schedule, cosine
+from engine.schedules import SCHEDULE_SCHEMAS, SCHEDULES, Span, build_schedule, cosine
 from train_helpers import REPO, compose_cfg
 
 
@@ -37,7 +37,7 @@ def test_the_configured_schedule_follows_the_train_group():
 
 def test_every_registered_schedule_has_its_config_file_and_back():
     files = {p.stem for p in (REPO / "configs" / "schedule").glob("*.yaml")}
-    assert files == set(SCHEDULES)
+    assert files == set(SCHEDULES) == set(SCHEDULE_SCHEMAS)  # each registered with its specs
     for name in SCHEDULES:
         cfg = compose_cfg([f"schedule={name}"])
         assert cfg.schedule.name == name
