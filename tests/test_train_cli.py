@@ -383,3 +383,19 @@ def test_a_refused_run_leaves_no_trace_and_torchrun_prints_the_error_once(tmp_pa
     assert res.returncode != 0
     assert res.stderr.count("optimizer.lr=-1 must be a positive finite number") == 1
     assert not (tmp_path / "outputs").exists()
+
+
+# --- config values refused by their spec (engine/schema.py), as a user meets them ---------------
+
+@pytest.mark.parametrize("args,key", [
+    (["seed=abc"], "seed"),
+    (["compile=no"], "compile"),
+    (["train.stop_at_step=-1"], "train.stop_at_step"),
+    (["optimizer=sophia", "optimizer.k=0.5"], "optimizer.k"),
+])
+def test_a_value_of_the_wrong_type_or_range_exits_2_naming_the_key(args, key, tmp_path):
+    res = run_train_cli(args, cwd=tmp_path)  # default output dirs, as a user runs it
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}="), res.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory left behind
