@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from data.bins import check_bin, read_meta
+from data.bins import check_bin, check_tokens, read_meta, token_error
 from data.errors import DataError
 
 ROWS_PER_DRAW = 64
@@ -38,6 +38,10 @@ def _stream_id(stream: str) -> int:
 
 class TokenLoader:
     """Batches of (x, y) windows from ``<data_dir>/<split>.bin`` (see the module docstring).
+
+    Opening refuses (``DataError``) a folder whose meta.json, bin size or sampled token ids do
+    not fit its tokenizer (``data.bins``); a batch that meets an id past the vocabulary raises
+    ``DataError`` naming the bin and offset.
 
     Args:
         data_dir: a folder written by ``python -m data.prepare``.
@@ -77,6 +81,7 @@ class TokenLoader:
                 f"the {split} split of {self.data_dir} holds only {self.num_tokens} tokens. Use a "
                 "smaller block_size or prepare more data (for val: a larger --val-fraction)."
             )
+        check_tokens(self.path, split, self.meta)
         self.pin_memory = (self.device.type == "cuda") if pin_memory is None else bool(pin_memory)
         self._data: np.memmap | None = None
         self._lock = threading.Lock()
@@ -223,6 +228,16 @@ class TokenLoader:
             window = data[o:o + self.block_size + 1]
             xn[i] = window[:-1]
             yn[i] = window[1:]
+        # An id past the vocabulary would index past the embedding: refuse it here, naming the
+        # bin, rather than as an IndexError deep in the model (the bin changed since it was
+        # opened, or holds a corrupt stretch that check_tokens' sample missed).
+        if max(int(xn.max()), int(yn[:, -1].max())) >= self.vocab_size:
+            for o in offs:
+                window = np.asarray(data[o:o + self.block_size + 1])
+                bad = np.flatnonzero(window >= self.vocab_size)
+                if bad.size:
+                    raise token_error(self.path, int(o) + int(bad[0]), int(window[bad[0]]),
+                                      self.meta)
         return x, y
 
     def __getstate__(self) -> dict[str, Any]:

@@ -8,18 +8,43 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from data.errors import DataError
 
-TOKENIZERS = ("gpt2", "byte")
-
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """On-disk dtype: uint16 while every id fits, else uint32 (docs/data.md#the-prepared-format)."""
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a tokenizer's prepared data must say in meta.json, known without loading it (GPT-2's
+    files may be missing where a prepared folder is read)."""
+
+    name: str
+    vocab_size: int
+    eot: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+
+TOKENIZER_SPECS = {spec.name: spec for spec in (TokenizerSpec("gpt2", 50257, 50256),
+                                                 TokenizerSpec("byte", 257, 256))}
+TOKENIZERS = tuple(TOKENIZER_SPECS)
+
+
+def tokenizer_spec(name: str) -> TokenizerSpec:
+    """The vocabulary size, end-of-text id and dtype of tokenizer ``name``, without loading it."""
+    if name not in TOKENIZER_SPECS:
+        raise DataError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}.")
+    return TOKENIZER_SPECS[name]
 
 
 class Tokenizer:
@@ -64,8 +89,8 @@ class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255 plus EOT 256: needs no download, works on any text."""
 
     name = "byte"
-    vocab_size = 257
-    eot = 256
+    vocab_size = TOKENIZER_SPECS["byte"].vocab_size  # 257
+    eot = TOKENIZER_SPECS["byte"].eot  # 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -103,8 +128,14 @@ class GPT2Tokenizer(Tokenizer):
                 "folder that already holds the two cached files, or use --tokenizer byte, which "
                 "needs no download."
             ) from e
-        self.vocab_size = self._enc.n_vocab  # 50257
-        self.eot = self._enc.eot_token  # 50256
+        spec = TOKENIZER_SPECS["gpt2"]
+        if (self._enc.n_vocab, self._enc.eot_token) != (spec.vocab_size, spec.eot):
+            raise DataError(
+                f"tiktoken's gpt2 encoding has {self._enc.n_vocab} ids and end-of-text id "
+                f"{self._enc.eot_token}, expected {spec.vocab_size} and {spec.eot} (GPT-2's): "
+                "its cached files in TIKTOKEN_CACHE_DIR are not GPT-2's; delete them so that "
+                "tiktoken fetches them again.")
+        self.vocab_size, self.eot = spec.vocab_size, spec.eot
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)

@@ -1,10 +1,11 @@
-"""Faulty inputs the data layer refuses with one DataError instead of preparing them: text that
-is not UTF-8, an empty source (refused without leaving anything behind), symlinks that lead out
-of a source folder."""
+"""Faulty inputs the data layer refuses with one DataError instead of preparing or reading them:
+text that is not UTF-8, a meta.json that does not describe its tokenizer or its bins, an empty
+source (refused without leaving anything behind), symlinks that lead out of a source folder."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ import yaml
 import data.prepare as dp
 from data import DataError
 from data.bins import read_meta
+from data.loader import TokenLoader
 from data.prepare import ensure_prepared, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(workers=1, progress=False)
+BLOCK = 16
 
 
 def paragraphs(n: int, tag: str = "") -> str:
@@ -124,6 +127,133 @@ def test_strict_is_the_default_and_leaves_the_settings_as_before(tmp_path):
 def test_text_data_configs_declare_errors_strict(name):
     cfg = yaml.safe_load((REPO / "configs" / "data" / f"{name}.yaml").read_text())
     assert cfg["errors"] == "strict"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 and 5. meta.json against its tokenizer, and the bins against meta.json
+
+
+@pytest.fixture(scope="module")
+def byte_dir(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src") / "c.txt"
+    src.write_text(paragraphs(300), encoding="utf-8")
+    out = tmp_path_factory.mktemp("prepared") / "c-byte"
+    prepare(src, out, "byte", val_fraction=0.1, split_blank_lines=True, **FAST)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src") / "c.txt"
+    src.write_text(paragraphs(300, tag="Enumerated "), encoding="utf-8")
+    out = tmp_path_factory.mktemp("prepared") / "c-gpt2"
+    prepare(src, out, "gpt2", val_fraction=0.1, split_blank_lines=True, **FAST)
+    return out
+
+
+def edited(folder: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of ``folder`` whose meta.json has ``changes`` applied (a "settings.key" name
+    edits the recorded settings)."""
+    dst = tmp_path / folder.name
+    shutil.copytree(folder, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("settings."):
+            meta["settings"][key.split(".", 1)[1]] = value
+        else:
+            meta[key] = value
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def halved(folder: Path) -> dict:
+    """Token counts that make uint16 bins look like uint32 ones of the right size."""
+    meta = json.loads((folder / "meta.json").read_text())
+    return {"train_tokens": meta["train_tokens"] // 2, "val_tokens": meta["val_tokens"] // 2}
+
+
+@pytest.mark.parametrize("changes, match", [
+    # A vocabulary the tokenizer does not have: a far larger (slower) model, silently.
+    ({"vocab_size": 50257}, r"meta.json: vocab_size is 50257, expected 257 \(the byte tokenizer"),
+    ({"eot": 0}, r"meta.json: eot is 0, expected 256 \(the byte tokenizer"),
+    ({"tokenizer": "sentencepiece"}, r"meta.json: tokenizer is 'sentencepiece', expected one of "
+                                     r"gpt2, byte"),
+    ({"settings.tokenizer": "gpt2"}, r"meta.json: settings.tokenizer is 'gpt2', expected 'byte'"),
+    ({"train_tokens": -4}, r"meta.json: train_tokens is -4, expected a count"),
+    ({"val_tokens": "many"}, r"meta.json: val_tokens is 'many', expected a count"),
+])
+def test_meta_that_does_not_describe_its_tokenizer_is_refused(byte_dir, tmp_path, changes, match):
+    d = edited(byte_dir, tmp_path, **changes)
+    with pytest.raises(DataError, match=match) as err:
+        read_meta(d)
+    assert "\n" not in str(err.value) and "--force" in str(err.value)
+
+
+def test_a_uint32_meta_with_matching_sizes_is_refused(byte_dir, gpt2_dir, tmp_path):
+    """Bins of uint16 ids read as uint32 give ids past any vocabulary (an IndexError at the first
+    eval); sizes that match do not make them right."""
+    for folder, tokenizer, vocab in ((byte_dir, "byte", 257), (gpt2_dir, "gpt2", 50257)):
+        d = edited(folder, tmp_path / tokenizer, dtype="uint32", vocab_size=70000,
+                   **halved(folder))
+        with pytest.raises(DataError, match=rf"vocab_size is 70000, expected {vocab}"):
+            TokenLoader(d, "train", BLOCK, seed=0)
+        d = edited(folder, tmp_path / f"{tokenizer}-dtype", dtype="uint32", **halved(folder))
+        with pytest.raises(DataError, match=r"dtype is 'uint32', expected 'uint16'"):
+            TokenLoader(d, "train", BLOCK, seed=0)
+
+
+def test_a_bin_whose_size_is_not_whole_tokens_is_refused(byte_dir, tmp_path):
+    d = edited(byte_dir, tmp_path)
+    with open(d / "val.bin", "ab") as f:
+        f.write(b"\x01")
+    with pytest.raises(DataError, match=r"val.bin: size is \d+ bytes, expected a multiple of 2 "
+                                        r"\(the uint16 item size\)"):
+        TokenLoader(d, "val", BLOCK, seed=0)
+
+
+def test_a_byte_meta_over_gpt2_bins_is_refused(byte_dir, gpt2_dir, tmp_path):
+    """meta.json copied from a byte prepare into a GPT-2 folder, token counts fixed up: the ids
+    in the bins do not fit the vocabulary it names."""
+    gpt2 = json.loads((gpt2_dir / "meta.json").read_text())
+    d = edited(byte_dir, tmp_path, train_tokens=gpt2["train_tokens"],
+               val_tokens=gpt2["val_tokens"])
+    for split in ("train", "val"):
+        shutil.copy(gpt2_dir / f"{split}.bin", d / f"{split}.bin")
+    with pytest.raises(DataError, match=r"train.bin: token id is \d+ at offset \d+, expected "
+                                        r"below 257 \(vocab_size of tokenizer byte"):
+        TokenLoader(d, "train", BLOCK, seed=0)
+
+
+def test_a_gpt2_meta_over_byte_bins_is_refused(byte_dir, tmp_path):
+    """Byte ids are all valid GPT-2 ids, so only the end-of-text ids give the bins away."""
+    d = edited(byte_dir, tmp_path, tokenizer="gpt2", vocab_size=50257, eot=50256,
+               **{"settings.tokenizer": "gpt2"})
+    read_meta(d)  # a consistent GPT-2 meta.json
+    with pytest.raises(DataError, match=r"train.bin: last token is 256, expected 50256 \(the "
+                                        r"end-of-text id of tokenizer gpt2"):
+        TokenLoader(d, "train", BLOCK, seed=0)
+
+
+def test_a_bin_corrupted_after_opening_is_refused_at_the_batch(byte_dir, tmp_path):
+    d = edited(byte_dir, tmp_path)
+    loader = TokenLoader(d, "train", BLOCK, seed=0)
+    tokens = np.fromfile(d / "train.bin", dtype=np.uint16)
+    tokens[:-1] = 300  # every id but the final end-of-text one out of the byte vocabulary
+    tokens.tofile(d / "train.bin")
+    with pytest.raises(DataError, match=r"train.bin: token id is 300 at offset \d+, expected "
+                                        r"below 257"):
+        loader.get(0, 0, 4)
+
+
+def test_a_tail_split_train_bin_need_not_end_with_eot(tmp_path):
+    src = tmp_path / "one.txt"
+    src.write_text(paragraphs(30), encoding="utf-8")
+    out = tmp_path / "out"
+    meta = prepare(src, out, "byte", val_fraction=0.1, val_split="tail",
+                   split_blank_lines=False, **FAST)
+    assert np.fromfile(out / "train.bin", dtype=np.uint16)[-1] != meta["eot"]
+    TokenLoader(out, "train", BLOCK, seed=0).get(0, 0, 2)
+    TokenLoader(out, "val", BLOCK, seed=0).get(0, 0, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,11 +135,12 @@ def test_check_vocab(prepared, copy_of):
     with pytest.raises(DataError, match="model's vocab_size is 200.*at least 257"):
         L.check_vocab(200)
     d = copy_of()
+    opened = loader(d)  # opening checks a sample of the ids; the scan reads every one
     tokens = np.fromfile(d / "train.bin", dtype=np.uint16)
     tokens[len(tokens) // 2] = 300  # an id the byte tokenizer cannot produce
     tokens.tofile(d / "train.bin")
     with pytest.raises(DataError, match="holds token id 300, which is not below the vocabulary"):
-        loader(d).check_vocab(50304, scan=True)
+        opened.check_vocab(50304, scan=True)
 
 
 def test_missing_folder_and_files(tmp_path):
@@ -167,9 +168,9 @@ def test_meta_not_marked_complete(copy_of):
 
 @pytest.mark.parametrize("change, match", [
     ({"train_tokens": 12345}, "do not belong together"),
-    ({"dtype": "uint32"}, "says dtype uint32 but a vocabulary of 257 is stored as uint16"),
+    ({"dtype": "uint32"}, "dtype is 'uint32', expected 'uint16' .the dtype that holds the byte"),
     ({"format_version": 99}, "format_version 99"),
-    ({"eot": 999}, "eot 999 is outside the vocabulary"),
+    ({"eot": 999}, "eot is 999, expected 256 .the byte tokenizer's end-of-text id"),
     ({"max_token_id": 257}, "records token id 257, which is not below its vocabulary of 257"),
     ({"settings": None}, "settings is None, not a mapping"),
 ])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data import DataError, get_tokenizer
-from data.tokenizers import token_dtype
+from data.tokenizers import TOKENIZERS, token_dtype, tokenizer_spec
 
 SAMPLES = [
     "",
@@ -67,6 +67,16 @@ def test_token_dtype_rule():
 def test_unknown_tokenizer():
     with pytest.raises(DataError, match="Unknown tokenizer 'bpe'.*gpt2, byte"):
         get_tokenizer("bpe")
+    with pytest.raises(DataError, match="Unknown tokenizer 'bpe'.*gpt2, byte"):
+        tokenizer_spec("bpe")
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_specs_are_what_the_loaded_tokenizers_say(name):
+    """meta.json is checked against these without loading the tokenizer's files."""
+    tok, spec = get_tokenizer(name), tokenizer_spec(name)
+    assert (spec.name, spec.vocab_size, spec.eot, spec.dtype) == \
+        (tok.name, tok.vocab_size, tok.eot, tok.dtype)
 
 
 def test_missing_tiktoken_files_names_cache_dir(monkeypatch):
