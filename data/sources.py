@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -496,9 +497,9 @@ def read_file(path: str | os.PathLike, options: SourceOptions | None = None) -> 
 def _not_utf8(where: str, offset: int, e: UnicodeDecodeError, of: str = "") -> SourceError:
     bad = " ".join(f"0x{b:02x}" for b in e.object[e.start:e.end])
     return SourceError(
-        f"{where} is not valid UTF-8: {bad} at byte offset {offset}{of} ({e.reason}). Prepare "
-        "text only, or pass --errors replace (data.errors=replace) to prepare it with each "
-        "invalid sequence replaced by U+FFFD.")
+        f"{where} is not valid UTF-8: {bad} at byte offset {offset}{of} ({e.reason}). Give "
+        "UTF-8 text (not a binary file or another encoding), or pass --errors replace "
+        "(data.errors=replace) to prepare it with each invalid sequence replaced by U+FFFD.")
 
 
 def _first_invalid_utf8(path: Path) -> tuple[int, UnicodeDecodeError] | None:
@@ -578,7 +579,28 @@ def read_jsonl(path: Path, options: SourceOptions) -> Iterator[str]:
                 raise SourceError(f"{path}:{lineno} has no {text_column!r} field (found {keys}). "
                                   "Pass --text-column with the field that holds the text.")
             if row[text_column] is not None:
-                yield str(row[text_column])
+                yield _encodable(str(row[text_column]), options.errors,
+                                 f"{path}:{lineno}: the {text_column!r} field")
+
+
+# JSON can escape half of a UTF-16 surrogate pair ("\ud800"): valid UTF-8 in the file, but a
+# string that no UTF-8 tokenizer can encode.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(text: str, errors: str, where: str) -> str:
+    """``text``, whose lone surrogates raise ``SourceError`` (errors "strict") or become U+FFFD
+    (errors "replace")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        if errors != "replace":
+            raise SourceError(
+                f"{where} holds {text[e.start]!r} at character {e.start}, half of a UTF-16 "
+                "surrogate pair, which is not valid UTF-8. Fix the text, or pass --errors "
+                "replace (data.errors=replace) to prepare it with U+FFFD in its place.") from None
+        text = _LONE_SURROGATE.sub("\ufffd", text)
+    return text
 
 
 @register_reader(".parquet", options=("text_column", "errors"))

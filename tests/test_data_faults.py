@@ -67,6 +67,22 @@ def test_a_jsonl_that_is_not_utf8_is_refused(tmp_path):
     assert leftovers(tmp_path / "out") == []
 
 
+def test_a_jsonl_escape_of_half_a_surrogate_pair_is_refused_or_replaced(tmp_path):
+    """Valid UTF-8 bytes whose JSON escapes decode to a lone surrogate: text no tokenizer can
+    encode as UTF-8."""
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "ok \\ud800 bad"}\n{"text": "\\ud83d\\ude00"}\n',
+                   encoding="utf-8")
+    with pytest.raises(DataError, match=r"rows.jsonl:2: .*'\\ud800' at character 3.*not valid "
+                                        r"UTF-8.*--errors replace"):
+        prepare(src, tmp_path / "out", "byte", **FAST)
+    assert leftovers(tmp_path / "out") == []
+    meta = prepare(src, tmp_path / "out", "byte", val_fraction=0.0, errors="replace", **FAST)
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).tolist()
+    assert bytes(t for t in ids if t < 256).decode() == "fineok \ufffd bad\U0001f600"
+    assert meta["documents"] == 3
+
+
 def test_a_parquet_binary_column_is_decoded_not_stringified(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
