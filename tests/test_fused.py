@@ -17,6 +17,7 @@ import importlib
 import json
 import re
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -477,24 +478,32 @@ def test_the_fusion_heuristics_stay_inside_the_fused_step() -> None:
 
 def test_compile_options_follow_what_inductor_offers(monkeypatch) -> None:
     # The handler must reach inductor's cache key, or the cache must be skipped; and a torch
-    # without the heuristics hook compiles as before (chunks only).
-    from torch._inductor import config
+    # without the heuristics hook compiles as before (chunks only). Inductor's config module is
+    # replaced by a stand-in: the real one refuses to be given a key it lacks (torch 2.11 has
+    # no _cache_config_factory_keys), so each torch could only check its own branch.
+    import torch._inductor
 
-    def options_with(hook, factory_keys):
+    def options_with(hook, **config):
         fused_mod._compile_options.cache_clear()
         monkeypatch.setattr(fused_mod, "_fusion_hook", lambda: hook)
-        monkeypatch.setattr(config, "_cache_config_factory_keys", factory_keys, raising=False)
+        monkeypatch.setattr(torch._inductor, "config", SimpleNamespace(**config))
         return fused_mod._compile_options()
 
     try:
-        keyed = options_with(object(), ["inductor_choices_class"])
+        keyed = options_with(object(), _cache_config_factory_keys=["inductor_choices_class"])
         assert keyed["inductor_choices_class"] is fused_mod._OnePassFusion
         assert "fx_graph_cache" not in keyed
-        assert options_with(object(), [])["fx_graph_cache"] is False
-        assert options_with(None, ["inductor_choices_class"]) == {"size_asserts": False}
+        assert options_with(object(), _cache_config_factory_keys=[])["fx_graph_cache"] is False
+        assert options_with(object())["fx_graph_cache"] is False
+        assert options_with(None, _cache_config_factory_keys=["inductor_choices_class"]) == {
+            "size_asserts": False}
     finally:
         monkeypatch.undo()
         fused_mod._compile_options.cache_clear()
+    # what this torch gets are options its inductor has (torch.compile refuses unknown ones)
+    from torch._inductor import config
+
+    assert set(fused_mod._compile_options()) <= set(config.get_config_copy())
     # the key names the rule and its threshold, so a change of either never reuses old code
     assert str(fused_mod._MIN_SHARED_BYTES_TO_FUSE_FAR) in fused_mod._OnePassFusion().uuid()
 
