@@ -21,7 +21,7 @@ import numpy as np
 from data.errors import DataError
 from data.files import write_text_atomic
 from data.sources import source_choices
-from data.tokenizers import TOKENIZER_SPECS, tokenizer_spec
+from data.tokenizers import TOKENIZER_SPECS, token_dtype, tokenizer_spec
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -119,7 +119,8 @@ def _check_against_tokenizer(meta_path: Path, meta: dict[str, Any]) -> None:
     spec = tokenizer_spec(name)
     facts = [("vocab_size", spec.vocab_size, f"the {name} tokenizer's vocabulary"),
              ("eot", spec.eot, f"the {name} tokenizer's end-of-text id"),
-             ("dtype", spec.dtype.name, f"the dtype that holds the {name} tokenizer's ids")]
+             ("dtype", token_dtype(spec.vocab_size).name, f"the dtype that holds the {name} "
+              "tokenizer's ids")]
     for field, expected, what in facts:
         if meta[field] != expected:
             raise refuse(field, meta[field], f"{expected!r} ({what})")

@@ -28,11 +28,7 @@ class TokenizerSpec:
 
     name: str
     vocab_size: int
-    eot: int
-
-    @property
-    def dtype(self) -> np.dtype:
-        return token_dtype(self.vocab_size)
+    eot: int  # the dtype is token_dtype(vocab_size), as Tokenizer.dtype
 
 
 TOKENIZER_SPECS = {spec.name: spec for spec in (TokenizerSpec("gpt2", 50257, 50256),
@@ -41,7 +37,7 @@ TOKENIZERS = tuple(TOKENIZER_SPECS)
 
 
 def tokenizer_spec(name: str) -> TokenizerSpec:
-    """The vocabulary size, end-of-text id and dtype of tokenizer ``name``, without loading it."""
+    """The vocabulary size and end-of-text id of tokenizer ``name``, without loading it."""
     if name not in TOKENIZER_SPECS:
         raise DataError(f"Unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}.")
     return TOKENIZER_SPECS[name]

@@ -276,41 +276,29 @@ def test_a_tail_split_train_bin_need_not_end_with_eot(tmp_path):
 # 3. Empty sources: refused, and nothing is left that makes a corrected re-run look interrupted
 
 
-def _empty_txt(tmp_path: Path) -> Path:
-    (tmp_path / "e.txt").write_text("")
-    return tmp_path / "e.txt"
+# Sources without a document: files by name and content ("corpus/..." files make a folder).
+EMPTY_SOURCES = {
+    "empty.txt": {"empty.txt": ""},
+    "blank.txt": {"blank.txt": "\n\n  \n\n"},
+    "empty.jsonl": {"empty.jsonl": ""},
+    "null-rows.jsonl": {"null-rows.jsonl": '{"text": null}\n\n{"text": ""}\n'},
+    "corpus": {"corpus/a.txt": "", "corpus/b.jsonl": ""},
+}
 
 
-def _blank_txt(tmp_path: Path) -> Path:
-    (tmp_path / "b.txt").write_text("\n\n  \n\n")
-    return tmp_path / "b.txt"
-
-
-def _empty_jsonl(tmp_path: Path) -> Path:
-    (tmp_path / "e.jsonl").write_text("")
-    return tmp_path / "e.jsonl"
-
-
-def _null_rows_jsonl(tmp_path: Path) -> Path:
-    (tmp_path / "n.jsonl").write_text('{"text": null}\n\n{"text": ""}\n')
-    return tmp_path / "n.jsonl"
-
-
-def _folder_of_empty_files(tmp_path: Path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "a.txt").write_text("")
-    (folder / "b.jsonl").write_text("")
-    return folder
+def empty_source(tmp_path: Path, name: str) -> Path:
+    for file, text in EMPTY_SOURCES[name].items():
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_text(text)
+    return tmp_path / name
 
 
 # Read whole (split_blank_lines false), a file of blank lines is a document of whitespace.
-@pytest.mark.parametrize("make, split_blank_lines", [
-    (make, split) for make in (_empty_txt, _blank_txt, _empty_jsonl, _null_rows_jsonl,
-                               _folder_of_empty_files) for split in (True, False)
-    if (make, split) != (_blank_txt, False)])
-def test_an_empty_source_is_refused_leaving_nothing_behind(tmp_path, make, split_blank_lines):
-    src = make(tmp_path)
+@pytest.mark.parametrize("name, split_blank_lines", [
+    (name, split) for name in EMPTY_SOURCES for split in (True, False)
+    if (name, split) != ("blank.txt", False)])
+def test_an_empty_source_is_refused_leaving_nothing_behind(tmp_path, name, split_blank_lines):
+    src = empty_source(tmp_path, name)
     out = tmp_path / "out"
     with pytest.raises(DataError, match="no non-empty documents"):
         prepare(src, out, "byte", split_blank_lines=split_blank_lines, **FAST)
@@ -327,7 +315,7 @@ def test_an_empty_source_keeps_a_folder_that_was_there(tmp_path):
     out.mkdir()
     (out / "README").write_text("not mine to delete\n")
     with pytest.raises(DataError, match="no non-empty documents"):
-        prepare(_empty_jsonl(tmp_path), out, "byte", **FAST)
+        prepare(empty_source(tmp_path, "empty.jsonl"), out, "byte", **FAST)
     assert leftovers(out) == ["README"]
 
 
