@@ -1,4 +1,4 @@
-"""The one exception type the data pipeline raises for bad input."""
+"""The exception the data pipeline raises for bad input, and its kind for a faulty source."""
 from __future__ import annotations
 
 
