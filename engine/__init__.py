@@ -14,7 +14,8 @@ docs/extending.md):
 - ``resume``         a resumed run keeps its config; the keys that do not change a result
 - ``run_dir``        reading a run directory back (metrics, config, overrides, summary)
 - ``nonfinite``      stop / skip / rollback on a NaN or inf loss
-- ``config_check``   unknown keys and unset values refused before anything runs
+- ``config_check``   unknown keys, unset values and bad values refused before anything runs
+- ``schema``         the type and range of every key of the root config's sections
 - ``summary``        summary.json and the end-of-run block
 - ``console_log``    the console copied into train.log
 - ``sweep_callback`` the table that ends a multirun
