@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from engine.errors import HarnessError
-from engine.schema import Spec
+from engine.schema import Choice, Float, Spec
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,49 @@ def cosine(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
         return span.min_lr_ratio
     progress = (step - span.warmup_steps) / max(1, span.decay_steps - span.warmup_steps)
     return span.min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - span.min_lr_ratio)
+
+
+@register_schedule("constant", schema={})
+def constant(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
+    """Linear warmup, then the peak lr for good (``decay_steps`` and ``min_lr_ratio`` unused)."""
+    ramp = warmup(step, span)
+    return 1.0 if ramp is None else ramp
+
+
+# The decay of a WSD schedule as a function of its progress p in [0, 1], from 1 to 0; the
+# multiplier is min_lr_ratio + (1 - min_lr_ratio) * shape(p).
+WSD_SHAPES: dict[str, Callable[[float], float]] = {
+    "linear": lambda p: 1.0 - p,
+    "1-sqrt": lambda p: 1.0 - math.sqrt(p),  # Hägele et al. 2024's best cooldown
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+}
+
+
+def wsd_decay_start(decay_steps: int, decay_fraction: float) -> int:
+    """The step where a WSD schedule ending at ``decay_steps`` leaves its peak: the last
+    ``decay_fraction`` of the steps decay (rounded; at least one step when the fraction is > 0)."""
+    length = round(decay_fraction * decay_steps)
+    return decay_steps - (max(1, length) if decay_fraction > 0 else 0)
+
+
+@register_schedule("wsd", schema={
+    "decay_fraction": Float(min=0, max=1, doc="the share of the steps, at the end, that decay"),
+    "decay_shape": Choice(*WSD_SHAPES, doc="how the lr falls during the decay"),
+})
+def wsd(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
+    """Warmup-stable-decay: linear warmup, the peak lr until the last ``decay_fraction`` of the
+    steps to ``decay_steps``, then a ``decay_shape`` decay to ``min_lr_ratio`` (which may be 0),
+    flat after it. Every horizon shares the stable part, so a run can branch into any shorter
+    horizon's decay from a checkpoint taken where that decay starts."""
+    start = wsd_decay_start(span.decay_steps, cfg["decay_fraction"])
+    if step < start:
+        ramp = warmup(step, span)
+        return 1.0 if ramp is None else ramp
+    if step >= span.decay_steps:
+        return span.min_lr_ratio
+    progress = (step - start) / (span.decay_steps - start)
+    shape = WSD_SHAPES[cfg["decay_shape"]](progress)
+    return span.min_lr_ratio + (1.0 - span.min_lr_ratio) * shape
 
 
 def build_schedule(cfg: Mapping[str, Any], span: Span) -> Callable[[int], float]:

@@ -9,7 +9,8 @@ from engine.build import lr_schedule
 from engine.config_check import check_config
 from engine.errors import HarnessError
 from engine.schedules import SCHEDULE_SCHEMAS, SCHEDULES, Span, build_schedule, cosine
-from train_helpers import REPO, compose_cfg
+from engine.run import run
+from train_helpers import REPO, compose_cfg, read_metrics, tiny_overrides
 
 
 def test_cosine_trace_point_by_point():
@@ -52,3 +53,46 @@ def test_a_typo_in_the_schedule_group_is_refused():
 def test_an_unknown_schedule_name_lists_the_registered_ones():
     with pytest.raises(HarnessError, match=r"schedule='linear' is unknown; choose one of cosine"):
         build_schedule({"name": "linear"}, Span(1, 2, 0.0))
+
+
+WSD_SPAN = Span(warmup_steps=10, decay_steps=100, min_lr_ratio=0.01)
+
+
+@pytest.mark.parametrize("shape,at_85", [
+    ("linear", 0.01 + 0.99 * 0.75),
+    ("1-sqrt", 0.01 + 0.99 * (1 - math.sqrt(0.25))),
+    ("cosine", 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.25))),
+])
+def test_wsd_trace_point_by_point(shape, at_85):
+    f = build_schedule({"name": "wsd", "decay_fraction": 0.2, "decay_shape": shape}, WSD_SPAN)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)  # the shared warmup
+    assert all(f(s) == 1.0 for s in range(10, 81))  # stable until the last 20% of 100 steps
+    assert f(85) == pytest.approx(at_85)  # a quarter into the 20-step decay
+    assert f(100) == pytest.approx(0.01) and f(120) == pytest.approx(0.01)
+    decay = [f(s) for s in range(80, 101)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_wsd_may_decay_to_zero_and_rounds_its_decay_start():
+    f = build_schedule({"name": "wsd", "decay_fraction": 0.25, "decay_shape": "linear"},
+                       Span(warmup_steps=0, decay_steps=10, min_lr_ratio=0.0))
+    # round(2.5) = 2 decay steps: 8 is the peak, 9 halfway, 10 zero
+    assert [f(s) for s in (0, 7, 8, 9, 10)] == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.0])
+
+
+def test_constant_keeps_the_peak_after_warmup():
+    f = build_schedule({"name": "constant"}, WSD_SPAN)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert {f(s) for s in range(10, 500, 7)} == {1.0}
+
+
+def test_a_run_follows_the_wsd_trace(tiny_data, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", schedule="wsd",
+                                     **{"schedule.decay_fraction": 0.5}))
+    run(cfg, tmp_path)
+    f = lr_schedule(cfg)
+    rows = [r for r in read_metrics(tmp_path) if "lr" in r]
+    assert len(rows) == 6  # steps 5, 10, ..., 30
+    for r in rows:  # the lr of the step that led to this row
+        assert r["lr"] == pytest.approx(cfg.optimizer.lr * f(r["step"] - 1))
+    assert {r["step"] for r in rows if r["lr"] == pytest.approx(cfg.optimizer.lr)} == {5, 10, 15}
