@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 from sophia import fused_cache_size
 
@@ -104,7 +105,17 @@ def test_fused_steps_are_one_pass_in_the_cuda_code(optimizer: str) -> None:
     assert floor <= combo["bytes_per_param"] < floor * 1.01, combo
     assert combo["launches"] < result["launches"], combo
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sophia", "lion"])
+def test_whole_tensor_sums_would_cost_a_second_pass(optimizer: str) -> None:
     # What the row-first sums prevent: with whole-tensor sums, the CUDA step stores a
-    # parameter-sized temporary and reads it back (the test sees it).
+    # parameter-sized temporary and reads it back (the test sees it). Older inductors (torch
+    # 2.9) keep such sums in the one pass, and then there is nothing to prevent.
+    pytest.importorskip("triton", reason="generating CUDA code needs the triton package")
+    floor = cuda_kernels.bench_optim.bytes_floor(optimizer)
     before = cuda_kernels.inspect(optimizer, shapes=_SHAPES, rows_first=False)
+    if before["bytes_per_param"] < floor * 1.01:
+        pytest.skip(f"torch {torch.__version__}'s inductor keeps whole-tensor sums in one pass "
+                    "on CUDA as well")
     assert before["bytes_per_param"] > floor * 1.3, before
