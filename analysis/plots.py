@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from analysis.runs import Run, series
+from analysis.runs import Diverged, Run, series
 from analysis.scaling import ScalingPoint
+from analysis.sensitivity import LrPoint
 from analysis.speedup import AXES, smooth
 from analysis.units import si_format
+
 
 @dataclass(frozen=True)
 class Style:
@@ -56,7 +58,9 @@ def _band(member_series: list[tuple[list[float], list[float]]]):
 
 
 def _draw(ax, groups: dict[str, list[Run]], styles: dict[str, Style], x_key: str, y_key: str,
-          smooth_n: int) -> bool:
+          smooth_n: int, diverged: Sequence[Diverged] = ()) -> bool:
+    """Each group's mean line (and min/max band over seeds); True if any was drawn. The `diverged`
+    runs are :func:`_draw_diverged`'s, and only keep the panel from reading "no points"."""
     drawn = False
     for label, members in groups.items():
         member_series = [series(r.records, x_key, y_key) for r in members]
@@ -78,9 +82,42 @@ def _draw(ax, groups: dict[str, list[Run]], styles: dict[str, Style], x_key: str
             ax.fill_between(xs, smooth(lo, smooth_n), smooth(hi, smooth_n), color=st.color, alpha=0.15,
                             linewidth=0)
         drawn = True
-    if not drawn:
+    if not drawn and not any(series(d.run.records, x_key, y_key)[0] for d in diverged):
         ax.text(0.5, 0.5, f"no {y_key} points", ha="center", va="center", transform=ax.transAxes, color="gray")
     return drawn
+
+
+def _draw_diverged(ax, diverged: Sequence[Diverged], styles: dict[str, Style], x_key: str, y_key: str) -> None:
+    """Each diverged run as a thin dotted line in its group's colour, with an x at its divergence
+    point: at the last finite value up to it, held inside y limits already set (a blow-up far above
+    the healthy runs still shows, at the top edge)."""
+    for d in diverged:
+        st = styles[d.label]
+        xs, ys = series(d.run.records, x_key, y_key)
+        if xs:
+            ax.plot(xs, ys, color=st.color, linestyle=":", linewidth=1.0, alpha=0.8)
+        x_at = next((r[x_key] for r in d.run.records if r.get("step") == d.divergence.step
+                     and isinstance(r.get(x_key), (int, float))), None)
+        before = [r for r in d.run.records if isinstance(r.get("step"), int) and r["step"] <= d.divergence.step]
+        y_at = series(before, x_key, y_key)[1]
+        if x_at is None or not y_at:
+            continue
+        y = y_at[-1]
+        if not ax.get_autoscaley_on():
+            lo, hi = ax.get_ylim()
+            y = min(y, hi - 0.03 * (hi - lo))
+        ax.plot([x_at], [y], linestyle="none", marker="x", color=st.color, markersize=10, markeredgewidth=2.2,
+                zorder=5)
+
+
+def _diverged_handle(diverged: Sequence[Diverged]) -> list[tuple]:
+    """The legend entry explaining the x, when some run diverged."""
+    from matplotlib.lines import Line2D
+
+    if not diverged:
+        return []
+    return [(Line2D([], [], color="gray", linestyle=":", marker="x", markersize=9, markeredgewidth=2),
+             "diverged run (x: where; left out of the mean)")]
 
 
 def _loss_ylim(ax, groups: dict[str, list[Run]], x_key: str, y_key: str) -> None:
@@ -103,15 +140,16 @@ def _si_axis(axis) -> None:
     axis.set_major_formatter(FuncFormatter(si_format))
 
 
-def _add_legend(fig, styles: dict[str, Style]) -> None:
+def _add_legend(fig, styles: dict[str, Style], extra: Sequence[tuple] = ()) -> None:
     """One legend above the panels with an entry for every run (also those with no points in this
-    figure), as many columns as fit; the figure grows so that neither panels nor legend are cut."""
+    figure) and the `extra` (handle, label) pairs, as many columns as fit; the figure grows so that
+    neither panels nor legend are cut."""
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=st.color, linestyle=st.linestyle, linewidth=st.linewidth, marker=st.marker,
                       markersize=st.markersize, markerfacecolor="none", markeredgewidth=1.2)
-               for st in styles.values()]
-    labels = list(styles)
+               for st in styles.values()] + [h for h, _ in extra]
+    labels = list(styles) + [label for _, label in extra]
     fig_w, fig_h = fig.get_size_inches()
     if not labels:
         fig.tight_layout()
@@ -137,8 +175,11 @@ _LOSS_LABELS = {"train/loss": ("training loss", "training loss (nats/token)"),
                 "val/loss": ("validation loss", "validation loss (nats/token)")}
 
 
-def loss_figure(groups: dict[str, list[Run]], smooth_n: int, styles: dict[str, Style] | None = None):
-    """The 2x4 loss figure: train (top) and validation loss (bottom) against steps, tokens, FLOPs, seconds."""
+def loss_figure(groups: dict[str, list[Run]], smooth_n: int, styles: dict[str, Style] | None = None,
+                diverged: Sequence[Diverged] = ()):
+    """The 2x4 loss figure: train (top) and validation loss (bottom) against steps, tokens, FLOPs, seconds.
+
+    `groups` hold the runs averaged into each line; `diverged` runs are drawn apart, each with an x."""
     import matplotlib.pyplot as plt
 
     styles = styles or plot_styles(list(groups))
@@ -147,14 +188,15 @@ def loss_figure(groups: dict[str, list[Run]], smooth_n: int, styles: dict[str, S
         name, y_label = _LOSS_LABELS[y_key]
         for col, x_key in enumerate(AXES.values()):
             ax = axes[row][col]
-            if _draw(ax, groups, styles, x_key, y_key, smooth_n):
+            if _draw(ax, groups, styles, x_key, y_key, smooth_n, diverged):
                 _loss_ylim(ax, groups, x_key, y_key)
+            _draw_diverged(ax, diverged, styles, x_key, y_key)
             ax.set_title(f"{name} vs {_X_TITLES[x_key]}", fontsize=11)
             ax.set_xlabel(_X_LABELS[x_key])
             ax.set_ylabel(y_label)
             _si_axis(ax.xaxis)
             ax.grid(alpha=0.3)
-    _add_legend(fig, styles)
+    _add_legend(fig, styles, _diverged_handle(diverged))
     return fig
 
 
@@ -167,26 +209,30 @@ DIAGNOSTIC_PANELS: list[tuple[str, str, str]] = [
 ]
 
 
-def diagnostics_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | None = None):
-    """The 2x2 diagnostics figure: lr, grad-clip trigger rate, Sophia clip fraction and win rate."""
+def diagnostics_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | None = None,
+                       diverged: Sequence[Diverged] = ()):
+    """The 2x2 diagnostics figure: lr, grad-clip trigger rate, Sophia clip fraction and win rate
+    (`diverged` runs apart, as in :func:`loss_figure`)."""
     import matplotlib.pyplot as plt
 
     styles = styles or plot_styles(list(groups))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
     for ax, (key, title, y_label) in zip((a for row in axes for a in row), DIAGNOSTIC_PANELS):
-        drawn = _draw(ax, groups, styles, "step", key, 1)
+        drawn = _draw(ax, groups, styles, "step", key, 1, diverged)
+        drawn = drawn or any(series(d.run.records, "step", key)[0] for d in diverged)
         if key == "lr":
             if drawn:  # Muon's and Lion's lrs differ by ~100x: log scale shows both
                 ax.set_yscale("log")
         else:
             # Fractions: a fixed 0..1 range keeps a constant curve (all 1.0, say) off the frame's edge.
             ax.set_ylim(-0.04, 1.04)
+        _draw_diverged(ax, diverged, styles, "step", key)
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("optimizer steps")
         ax.set_ylabel(y_label if key != "lr" or drawn else "learning rate")
         _si_axis(ax.xaxis)
         ax.grid(alpha=0.3)
-    _add_legend(fig, styles)
+    _add_legend(fig, styles, _diverged_handle(diverged))
     return fig
 
 
@@ -222,9 +268,10 @@ def downstream_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | N
     return fig
 
 
-def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
+def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int, diverged: Sequence[Diverged] = ()) -> list[Path]:
     """Write `loss.png` (2x4) and `diagnostics.png` (2x2) into `out`, and `downstream.png` when
-    some run has downstream accuracies; returns the paths."""
+    some run has downstream accuracies; returns the paths. `groups` are averaged into lines, the
+    `diverged` runs drawn apart with an x where they diverged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,8 +279,8 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int) -> list[Path]:
 
     styles = plot_styles(list(groups))
     paths = []
-    figures = [("loss.png", loss_figure(groups, smooth_n, styles)),
-               ("diagnostics.png", diagnostics_figure(groups, styles))]
+    figures = [("loss.png", loss_figure(groups, smooth_n, styles, diverged)),
+               ("diagnostics.png", diagnostics_figure(groups, styles, diverged))]
     if has_downstream(groups):
         figures.append(("downstream.png", downstream_figure(groups, styles)))
     for name, fig in figures:
@@ -282,4 +329,44 @@ def scaling_figure(points: Sequence[ScalingPoint]):
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3, which="both")
     _add_legend(fig, styles)
+    return fig
+
+
+def lr_sensitivity_figure(points: dict[str, list[LrPoint]]):
+    """Final loss against lr (log x), one line per optimizer: the mean over seeds with +-1 standard
+    deviation; an x at the top of the axis where the chosen setting lost seeds to divergence (or
+    every run diverged)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    styles = plot_styles(list(points))
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    top = blended_transform_factory(ax.transData, ax.transAxes)  # x in lr, y in axes fractions
+    any_diverged = False
+    for opt, pts in points.items():
+        st = styles[opt]
+        nan = float("nan")  # a gap in the line where every run diverged
+        ax.errorbar([p.lr for p in pts], [nan if p.mean is None else p.mean for p in pts],
+                    yerr=[0.0 if p.std is None else p.std for p in pts], color=st.color, linestyle=st.linestyle,
+                    marker=st.marker, linewidth=st.linewidth, markersize=st.markersize, markerfacecolor="none",
+                    markeredgewidth=1.2, capsize=4)
+        bad = [p.lr for p in pts if p.diverged]
+        if bad:
+            any_diverged = True
+            ax.plot(bad, [0.97] * len(bad), transform=top, linestyle="none", marker="x", color=st.color,
+                    markersize=11, markeredgewidth=2.4, clip_on=False)
+    ax.set_xscale("log")
+    # 1-2-5 ticks: lr sweeps often span a decade or two, where 10^k ticks leave one label or two
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, pos: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, pos: ""))
+    ax.set_title("final validation loss vs learning rate (mean over seeds, +-1 std)", fontsize=11)
+    ax.set_xlabel("peak learning rate (optimizer.lr, log scale)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    extra = [(Line2D([], [], color="gray", linestyle="none", marker="x", markersize=9, markeredgewidth=2),
+              "diverged at this lr")] if any_diverged else []
+    _add_legend(fig, styles, extra)
     return fig

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from engine.errors import HarnessError
+from engine.instability import Divergence, divergence, loss_value
 from engine.resume import is_result_neutral, override_key
 from engine.run_dir import METRICS_FILE, read_config, read_metrics, read_overrides, read_yaml
 
@@ -34,10 +35,34 @@ class Run:
 
     def seed(self) -> str | None:
         """The value of the run's ``seed=`` override, if any."""
+        return self.override("seed")
+
+    def override(self, key: str) -> str | None:
+        """The value of the run's ``key=`` override (``+key=`` too), if any."""
         for o in self.overrides:
-            if override_key(o) == "seed":
+            if override_key(o) == key:
                 return o.split("=", 1)[1] if "=" in o else None
         return None
+
+    def setting(self, dotted: str) -> float | None:
+        """A numeric setting such as ``optimizer.lr``: from the resolved config.yaml, else from an
+        override of that key (a W&B history has only the latter); None if neither is a number."""
+        node = self.config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            node = self.override(dotted)
+        value = loss_value(node)  # a number, or a number written as text by YAML or an override
+        return value if value is not None and math.isfinite(value) else None
+
+    def final(self, metric: str) -> float | None:
+        """The metric's last finite value in step order (None if it has none)."""
+        values = series(self.records, "step", metric)[1]
+        return values[-1] if values else None
+
+    def divergence(self) -> Divergence | None:
+        """Where and why the run diverged (engine.instability's rule), or None."""
+        return divergence(self.records)
 
 
 def _optimizer_name(config: dict | None, overrides: list[str]) -> str | None:
@@ -210,3 +235,30 @@ def series(records: Sequence[dict], x_key: str, y_key: str) -> tuple[list[float]
             by_step[r.get("step", x)] = (float(x), float(y))
     pts = [by_step[s] for s in sorted(by_step)]
     return [p[0] for p in pts], [p[1] for p in pts]
+
+
+@dataclass
+class Diverged:
+    """A diverged run of a group, left out of every mean, with where and why it diverged."""
+
+    label: str
+    run: Run
+    divergence: Divergence
+
+
+def split_diverged(groups: dict[str, list[Run]]) -> tuple[dict[str, list[Run]], list[Diverged]]:
+    """Each group without its diverged runs (``engine.instability``'s rule), and those runs.
+
+    A group all of whose runs diverged stays, empty, so that its label keeps its place (and style).
+    """
+    healthy: dict[str, list[Run]] = {}
+    diverged: list[Diverged] = []
+    for label, members in groups.items():
+        healthy[label] = []
+        for run in members:
+            d = run.divergence()
+            if d is None:
+                healthy[label].append(run)
+            else:
+                diverged.append(Diverged(label, run, d))
+    return healthy, diverged

@@ -17,6 +17,12 @@ aligned by evaluation index and truncated to the shortest member.
    B reads 0.5. If A (or, with a fixed target, B) never reaches the target the ratio is null and
    the table says "not reached"; a zero denominator or a missing axis also gives null, with a
    reason.
+5. Seed range, when A or B has several seeds: steps 1-4 for every pairing of one of A's seeds with
+   one of B's (B's own final smoothed loss as the target), and the min and max of those ratios
+   (:func:`seed_ranges`). It shows how far the speed-up moves with the seeds drawn, with no
+   assumption about its distribution; pairings where A never reaches the target are counted apart.
+
+Diverged runs (``engine.instability``) are left out of the groups before any of this.
 """
 from __future__ import annotations
 
@@ -81,33 +87,60 @@ def speedup_table(curves: Sequence[Curve], smooth_n: int = 1, target_loss: float
     or a short reason ("not reached by A", "not reached by B", "axis missing", "B's cost is 0").
     Curves without points are skipped.
     """
-    smoothed = {c.label: smooth(c.loss, smooth_n) for c in curves if c.loss}
     rows = []
     for a in curves:
         for b in curves:
-            if a is b or a.label not in smoothed or b.label not in smoothed:
-                continue
-            target = smoothed[b.label][-1] if target_loss is None else float(target_loss)
-            axes = {}
-            for axis in AXES:
-                xa, xb = a.x.get(axis), b.x.get(axis)
-                if xa is None or xb is None:
-                    axes[axis] = {"a": None, "b": None, "ratio": None, "note": "axis missing"}
-                    continue
-                ca = steps_to_reach(xa, smoothed[a.label], target)
-                cb = steps_to_reach(xb, smoothed[b.label], target)
-                ratio, note = None, None
-                if ca is None:
-                    note = "not reached by A"
-                elif cb is None:
-                    note = "not reached by B"
-                elif cb == 0:
-                    note = "B's cost is 0"
-                else:
-                    ratio = ca / cb
-                axes[axis] = {"a": ca, "b": cb, "ratio": ratio, "note": note}
-            rows.append({"a": a.label, "b": b.label, "target": target, "axes": axes})
+            if a is not b and a.loss and b.loss:
+                target, axes = _pair(a, b, smooth_n, target_loss)
+                rows.append({"a": a.label, "b": b.label, "target": target, "axes": axes})
     return rows
+
+
+def _pair(a: Curve, b: Curve, smooth_n: int, target_loss: float | None) -> tuple[float, dict[str, dict]]:
+    """The target and, per axis, A's and B's cost to reach it, their ratio and a note (why None)."""
+    sa, sb = smooth(a.loss, smooth_n), smooth(b.loss, smooth_n)
+    target = sb[-1] if target_loss is None else float(target_loss)
+    axes = {}
+    for axis in AXES:
+        xa, xb = a.x.get(axis), b.x.get(axis)
+        if xa is None or xb is None:
+            axes[axis] = {"a": None, "b": None, "ratio": None, "note": "axis missing"}
+            continue
+        ca, cb = steps_to_reach(xa, sa, target), steps_to_reach(xb, sb, target)
+        ratio, note = None, None
+        if ca is None:
+            note = "not reached by A"
+        elif cb is None:
+            note = "not reached by B"
+        elif cb == 0:
+            note = "B's cost is 0"
+        else:
+            ratio = ca / cb
+        axes[axis] = {"a": ca, "b": cb, "ratio": ratio, "note": note}
+    return target, axes
+
+
+def seed_ranges(seeds_a: Sequence[Curve], seeds_b: Sequence[Curve], smooth_n: int = 1,
+                target_loss: float | None = None) -> dict[str, dict]:
+    """The speed-up's spread over seeds: per axis, the min and max of the ratio over every pairing
+    of one of A's seed curves with one of B's (each pairing's target is that B seed's own final
+    smoothed loss, or `target_loss`).
+
+    Returns ``{axis: {"range": [lo, hi] or None, "reached": k, "pairings": n}}``: `reached` counts
+    the pairings with a ratio; the range is over those (None when none has one).
+    """
+    ratios: dict[str, list[float]] = {axis: [] for axis in AXES}
+    pairings = 0
+    for a in seeds_a:
+        for b in seeds_b:
+            if not (a.loss and b.loss):
+                continue
+            pairings += 1
+            for axis, cell in _pair(a, b, smooth_n, target_loss)[1].items():
+                if cell["ratio"] is not None:
+                    ratios[axis].append(cell["ratio"])
+    return {axis: {"range": [min(r), max(r)] if r else None, "reached": len(r), "pairings": pairings}
+            for axis, r in ratios.items()}
 
 
 def format_table(rows: Sequence[dict], smooth_n: int, metric: str, target_loss: float | None) -> str:
@@ -159,7 +192,13 @@ DEFINITION = ("ratio = cost for A to reach the target / cost for B to reach it, 
 def speedup_report(curves: Sequence[Curve], groups: dict[str, list[Run]], metric: str, smooth_n: int,
                    target_loss: float | None) -> dict:
     """speedup.json: the definition, the settings, each curve's runs and final loss, and every
-    pair of :func:`speedup_table`."""
+    pair of :func:`speedup_table`; a pair of groups with several seeds also gets ``"seeds"``, the
+    :func:`seed_ranges` of its ratio. `groups` must hold only non-diverged runs."""
+    pairs = speedup_table(curves, smooth_n, target_loss)
+    seed_curves = {c.label: [metric_curve(c.label, [r], metric) for r in groups[c.label]] for c in curves}
+    for row in pairs:
+        if len(groups[row["a"]]) > 1 or len(groups[row["b"]]) > 1:
+            row["seeds"] = seed_ranges(seed_curves[row["a"]], seed_curves[row["b"]], smooth_n, target_loss)
     return {
         "definition": DEFINITION,
         "metric": metric,
@@ -168,5 +207,32 @@ def speedup_report(curves: Sequence[Curve], groups: dict[str, list[Run]], metric
         "runs": {c.label: {"paths": [str(r.path) for r in groups[c.label]], "points": len(c.loss),
                            "final": c.loss[-1], "final_smoothed": smooth(c.loss, smooth_n)[-1]}
                  for c in curves},
-        "pairs": speedup_table(curves, smooth_n, target_loss),
+        "pairs": pairs,
     }
+
+
+def format_seed_ranges(rows: Sequence[dict]) -> str | None:
+    """The seed range of each pair's ratio (:func:`seed_ranges`) as a table, or None when no pair
+    has several seeds."""
+    rows = [r for r in rows if "seeds" in r]
+    if not rows:
+        return None
+    lines = ["Seed range of the speed-up: min-max of the ratio over every pairing of A's seeds with B's "
+             "(k/n: pairings that reached the target, when not all did)."]
+    wa = max(len("A"), *(len(r["a"]) for r in rows))
+    wb = max(len("B"), *(len(r["b"]) for r in rows))
+    header = f"{'A':<{wa}}  {'B':<{wb}}" + "".join(f"  {ax:>20}" for ax in AXES)
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        cells = []
+        for ax in AXES:
+            cell = r["seeds"][ax]
+            if cell["range"]:
+                text = f"{cell['range'][0]:.3f}-{cell['range'][1]:.3f}"
+            else:
+                text = "axis missing" if r["axes"][ax]["note"] == "axis missing" else "not reached"
+            if 0 < cell["reached"] < cell["pairings"]:
+                text += f" ({cell['reached']}/{cell['pairings']})"
+            cells.append(text)
+        lines.append(f"{r['a']:<{wa}}  {r['b']:<{wb}}" + "".join(f"  {c:>20}" for c in cells))
+    return "\n".join(lines)

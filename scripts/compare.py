@@ -23,7 +23,14 @@ Outputs in `--out` (default `compare_out/`):
 - `downstream.png`, when some run logged them (`eval.hellaswag_interval`): HellaSwag `acc` and
   `acc_norm` against training tokens;
 - `speedup.json` and a table on stdout: for each pair (A, B), A's cost to reach B's final loss
-  over B's, on each axis (0.5: A is twice as fast; `analysis/speedup.py` has the definition);
+  over B's, on each axis (0.5: A is twice as fast; `analysis/speedup.py` has the definition), with
+  its range over seed pairings when a group has several seeds;
+- verdicts (`speedup.json` `"verdicts"`, and printed): for each pair of groups with two or more
+  seeds, the difference of their mean final losses with a 95% interval and Welch's p-value
+  (`analysis/verdicts.py`);
+- when runs of one optimizer differ in `optimizer.lr`: `lr_sensitivity.png` and a table (also in
+  `speedup.json` `"lr_sensitivity"`): best lr, its loss, and how wide the lr range within 1% of it is
+  (`analysis/sensitivity.py`);
 - with `--scaling`, or by default when the runs span two or more model sizes, `scaling.png`,
   `scaling.json` and the size-match tables on stdout (`analysis/scaling.py`).
 Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
@@ -35,6 +42,11 @@ the Hydra overrides that differ between the runs compared. Overrides common to a
 `data.dir`, `device`, logging intervals, ...: `engine.resume.is_result_neutral`) are dropped. Runs
 whose labels differ only by a `seed=` override form one group, drawn as the mean with a min/max
 band (`--no-group-seeds` turns this off).
+
+A diverged run (a non-finite loss, or a final val loss above its first: `engine/instability.py`) is
+never averaged into a mean, a verdict, the speed-up or the scaling view: it is listed in a
+"diverged" table (and `speedup.json` `"diverged"`) and drawn apart, dotted, with an x where it
+diverged. Training-loss spikes are named on stderr and in `speedup.json` `"spikes"`.
 
 This script is the command line; the maths, the reading of runs and the figures are the
 `analysis` package's.
@@ -48,10 +60,11 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from analysis import plots, scaling, speedup
-from analysis.runs import CompareError, Run, collect_runs, group_runs
+from analysis import plots, scaling, sensitivity, speedup, verdicts
+from analysis.runs import CompareError, Diverged, Run, collect_runs, group_runs, split_diverged
 from analysis.units import si_format
 from engine.errors import HarnessError
+from engine.instability import SPIKE_THRESHOLD, SPIKE_WINDOW, loss_spikes
 
 
 def write_scaling(runs: Sequence[Run], out: Path, forced: bool) -> list[Path]:
@@ -83,6 +96,48 @@ def write_scaling(runs: Sequence[Run], out: Path, forced: bool) -> list[Path]:
         print(scaling.format_size_matches(rows, metric))
     (out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
     return [out / "scaling.png", out / "scaling.json"]
+
+
+def report_instability(groups: dict[str, list[Run]], diverged: Sequence[Diverged]) -> dict:
+    """Print the diverged runs as a table and the loss spikes as notes; their speedup.json entries."""
+    if diverged:
+        w = max(len(d.label) for d in diverged)
+        print("Diverged runs (left out of every mean, verdict and speed-up):")
+        for d in diverged:
+            print(f"  {d.label:<{w}}  diverged at step {d.divergence.step}: {d.divergence.reason}  ({d.run.path})")
+    spikes = {}
+    for label, members in groups.items():
+        for run in members:
+            found = loss_spikes(run.records)
+            if found:
+                spikes[str(run.path)] = [{"step": s.step, "loss": s.loss, "median": s.median} for s in found]
+                print(f"note: {len(found)} train/loss spike(s) in {label} ({run.path}), above {1 + SPIKE_THRESHOLD:g}x "
+                      f"the median of the previous {SPIKE_WINDOW} points: steps "
+                      f"{', '.join(str(s.step) for s in found[:10])}{' ...' if len(found) > 10 else ''}",
+                      file=sys.stderr)
+    return {"diverged": [{"label": d.label, "path": str(d.run.path), "step": d.divergence.step,
+                          "reason": d.divergence.reason} for d in diverged],
+            "spikes": spikes}
+
+
+def write_lr_sensitivity(runs: Sequence[Run], out: Path, metric: str) -> dict | None:
+    """lr_sensitivity.png and the printed table when some optimizer's runs span two or more lrs;
+    returns speedup.json's ``"lr_sensitivity"``, or None (silently) otherwise."""
+    points = sensitivity.lr_points(runs, metric)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plots.lr_sensitivity_figure(points)
+    fig.savefig(out / "lr_sensitivity.png", dpi=100)
+    plt.close(fig)
+    report = sensitivity.lr_report(points)
+    print(sensitivity.format_lr_table(report["table"], metric))
+    print(f"wrote {out / 'lr_sensitivity.png'}")
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,15 +177,24 @@ def _run(args: argparse.Namespace) -> int:
             raise CompareError("no runs with metrics found in the paths given (each path skipped is named above, "
                                "with the reason); nothing to compare.")
         groups = group_runs(runs, args.group_seeds)
+        # Diverged runs are data, not noise: never averaged in, always shown (engine/instability.py).
+        healthy, diverged = split_diverged(groups)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        for path in plots.plot(groups, out, args.smooth):
+        for path in plots.plot(healthy, out, args.smooth, diverged):
             print(f"wrote {path}")
         if args.scaling is not False:
-            for path in write_scaling(runs, out, forced=bool(args.scaling)):
+            kept = [r for members in healthy.values() for r in members]
+            for path in write_scaling(kept, out, forced=bool(args.scaling)):
                 print(f"wrote {path}")
+        instability = report_instability(groups, diverged)
+        lr_report = write_lr_sensitivity(runs, out, args.metric)
 
-        curves = [speedup.metric_curve(label, members, args.metric) for label, members in groups.items()]
+        gone = [label for label, members in healthy.items() if not members]
+        if gone:
+            print(f"note: every run of {', '.join(gone)} diverged; left out of the speed-up table and the verdicts.",
+                  file=sys.stderr)
+        curves = [speedup.metric_curve(label, members, args.metric) for label, members in healthy.items() if members]
         missing = [c.label for c in curves if not c.loss]
         if missing:
             print(f"note: no {args.metric} points in {', '.join(missing)}; "
@@ -140,9 +204,20 @@ def _run(args: argparse.Namespace) -> int:
         if len(curves) < 2:
             if not missing:
                 print(f"note: speed-up needs at least two runs with {args.metric} points; skipped.", file=sys.stderr)
-            return 0
-        report = speedup.speedup_report(curves, groups, args.metric, args.smooth, args.target_loss)
-        print(speedup.format_table(report["pairs"], args.smooth, args.metric, args.target_loss))
+            if lr_report is None:
+                return 0
+        report = speedup.speedup_report(curves, healthy, args.metric, args.smooth, args.target_loss)
+        if len(curves) >= 2:
+            print(speedup.format_table(report["pairs"], args.smooth, args.metric, args.target_loss))
+            seed_table = speedup.format_seed_ranges(report["pairs"])
+            if seed_table:
+                print(seed_table)
+        compared = {c.label: healthy[c.label] for c in curves}
+        report["verdicts"] = verdicts.verdicts(compared, args.metric)
+        print(verdicts.format_verdicts(report["verdicts"], args.metric, compared))
+        report.update(instability)
+        if lr_report is not None:
+            report["lr_sensitivity"] = lr_report
         (out / "speedup.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out / 'speedup.json'}")
     except HarnessError as e:

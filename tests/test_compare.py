@@ -33,10 +33,13 @@ def write_run(run_dir: Path, *, optimizer: str, overrides: list[str], steps: int
               with_val: bool = True, sophia: bool = False, model: dict | None = None,
               max_steps: int | None = None) -> Path:
     """A run directory in the engine's format whose loss follows `loss_at(step)` exactly; `model`
-    adds a model section (and train.max_steps, default `steps`) to its config.yaml."""
+    adds a model section (and train.max_steps, default `steps`) to its config.yaml, whose optimizer
+    section takes the `optimizer.*` overrides as Hydra resolves them (lr 0.001 by default)."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    config = f"optimizer:\n  name: {optimizer}\n  lr: 0.001\nseed: 1\n"
+    opt = {"lr": "0.001"} | {o.split("=")[0][len("optimizer."):]: o.split("=")[1] for o in overrides
+                             if o.startswith("optimizer.")}
+    config = f"optimizer:\n  name: {optimizer}\n" + "".join(f"  {k}: {v}\n" for k, v in opt.items()) + "seed: 1\n"
     if model is not None:
         config += "model:\n" + "".join(f"  {k}: {v}\n" for k, v in model.items())
         config += f"train:\n  max_steps: {max_steps or steps}\n"
