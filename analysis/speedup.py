@@ -152,17 +152,27 @@ def format_table(rows: Sequence[dict], smooth_n: int, metric: str, target_loss: 
     ]
     if not rows:
         return lines[0] + "\n(fewer than two runs with points: nothing to compare)"
+
+    def ratio(r: dict, ax: str) -> str:
+        cell = r["axes"][ax]
+        return f"{cell['ratio']:.3f}" if cell["ratio"] is not None else cell["note"]
+
+    return "\n".join(lines + _pair_lines(rows, ratio, 16, with_target=True))
+
+
+def _pair_lines(rows: Sequence[dict], cell_text, width: int, with_target: bool) -> list[str]:
+    """Header, rule and a line per pair: A, B, the target (`with_target`), then `cell_text(row, axis)`
+    for each axis, right-aligned in `width` characters."""
     wa = max(len("A"), *(len(r["a"]) for r in rows))
     wb = max(len("B"), *(len(r["b"]) for r in rows))
-    header = f"{'A':<{wa}}  {'B':<{wb}}  {'target':>8}" + "".join(f"  {ax:>16}" for ax in AXES)
-    lines += [header, "-" * len(header)]
+    header = f"{'A':<{wa}}  {'B':<{wb}}" + (f"  {'target':>8}" if with_target else "") + "".join(
+        f"  {ax:>{width}}" for ax in AXES)
+    lines = [header, "-" * len(header)]
     for r in rows:
-        cells = []
-        for ax in AXES:
-            cell = r["axes"][ax]
-            cells.append(f"{cell['ratio']:.3f}" if cell["ratio"] is not None else cell["note"])
-        lines.append(f"{r['a']:<{wa}}  {r['b']:<{wb}}  {r['target']:>8.4f}" + "".join(f"  {c:>16}" for c in cells))
-    return "\n".join(lines)
+        target = f"  {r['target']:>8.4f}" if with_target else ""
+        cells = "".join(f"  {cell_text(r, ax):>{width}}" for ax in AXES)
+        lines.append(f"{r['a']:<{wa}}  {r['b']:<{wb}}{target}{cells}")
+    return lines
 
 
 def metric_curve(label: str, runs: Sequence[Run], metric: str) -> Curve:
@@ -219,20 +229,15 @@ def format_seed_ranges(rows: Sequence[dict]) -> str | None:
         return None
     lines = ["Seed range of the speed-up: min-max of the ratio over every pairing of A's seeds with B's "
              "(k/n: pairings that reached the target, when not all did)."]
-    wa = max(len("A"), *(len(r["a"]) for r in rows))
-    wb = max(len("B"), *(len(r["b"]) for r in rows))
-    header = f"{'A':<{wa}}  {'B':<{wb}}" + "".join(f"  {ax:>20}" for ax in AXES)
-    lines += [header, "-" * len(header)]
-    for r in rows:
-        cells = []
-        for ax in AXES:
-            cell = r["seeds"][ax]
-            if cell["range"]:
-                text = f"{cell['range'][0]:.3f}-{cell['range'][1]:.3f}"
-            else:
-                text = "axis missing" if r["axes"][ax]["note"] == "axis missing" else "not reached"
-            if 0 < cell["reached"] < cell["pairings"]:
-                text += f" ({cell['reached']}/{cell['pairings']})"
-            cells.append(text)
-        lines.append(f"{r['a']:<{wa}}  {r['b']:<{wb}}" + "".join(f"  {c:>20}" for c in cells))
-    return "\n".join(lines)
+
+    def spread(r: dict, ax: str) -> str:
+        cell = r["seeds"][ax]
+        if cell["range"]:
+            text = f"{cell['range'][0]:.3f}-{cell['range'][1]:.3f}"
+        else:
+            text = "axis missing" if r["axes"][ax]["note"] == "axis missing" else "not reached"
+        if 0 < cell["reached"] < cell["pairings"]:
+            text += f" ({cell['reached']}/{cell['pairings']})"
+        return text
+
+    return "\n".join(lines + _pair_lines(rows, spread, 20, with_target=False))
