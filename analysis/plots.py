@@ -1,8 +1,9 @@
-"""compare.py's figures: loss curves on four cost axes, diagnostics, downstream accuracies and
-the scaling view. matplotlib is imported inside the functions, so the maths never needs it.
+"""compare.py's figures: loss curves on four cost axes, diagnostics, downstream accuracies, the
+scaling view and lr sensitivity. matplotlib is imported inside the functions, so the maths never needs it.
 
 Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
-whose curves coincide (a clip rate of 1.0 for all, say) all stay visible.
+whose curves coincide (a clip rate of 1.0 for all, say) all stay visible. A diverged run is never
+part of a line's mean: it is drawn on its own, dotted, with an x where it diverged.
 """
 from __future__ import annotations
 
@@ -249,22 +250,25 @@ def has_downstream(groups: dict[str, list[Run]]) -> bool:
                for key, _ in DOWNSTREAM_PANELS)
 
 
-def downstream_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | None = None):
-    """The 1x2 downstream figure: HellaSwag acc and acc_norm against training tokens."""
+def downstream_figure(groups: dict[str, list[Run]], styles: dict[str, Style] | None = None,
+                      diverged: Sequence[Diverged] = ()):
+    """The 1x2 downstream figure: HellaSwag acc and acc_norm against training tokens (`diverged`
+    runs apart, as in :func:`loss_figure`)."""
     import matplotlib.pyplot as plt
 
     styles = styles or plot_styles(list(groups))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], DOWNSTREAM_PANELS):
-        _draw(ax, groups, styles, "tokens", key, 1)
+        _draw(ax, groups, styles, "tokens", key, 1, diverged)
         ax.set_ylim(-0.02, 1.02)  # accuracies: chance is 0.25 with 4 endings
+        _draw_diverged(ax, diverged, styles, "tokens", key)
         ax.axhline(0.25, color="gray", linewidth=0.8, linestyle=":")
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("training tokens (incl. Hessian passes)")
         ax.set_ylabel("accuracy (chance 0.25)")
         _si_axis(ax.xaxis)
         ax.grid(alpha=0.3)
-    _add_legend(fig, styles)
+    _add_legend(fig, styles, _diverged_handle(diverged))
     return fig
 
 
@@ -281,8 +285,8 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int, diverged: Seque
     paths = []
     figures = [("loss.png", loss_figure(groups, smooth_n, styles, diverged)),
                ("diagnostics.png", diagnostics_figure(groups, styles, diverged))]
-    if has_downstream(groups):
-        figures.append(("downstream.png", downstream_figure(groups, styles)))
+    if has_downstream(groups) or has_downstream({"diverged": [d.run for d in diverged]}):
+        figures.append(("downstream.png", downstream_figure(groups, styles, diverged)))
     for name, fig in figures:
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
