@@ -1,5 +1,6 @@
 """compare.py's figures: loss curves on four cost axes, diagnostics, downstream accuracies, the
-scaling view and lr sensitivity. matplotlib is imported inside the functions, so the maths never needs it.
+scaling view and lr sensitivity. matplotlib is imported inside the functions, so the maths never
+needs it.
 
 Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
 whose curves coincide (a clip rate of 1.0 for all, say) all stay visible. A diverged run is never
