@@ -14,6 +14,7 @@ docs/extending.md):
 - ``resume``         a resumed run keeps its config; the keys that do not change a result
 - ``run_dir``        reading a run directory back (metrics, config, overrides, summary)
 - ``nonfinite``      stop / skip / rollback on a NaN or inf loss
+- ``instability``    the rules that call a run diverged and a loss point a spike
 - ``config_check``   unknown keys, unset values and bad values refused before anything runs
 - ``schema``         the type and range of every key of the root config's sections
 - ``summary``        summary.json and the end-of-run block
