@@ -117,6 +117,14 @@ def main(cfg: DictConfig) -> float:
             print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
             remove_if_empty(run_dir)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C before training started (once it has, engine.run turns signals into a stop
+        # with a checkpoint): nothing to save.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\ninterrupted before training started; nothing to save\n", file=sys.stderr,
+                  flush=True)
+            remove_if_empty(run_dir)
+        sys.exit(130)
 
 
 def entry() -> None:

@@ -1,11 +1,17 @@
-"""Process-group setup for torchrun (DDP): gloo on CPU, NCCL on CUDA, one process per device."""
+"""Process-group setup for torchrun (DDP): gloo on CPU, NCCL on CUDA, one process per device;
+stop signals (SIGTERM, SIGINT, SIGUSR1) turned into a request the ranks agree on at a step
+boundary (:class:`StopRequest`, :class:`StepVote`)."""
 from __future__ import annotations
 
 import contextlib
-
 import datetime
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -133,3 +139,149 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
     if enabled or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+# What a scheduler or a user sends to end a run early: SIGTERM (SLURM before preemption or at the
+# time limit, `kill`; torchrun forwards it to its workers), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
+# `--signal=USR1@<seconds>`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+# A repeat of the first signal within this many seconds is the same request arriving twice, not a
+# second one: torchrun forwards the signal it receives to workers that may have received it too
+# (Ctrl-C reaches the whole foreground process group, SLURM signals every process of a step).
+REPEAT_WINDOW_S = 1.0
+
+
+def stop_exit_code(signum: int) -> int:
+    """The exit status of a run stopped by ``signum``: 128 + the signal's number, as a shell
+    reports a process the signal ended (SIGTERM 143, SIGINT 130, SIGUSR1 138, SIGUSR2 140)."""
+    return 128 + int(signum)
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class StopRequest:
+    """Whether a stop signal has arrived, and which: set by the signal handler, read by the
+    training loop at step boundaries. The handler only records the signal (the loop finishes its
+    step, checkpoints and returns); a second, distinct signal exits the process at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """The signal's name (``SIGTERM``), or "" while none has arrived."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def handle(self, signum: int, frame: Any = None) -> None:
+        """The signal handler. It writes with ``os.write``: a handler may run in the middle of
+        a ``print`` to the same stream, where a buffered write would raise."""
+        now = time.monotonic()
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum, self._at = signum, now
+            if _is_main_rank():
+                _write_stderr(f"{name} received: stopping after the current step with a "
+                              f"checkpoint (send another signal to exit at once, without one)")
+            return
+        if signum == self.signum and now - self._at < REPEAT_WINDOW_S:
+            return
+        if _is_main_rank():
+            _write_stderr(f"{name} received again: exiting now, without a checkpoint")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(stop_exit_code(signum))
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While active, :data:`STOP_SIGNALS` set the
+    yielded :class:`StopRequest` instead of killing the process; the previous handlers come back
+    afterwards. Outside the main thread (where Python cannot install handlers) nothing changes."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    request._previous = {s: signal.signal(s, request.handle) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in request._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _write_stderr(line: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())
+
+
+class StepVote:
+    """Flags that a rank raises on its own (a stop signal, rank 0's checkpoint clock), turned into
+    one decision that every rank takes at the same step.
+
+    :meth:`exchange` is called by every rank once per optimizer step. With one process the flags
+    are the decision. With several, the flags posted at step s are combined (max: a signal on any
+    rank stops all, and every rank learns its number; only rank 0 posts a clock flag, so its clock
+    decides) by an all-reduce that
+    runs while step s + 1 computes, and the result is the decision at step s + 1. The one-step lag
+    is what keeps this cheap: on CUDA the all-reduce of two numbers goes on the stream like any
+    kernel and its result comes back to pinned host memory with an event, and the host waits on
+    that event only a step later, when the device has long passed it; reading the flags at the
+    step itself would be a host-device sync per step, stalling the queue of kernels that keeps
+    the GPU busy. On gloo the all-reduce runs asynchronously on its worker thread.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self._cuda = env.device.type == "cuda"
+        self._pending: Any = None
+        if env.is_distributed and self._cuda:
+            self._send = torch.zeros(2, pin_memory=True)
+            self._recv = torch.zeros(2, pin_memory=True)
+            self._device = torch.zeros(2, device=env.device)
+
+    def exchange(self, stop: int, save: bool) -> tuple[int, bool]:
+        """Post this rank's flags for this step: ``stop`` the number of a stop signal received
+        (0: none), ``save`` whether a checkpoint is wanted. Returns the agreed (stop, save) for
+        this step: the flags themselves on one process, else the combination of those posted one
+        step earlier ((0, False) at the first step)."""
+        if not self.env.is_distributed:
+            return stop, save
+        decided = self._collect()
+        if self._cuda:
+            # The previous step's copies have completed (_collect waited on their event), so the
+            # pinned buffers are free to reuse.
+            self._send[0], self._send[1] = float(stop), float(save)
+            self._device.copy_(self._send, non_blocking=True)
+            dist.all_reduce(self._device, op=dist.ReduceOp.MAX)
+            self._recv.copy_(self._device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = event
+        else:
+            flags = torch.tensor([float(stop), float(save)])
+            self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), flags)
+        return decided
+
+    def _collect(self) -> tuple[int, bool]:
+        if self._pending is None:
+            return 0, False
+        if self._cuda:
+            self._pending.synchronize()
+            values = self._recv.tolist()
+        else:
+            work, flags = self._pending
+            work.wait()
+            values = flags.tolist()
+        self._pending = None
+        return int(values[0]), values[1] > 0
+
+    def close(self) -> None:
+        """Wait for the last posted all-reduce, so that no collective is left in flight."""
+        if self.env.is_distributed:
+            self._collect()

@@ -1,7 +1,8 @@
 """One training run: checks, the trainer, resume, the run directory's files, the loop, the summary.
 
 :func:`run` is what ``train.py`` calls inside Hydra; it returns the run's summary, whose final
-validation loss Hydra sweepers (Optuna) minimise.
+validation loss Hydra sweepers (Optuna) minimise. A run stopped by a signal raises
+:class:`Preempted` after its checkpoint and summary are written.
 """
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import contextlib
 import importlib.util
 import math
 import os
+import shlex
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from engine.build import build_trainer, resolve_dtype
-from engine.checkpoint import load_resume_checkpoint
+from engine.checkpoint import list_checkpoints, load_resume_checkpoint
 from engine.config_check import check_config
 from engine.console_log import tee_console
-from engine.distributed import DistEnv, broadcast_object, setup_distributed, teardown_distributed
+from engine.distributed import (DistEnv, broadcast_object, setup_distributed, stop_exit_code,
+                                stop_on_signals, teardown_distributed)
 from engine.errors import HarnessError
 from engine.metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink
 from engine.resume import check_resume_config
@@ -40,9 +44,21 @@ def _sweep_group(cfg: DictConfig) -> str | None:
     return None
 
 
+class Preempted(SystemExit):
+    """A run stopped by a signal, after its checkpoint and summary were written: the process exits
+    with 128 + the signal's number (SIGTERM 143), and rerunning the command resumes it."""
+
+    def __init__(self, signum: int, summary: dict[str, Any]):
+        super().__init__(stop_exit_code(signum))
+        self.signum, self.summary = signum, summary
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike,
         on_start: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Train as configured; returns the run's summary (``val_loss``, ``step``, ``run_dir``, ...).
+
+    A run stopped by a signal raises :class:`Preempted` (a ``SystemExit``) once its checkpoint
+    and summary are written.
 
     ``on_start(run_dir)`` is called on rank 0 once every check has passed, just before the run
     dir's files are written: a refused run writes nothing.
@@ -51,9 +67,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike,
     env = setup_distributed(cfg.device)
     logger = MetricsLogger([])
     try:
-        with contextlib.ExitStack() as console:
+        with contextlib.ExitStack() as stack:  # train.log's copy
             try:
-                return _run(cfg, Path(run_dir), env, logger, on_start, console)
+                return _run(cfg, Path(run_dir), env, logger, on_start, stack)
             finally:
                 logger.close()  # inside the console copy: W&B's closing lines are kept too
     finally:
@@ -61,7 +77,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike,
 
 
 def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
-         on_start: Callable[[Path], None] | None, console: contextlib.ExitStack) -> dict[str, Any]:
+         on_start: Callable[[Path], None] | None, stack: contextlib.ExitStack) -> dict[str, Any]:
     if cfg.wandb.mode not in ("online", "offline", "disabled"):
         raise HarnessError(f"wandb.mode={cfg.wandb.mode!r}; choose online, offline or disabled.")
     if cfg.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
@@ -88,7 +104,7 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        console.enter_context(tee_console(run_dir / "train.log"))
+        stack.enter_context(tee_console(run_dir / "train.log"))
         for note in notes:
             print(note, flush=True)
         if on_start is not None:
@@ -102,16 +118,34 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
               f"accum x {env.world_size} ranks | {resolve_dtype(cfg.dtype, env.device)} on "
               f"{env.device}", flush=True)
     trainer.logger = logger
-    trainer.fit()
-    if not env.is_main:
-        val = trainer.last_val_loss
-        return {"val_loss": None if math.isnan(val) else val, "step": trainer.step,
-                "run_dir": str(run_dir)}
-    logger.close()  # flush metrics.jsonl before the summary reads it
-    summary = summarize_run(run_dir, trainer.position())
-    write_summary(run_dir, summary)
-    print(format_summary(summary), flush=True)
+    # Signals are caught from the first step to the end of the summary: until training starts a
+    # signal ends the process at once (nothing new to save), and after the summary the run is
+    # complete.
+    with stop_on_signals() as request:
+        trainer.stop_request = request
+        trainer.fit()
+        if not env.is_main:
+            summary = {"val_loss": None if math.isnan(trainer.last_val_loss)
+                       else trainer.last_val_loss, "step": trainer.step, "run_dir": str(run_dir)}
+        else:
+            logger.close()  # flush metrics.jsonl before the summary reads it
+            summary = summarize_run(run_dir, trainer.position(),
+                                    status="preempted" if trainer.stopped_by else None)
+            write_summary(run_dir, summary)
+            print(format_summary(summary), flush=True)
+        if trainer.stopped_by:
+            if env.is_main:
+                print(_preempted_line(trainer, run_dir), flush=True)
+            raise Preempted(trainer.stopped_by, summary)
     return summary
+
+
+def _preempted_line(trainer, run_dir: Path) -> str:
+    name = signal.Signals(trainer.stopped_by).name
+    return (f"preempted by {name} at step {trainer.step}/{trainer.settings.max_steps}: "
+            f"checkpoint {list_checkpoints(run_dir / 'checkpoints')[-1].name} written; resume with "
+            f"`python train.py hydra.run.dir={shlex.quote(str(run_dir))}` (or the same command) "
+            f"[exit {stop_exit_code(trainer.stopped_by)}]")
 
 
 def _open_sinks(cfg: DictConfig, run_dir: Path, trainer, logger: MetricsLogger,

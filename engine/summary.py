@@ -54,10 +54,12 @@ def _status(steps: int | None, max_steps: Any, stop_at: Any, has_metrics: bool) 
     return "incomplete"  # crashed, killed, or still running
 
 
-def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
+                  status: str | None = None) -> dict[str, Any]:
     """What a run achieved and what it cost, from its files; missing or non-finite values are None.
 
-    Keys: run_dir, optimizer, model, status (done / stopped / incomplete / no metrics), step,
+    Keys: run_dir, optimizer, model, status (done / stopped / incomplete / no metrics, or the
+    ``status`` a run that has just ended gives: preempted, failed: disk full), step,
     max_steps, val_loss and val_loss_step (the last evaluation), best_val_loss and
     best_val_loss_step, train_loss, tokens, tokens_hessian, flops, elapsed_s (training wall-clock,
     eval excluded), throughput (tokens per second of elapsed_s), memory_peak_bytes, checkpoint
@@ -95,7 +97,7 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None) -> d
         "run_dir": str(run_dir),
         "optimizer": _get(cfg, "optimizer.name"),
         "model": _get(cfg, "model.preset"),
-        "status": _status(steps, max_steps, _get(cfg, "train.stop_at_step"), bool(rows)),
+        "status": status or _status(steps, max_steps, _get(cfg, "train.stop_at_step"), bool(rows)),
         "step": steps,
         "max_steps": max_steps if isinstance(max_steps, int) else None,
         "val_loss": val_loss,

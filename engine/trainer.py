@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from engine.batching import BatchPlan
 from engine.checkpoint import Checkpointer
-from engine.distributed import DistEnv, grad_sync
+from engine.distributed import DistEnv, StepVote, StopRequest, grad_sync
 from evals import DownstreamEval
 from engine.hessian import HessianRefresher
 from engine.metrics import MetricsLogger, StepStats
@@ -76,6 +76,10 @@ class Trainer:
     step: int = 0
     counters: Counters = field(default_factory=Counters)
     last_val_loss: float = math.nan
+    # Set by engine.run while stop signals are caught; fit() then ends at the first step boundary
+    # the ranks agree on after one arrives, with a checkpoint, and records the signal here.
+    stop_request: StopRequest | None = None
+    stopped_by: int | None = None
 
     def __post_init__(self) -> None:
         self.optimizer = self.optim.optimizer
@@ -178,7 +182,11 @@ class Trainer:
                 "flops": c.flops_train + (h.flops if h else 0.0), "time/elapsed": c.elapsed}
 
     def fit(self) -> None:
-        """Train to ``max_steps`` (or ``stop_at_step``), logging, evaluating and checkpointing."""
+        """Train to ``max_steps`` (or ``stop_at_step``), logging, evaluating and checkpointing.
+
+        With a :attr:`stop_request` whose signal has arrived, the loop ends early at a step every
+        rank agrees on, after checkpointing it; :attr:`stopped_by` then holds the signal.
+        """
         s = self.settings
         stop = min(s.max_steps, s.stop_at_step) if s.stop_at_step else s.max_steps
         if self.hessian is not None and self.hessian.warm_start and self.step == 0:
@@ -191,6 +199,8 @@ class Trainer:
             if self.env.is_main:
                 self.logger.log(record)
 
+        # Only a run that can be signalled needs the per-step vote.
+        vote = StepVote(self.env) if self.stop_request is not None else None
         last = self.position()  # the previous log point: throughput is over the last interval
         t_mark = time.perf_counter()
         while self.step < stop:
@@ -199,14 +209,19 @@ class Trainer:
             self.counters.tokens_train += self.plan.global_batch_tokens
             self.counters.flops_train += self.plan.global_batch_tokens * self.flops_per_token
 
-            # An early stop (stop_at_step) checkpoints but adds no extra log or eval line, so a
-            # resumed run's metrics are exactly those of an uninterrupted one.
+            # An early stop (stop_at_step, a signal) checkpoints but adds no extra log or eval
+            # line, so a resumed run's metrics are exactly those of an uninterrupted one.
             log_now = self.is_log_step(self.step)
             eval_now = s.eval_interval > 0 and (self.step % s.eval_interval == 0
                                                 or self.step == s.max_steps)
             downstream_now = any(e.due(self.step, s.max_steps) for e in self.evals)
             ckpt_now = (s.checkpoint_interval > 0 and self.step % s.checkpoint_interval == 0) \
                 or self.step == stop
+            stop_signal = 0
+            if vote is not None:
+                signum = self.stop_request.signum if self.stop_request else None
+                stop_signal, _ = vote.exchange(signum or 0, False)
+                ckpt_now = ckpt_now or bool(stop_signal)
             if not (log_now or eval_now or downstream_now or ckpt_now):
                 continue
             if self.env.device.type == "cuda":
@@ -237,3 +252,8 @@ class Trainer:
             if ckpt_now:
                 self.checkpointer.save(self)
             t_mark = time.perf_counter()
+            if stop_signal:
+                self.stopped_by = stop_signal
+                break
+        if vote is not None:
+            vote.close()
