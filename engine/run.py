@@ -2,18 +2,21 @@
 
 :func:`run` is what ``train.py`` calls inside Hydra; it returns the run's summary, whose final
 validation loss Hydra sweepers (Optuna) minimise. A run stopped by a signal raises
-:class:`Preempted` after its checkpoint and summary are written.
+:class:`Preempted` after its checkpoint and summary are written; one writer per run directory is
+enforced by :class:`RunLock`.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import math
 import os
 import shlex
 import signal
+import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,12 +56,105 @@ class Preempted(SystemExit):
         self.signum, self.summary = signum, summary
 
 
+LOCK_FILE = ".lock"
+
+
+def remove_empty_dirs(folders: Iterable[Path]) -> None:
+    """Remove each of ``folders`` that holds nothing but empty directories, with those.
+
+    For the directories an invocation created, once it knows it leaves nothing in them: whatever
+    lies below one of them was made after it, so none of it predates the invocation (under
+    torchrun another rank may have made the deeper ones). A file anywhere keeps it and its
+    parents."""
+    for folder in sorted(set(folders), key=lambda f: len(f.parts)):
+        for sub, _, _ in os.walk(folder, topdown=False):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                os.rmdir(sub)
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on ``RUN_DIR/.lock``, which holds the
+    host and pid of the run that has it.
+
+    The kernel drops the lock when its process dies, however it dies (kill -9 included), so a
+    crashed run never leaves the directory locked; a lock file it leaves behind is simply taken
+    over. On a filesystem without ``flock`` the run goes ahead unlocked, with a warning.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+        self._created: list[Path] = []
+
+    def acquire(self) -> None:
+        """Take the lock, creating the run directory if needed; a held lock raises
+        :class:`HarnessError` naming the directory and its holder, leaving everything as it was."""
+        self._created = [f for f in (self.run_dir, *self.run_dir.parents) if not f.exists()]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                os.close(fd)
+                who = holder or "host and pid not yet recorded"
+                raise HarnessError(
+                    f"{self.run_dir} is in use by another run ({who}); one run writes to a run "
+                    f"directory at a time. Wait for it to end (or stop it), or pass another "
+                    f"hydra.run.dir.") from None
+            except OSError as err:
+                os.close(fd)
+                print(f"WARNING: cannot lock {self.path} ({err.strerror}): this filesystem has "
+                      f"no flock, so a second run into {self.run_dir} would not be refused.",
+                      flush=True)
+                return
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            # The holder we raced with removed the file on release: lock the one now there.
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock and its file, and the directories :meth:`acquire` created if they are
+        still empty (a run refused by a later check leaves nothing behind)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # before unlocking: a waiter then finds no stale file
+            os.close(self._fd)
+            self._fd = None
+        remove_empty_dirs(self._created)
+
+
+def _lock_run_dir(run_dir: Path, env: DistEnv, stack: contextlib.ExitStack) -> None:
+    """Rank 0 locks the run directory for the rest of the run; a refusal is raised on every
+    rank."""
+    refusal = None
+    if env.is_main:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+            stack.callback(lock.release)
+        except HarnessError as err:
+            refusal = str(err)
+    refusal = broadcast_object(refusal, env)
+    if refusal is not None:
+        raise HarnessError(refusal)
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike,
         on_start: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Train as configured; returns the run's summary (``val_loss``, ``step``, ``run_dir``, ...).
 
     A run stopped by a signal raises :class:`Preempted` (a ``SystemExit``) once its checkpoint
-    and summary are written.
+    and summary are written; a second run into a directory in use is refused (:class:`RunLock`).
 
     ``on_start(run_dir)`` is called on rank 0 once every check has passed, just before the run
     dir's files are written: a refused run writes nothing.
@@ -67,7 +163,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike,
     env = setup_distributed(cfg.device)
     logger = MetricsLogger([])
     try:
-        with contextlib.ExitStack() as stack:  # train.log's copy
+        with contextlib.ExitStack() as stack:  # the run dir's lock, then train.log's copy
             try:
                 return _run(cfg, Path(run_dir), env, logger, on_start, stack)
             finally:
@@ -85,6 +181,9 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
                            f"'.[wandb]', or run with wandb.mode=disabled.")
     # Rank 0's run dir wins, so every rank reads and writes the same place whatever it composed.
     run_dir = Path(broadcast_object(str(run_dir), env))
+    # Before anything reads the run dir's checkpoints: what is resumed must be what no other run
+    # is still writing.
+    _lock_run_dir(run_dir, env, stack)
     trainer = build_trainer(cfg, run_dir, env)
     resolved = trainer.checkpointer.extra["config"]
 
