@@ -143,7 +143,8 @@ def grad_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractConte
 
 # What a scheduler or a user sends to end a run early: SIGTERM (SLURM before preemption or at the
 # time limit, `kill`; torchrun forwards it to its workers), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
-# `--signal=USR1@<seconds>`).
+# `--signal=USR1@<seconds>`). Under submitit (hydra/launcher=slurm) its own preemption signal,
+# SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another, is added.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 # A repeat of the first signal within this many seconds is the same request arriving twice, not a
@@ -156,6 +157,12 @@ def stop_exit_code(signum: int) -> int:
     """The exit status of a run stopped by ``signum``: 128 + the signal's number, as a shell
     reports a process the signal ended (SIGTERM 143, SIGINT 130, SIGUSR1 138, SIGUSR2 140)."""
     return 128 + int(signum)
+
+
+def _submitit_signal() -> int | None:
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
 
 
 def _is_main_rank() -> bool:
@@ -197,17 +204,29 @@ class StopRequest:
                 stream.flush()
         os._exit(stop_exit_code(signum))
 
+    def hand_over(self) -> None:
+        """Run the handler that was installed before ours for the signal that stopped the run, if
+        it was a Python one: submitit's preemption handler requeues the job (and exits) there,
+        after the checkpoint it will resume from has been written."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signum, None)
+
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
-    """While active, :data:`STOP_SIGNALS` set the
+    """While active, :data:`STOP_SIGNALS` (and submitit's preemption signal under submitit) set the
     yielded :class:`StopRequest` instead of killing the process; the previous handlers come back
     afterwards. Outside the main thread (where Python cannot install handlers) nothing changes."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    request._previous = {s: signal.signal(s, request.handle) for s in STOP_SIGNALS}
+    signals = [*STOP_SIGNALS]
+    extra = _submitit_signal()
+    if extra is not None and extra not in signals:
+        signals.append(extra)
+    request._previous = {s: signal.signal(s, request.handle) for s in signals}
     try:
         yield request
     finally:

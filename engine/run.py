@@ -235,6 +235,7 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
         if trainer.stopped_by:
             if env.is_main:
                 print(_preempted_line(trainer, run_dir), flush=True)
+            request.hand_over()
             raise Preempted(trainer.stopped_by, summary)
     return summary
 

@@ -1,12 +1,13 @@
 """A run stopped by a signal (SIGTERM, SIGINT, SIGUSR1; SLURM, torchrun, Ctrl-C) finishes its
 step, checkpoints, writes its summary with status "preempted", says how to resume and exits with
 128 + the signal's number; resuming gives the uninterrupted run's result. A second signal exits at
-once."""
+once; submitit's requeue runs after the checkpoint."""
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import time
 
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from engine.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from engine.distributed import stop_on_signals
 from engine.run import run
 from process_helpers import last_logged_step, start_train, wait_for, worker_pid
-from train_helpers import compose_cfg, read_metrics, run_train_cli, tiny_overrides
+from train_helpers import REPO, compose_cfg, read_metrics, run_train_cli, tiny_overrides
 
 # Long enough that a signal always lands mid-run; dropout on, so the RNG state must resume too.
 LONG = {"train.max_steps": 120, "train.log_interval": 1, "train.eval_interval": 20,
@@ -179,3 +181,65 @@ def test_sigterm_to_the_whole_torchrun_job_stops_it_once(tiny_data, tmp_path):
     [line] = [ln for ln in out.splitlines() if ln.startswith("preempted by SIGTERM")]
     assert line.endswith("[exit 143]")
 
+
+def test_the_handler_that_was_there_runs_after_the_checkpoint(monkeypatch):
+    """Under submitit, its preemption signal (SIGUSR2) also stops the run, and submitit's own
+    handler (which requeues the job) is run by hand_over(), once the checkpoint is written."""
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+
+    before = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with stop_on_signals() as request:
+            signal.raise_signal(signal.SIGUSR2)
+            assert request.signum == signal.SIGUSR2 and calls == []
+            request.hand_over()
+            assert calls == [signal.SIGUSR2]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_the_slurm_launcher_resubmits_the_same_job_and_may_requeue():
+    """submitit requeues a job whose callable has checkpoint(): the launcher's returns the same
+    call (sweep overrides, job number); the slurm config allows requeues after a time limit and
+    signals early enough to checkpoint."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+    launcher = SlurmLauncher()
+    args = (["optimizer=sophia", "optimizer.lr=3e-4"], "hydra.sweep.dir", 3, "job_id_for_3", {})
+    again = launcher.checkpoint(*args)
+    assert isinstance(again, submitit.helpers.DelayedSubmission)
+    assert again.function is launcher and again.args == args and again.kwargs == {}
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.max_num_timeout > 0 and cfg.hydra.launcher.signal_delay_s >= 120
+
+
+@pytest.mark.slow
+def test_submitit_requeues_a_preempted_job_and_it_resumes(tiny_data, tmp_path):
+    """End to end with submitit's local executor, which emulates SLURM's requeue: SIGUSR2 to the
+    job at a random step; the job checkpoints, requeues itself, resumes and finishes."""
+    sweep = tmp_path / "sweep"
+    run_dir = sweep / "0"
+    args = tiny_overrides(tiny_data, "adamw", **LONG)
+    job = start_train(["-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", *args],
+                      tmp_path)
+    target = _signal_at_random_step(
+        job, run_dir, signal.SIGUSR2,  # to the task: the run dir's lock names it
+        send=lambda signum: os.kill(int((run_dir / ".lock").read_text().split("pid ")[1]),
+                                    signum))
+    code, out, err = job.finish()
+    assert code == 0, err[-3000:]
+    log = (run_dir / "train.log").read_text()
+    step = int(re.search(r"preempted by SIGUSR2 at step (\d+)/120", log).group(1))
+    assert step >= target
+    assert f"resumed from {run_dir / 'checkpoints' / f'ckpt_{step:07d}.pt'} at step {step}" in log
+    assert _summary(run_dir)["status"] == "done"
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == list(range(1, 121))
