@@ -39,6 +39,9 @@ class TrainSettings:
     checkpoint_interval: int
     stop_at_step: int | None = None
     peak_flops: float | None = None  # per device; None -> MFU unknown (logged as null)
+    # Also checkpoint once this many minutes of wall-clock have passed since the last checkpoint
+    # (rank 0's clock decides); None or 0: off.
+    checkpoint_every_minutes: float | None = None
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Trainer:
     # the ranks agree on after one arrives, with a checkpoint, and records the signal here.
     stop_request: StopRequest | None = None
     stopped_by: int | None = None
+    clock: Callable[[], float] = time.monotonic  # the wall-clock of checkpoint.every_minutes
 
     def __post_init__(self) -> None:
         self.optimizer = self.optim.optimizer
@@ -199,8 +203,10 @@ class Trainer:
             if self.env.is_main:
                 self.logger.log(record)
 
-        # Only a run that can be signalled needs the per-step vote.
-        vote = StepVote(self.env) if self.stop_request is not None else None
+        every_s = 60.0 * s.checkpoint_every_minutes if s.checkpoint_every_minutes else None
+        # Only a run that can be signalled or checkpoints on the clock needs the per-step vote.
+        vote = StepVote(self.env) if self.stop_request is not None or every_s else None
+        last_save = self.clock()
         last = self.position()  # the previous log point: throughput is over the last interval
         t_mark = time.perf_counter()
         while self.step < stop:
@@ -217,11 +223,17 @@ class Trainer:
             downstream_now = any(e.due(self.step, s.max_steps) for e in self.evals)
             ckpt_now = (s.checkpoint_interval > 0 and self.step % s.checkpoint_interval == 0) \
                 or self.step == stop
-            stop_signal = 0
+            stop_signal, timed_save = 0, False
             if vote is not None:
+                due = every_s is not None and self.env.is_main \
+                    and self.clock() - last_save >= every_s
                 signum = self.stop_request.signum if self.stop_request else None
-                stop_signal, _ = vote.exchange(signum or 0, False)
-                ckpt_now = ckpt_now or bool(stop_signal)
+                stop_signal, timed_save = vote.exchange(signum or 0, due)
+                if ckpt_now or due:
+                    # The clock restarts as soon as a checkpoint is planned (with several ranks
+                    # one step before it is written), so one due time never gives two of them.
+                    last_save = self.clock()
+                ckpt_now = ckpt_now or timed_save or bool(stop_signal)
             if not (log_now or eval_now or downstream_now or ckpt_now):
                 continue
             if self.env.device.type == "cuda":
@@ -251,6 +263,7 @@ class Trainer:
                 self.logger.log(record)
             if ckpt_now:
                 self.checkpointer.save(self)
+                last_save = self.clock()
             t_mark = time.perf_counter()
             if stop_signal:
                 self.stopped_by = stop_signal
