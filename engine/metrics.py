@@ -99,9 +99,14 @@ def _parse(line: str) -> dict | None:
 
 
 class JsonlSink:
-    """Appends one JSON object per record; flushes each line so a crash loses at most one record."""
+    """Appends one JSON object per record; flushes each line so a crash loses at most one record.
 
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
+    ``truncate_after_step``: a resumed run's step; the rows after it are dropped first. ``fresh``:
+    a run starting from step 0 empties the file first, so that the rows of an earlier attempt
+    that saved no checkpoint never mix with its own.
+    """
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None, fresh: bool = False):
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
             # On resume, drop lines logged after the checkpoint (they will be logged again) and a
@@ -109,7 +114,7 @@ class JsonlSink:
             kept = [line for line in self.path.read_text().splitlines()
                     if (row := _parse(line)) is not None and row.get("step", -1) <= truncate_after_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "w" if fresh else "a", buffering=1)
 
     def log(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")

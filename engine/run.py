@@ -213,6 +213,8 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
                   f"(checkpoint.allow_config_change=true)" for key, old, new in changes]
         trainer.checkpointer.extra["wandb_id"] = state.get("wandb_id")
         notes.append(f"resumed from {resume_path} at step {trainer.step}")
+    else:
+        _check_fresh_start(run_dir, notes)
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -261,11 +263,29 @@ def _preempted_line(trainer, run_dir: Path) -> str:
             f"[exit {stop_exit_code(trainer.stopped_by)}]")
 
 
+def _check_fresh_start(run_dir: Path, notes: list[str]) -> None:
+    """A run starting from step 0 in an existing run dir: refused when the dir holds an earlier
+    run's checkpoints (two runs would share one set of them); an earlier attempt's metrics,
+    which no checkpoint can continue, are started anew (noted)."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    if found:
+        raise HarnessError(
+            f"{run_dir} holds checkpoints of an earlier run (newest {found[-1].name}); starting "
+            f"afresh there (checkpoint.resume=null) would mix two runs in one directory. Resume it "
+            f"with checkpoint.resume=auto, or pass another hydra.run.dir.")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        notes.append(f"note: {metrics} holds the metrics of an earlier attempt that saved no "
+                     f"checkpoint; starting it anew")
+
+
 def _open_sinks(cfg: DictConfig, run_dir: Path, trainer, logger: MetricsLogger,
                 resolved: dict[str, Any], resumed: bool) -> None:
-    """metrics.jsonl (cut back to the resumed step), the console, and W&B when enabled."""
+    """metrics.jsonl (cut back to the resumed step, or started anew), the console, and W&B when
+    enabled."""
     logger.sinks.append(JsonlSink(run_dir / "metrics.jsonl",
-                                  truncate_after_step=trainer.step if resumed else None))
+                                  truncate_after_step=trainer.step if resumed else None,
+                                  fresh=not resumed))
     logger.sinks.append(ConsoleSink(total_steps=trainer.settings.max_steps,
                                     start_step=trainer.step))
     if cfg.wandb.mode != "disabled":

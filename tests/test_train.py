@@ -290,3 +290,41 @@ def test_hessian_warm_start_estimates_h_before_the_first_step(optimizer, tiny_da
          ["optimizer"]["state"].values()]
     assert all(t.abs().sum() > 0 for t in h)
     assert warm["train_loss"] != cold["train_loss"]  # the estimate shaped the first steps
+
+
+def test_a_fresh_start_after_an_attempt_without_checkpoint_starts_the_metrics_anew(
+        tiny_data, tmp_path, monkeypatch, capsys):
+    """An attempt killed before its first checkpoint leaves metrics no checkpoint can continue:
+    the next start begins metrics.jsonl anew, so the file never holds two histories."""
+    from engine.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def killed_at_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt("killed before the first checkpoint")
+        return real_step(self, step)
+
+    cfg = compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 20}))
+    monkeypatch.setattr(Trainer, "train_step", killed_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 5]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    run(cfg, tmp_path)
+    steps = [r["step"] for r in read_metrics(tmp_path)]  # every line as written
+    assert steps == [0, 5, 10, 15, 20]  # one history, not [0, 5, 0, 5, 10, ...]
+    assert f"{tmp_path / 'metrics.jsonl'} holds the metrics of an earlier attempt" in \
+        capsys.readouterr().out
+
+
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(tiny_data, tmp_path):
+    run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 10})), tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(HarnessError, match=r"holds checkpoints of an earlier run \(newest "
+                                           r"ckpt_0000010\.pt\); starting afresh"):
+        run(compose_cfg(tiny_overrides(tiny_data, "adamw", **{"train.max_steps": 10,
+                                                             "checkpoint.resume": "null"})),
+            tmp_path)
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
