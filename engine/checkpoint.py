@@ -11,10 +11,12 @@ Every refusal, here and in resuming, is a :class:`CheckpointError`.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from data.errors import DataError
 from data.files import atomic_write
 from data.tokenizers import Tokenizer, get_tokenizer
+from engine.distributed import broadcast_object
 from engine.errors import HarnessError
 from engine.hessian import HessianCost
 from model import GPT, GPTConfig
@@ -57,6 +60,77 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# Errors that say the filesystem has no room: a full disk, a full quota.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip container adds to the storages' bytes a header and alignment per storage and
+# the pickled structure; these allowances cover them with room to spare.
+_CONTAINER_BYTES, _PER_STORAGE_BYTES = 64 << 10, 1 << 10
+
+
+class CheckpointWriteError(HarnessError):
+    """A checkpoint that could not be written (no room on the disk, an I/O error). The partial
+    file has been removed and the older checkpoints kept, so the run resumes from the newest of
+    them; ``status`` is the summary's status for the run ("failed: disk full")."""
+
+    def __init__(self, message: str, status: str):
+        super().__init__(message)
+        self.status = status
+
+
+def checkpoint_nbytes(state: Any) -> int:
+    """About the bytes ``torch.save`` writes for a (nested) state dict, from above: its tensors'
+    storages, each counted once as torch.save stores it once (GPT-2's tied embedding and output
+    weights share one), and the container's allowance."""
+    storages: dict[tuple[str, int], int] = {}
+
+    def walk(node: Any) -> None:
+        if torch.is_tensor(node):
+            storage = node.untyped_storage()
+            storages[(str(storage.device), storage.data_ptr())] = storage.nbytes()
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+
+    walk(state)
+    return sum(storages.values()) + _CONTAINER_BYTES + _PER_STORAGE_BYTES * len(storages)
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Free bytes on the filesystem that holds (or will hold) ``directory``."""
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+class _WriteErrors:
+    """A file wrapper that keeps the OSError a write raised: torch.save reports a failed write as
+    a RuntimeError about stream positions, without the errno that says the disk is full."""
+
+    def __init__(self, file: Any):
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(state: dict[str, Any], directory: Path, step: int, keep_last: int) -> Path:
     """Write ``state`` atomically as ckpt_<step>.pt, then delete all but the newest ``keep_last``.
 
@@ -64,17 +138,52 @@ def save_checkpoint(state: dict[str, Any], directory: Path, step: int, keep_last
     never a truncated file under a checkpoint name. A process killed hard (no chance to clean up)
     can leave a temporary file; the next save removes it, since only rank 0 of the one run using
     ``directory`` writes there.
+
+    The free space is checked first against the state's size. A checkpoint that does not fit, or
+    whose write fails, raises :class:`CheckpointWriteError` naming the size and the directory;
+    the partial file is removed and no older checkpoint is deleted.
     """
     directory = Path(directory)
     final = checkpoint_path(directory, step)
-    with atomic_write(final, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+    needed = checkpoint_nbytes(state)
+    free = _free_bytes(directory)
+    if free is not None and free < needed:
+        raise _write_error(step, directory, needed, OSError(errno.ENOSPC, "not enough space"),
+                           free)
+    writer = None
+    try:
+        with atomic_write(final, "wb") as f:
+            writer = _WriteErrors(f)
+            torch.save({"format": FORMAT, **state}, writer)
+    except (OSError, RuntimeError) as err:
+        cause = err if isinstance(err, OSError) else writer.error if writer else None
+        if cause is None:
+            raise
+        raise _write_error(step, directory, needed, cause, _free_bytes(directory)) from None
     for leftover in directory.glob(_TEMP_GLOB):
         leftover.unlink(missing_ok=True)
     if keep_last > 0:
         for old in list_checkpoints(directory)[:-keep_last]:
             old.unlink(missing_ok=True)
     return final
+
+
+def _write_error(step: int, directory: Path, needed: int, cause: OSError,
+                 free: int | None) -> CheckpointWriteError:
+    older = list_checkpoints(directory)
+    resume = (f"rerun the same command to resume from {older[-1].name}" if older
+              else "rerun the same command to start again")
+    room = f", {_mib(free)} free" if free is not None else ""
+    name = checkpoint_path(directory, step).name
+    if cause.errno in _NO_SPACE:
+        return CheckpointWriteError(
+            f"disk full: checkpoint {name} needs about {_mib(needed)} in "
+            f"{directory}{room}. Free space there (older checkpoints are kept), then {resume}.",
+            status="failed: disk full")
+    return CheckpointWriteError(
+        f"checkpoint {name} ({_mib(needed)}) could not be written to {directory}: "
+        f"{cause.strerror or cause}. Older checkpoints are kept; fix the directory, then {resume}.",
+        status="failed: checkpoint not written")
 
 
 class CheckpointError(HarnessError):
@@ -313,11 +422,22 @@ class Checkpointer:
                 "rng": all_rng, "counters": counters, **self.extra}
 
     def save(self, trainer: Trainer) -> Path | None:
-        """Checkpoint the trainer's current step; returns the file on rank 0."""
+        """Checkpoint the trainer's current step; returns the file on rank 0.
+
+        A failed write raises :class:`CheckpointWriteError` on every rank (rank 0 tells the others
+        its outcome), so that the ranks stop together instead of waiting on rank 0 forever.
+        """
         state = self.state(trainer)
-        if not trainer.env.is_main:
-            return None
-        return save_checkpoint(state, self.directory, trainer.step, self.keep_last)
+        path, failure = None, None
+        if trainer.env.is_main:
+            try:
+                path = save_checkpoint(state, self.directory, trainer.step, self.keep_last)
+            except CheckpointWriteError as err:
+                failure = (str(err), err.status)
+        failure = broadcast_object(failure, trainer.env)
+        if failure is not None:
+            raise CheckpointWriteError(*failure)
+        return path
 
     def restore(self, trainer: Trainer, source: Path | dict[str, Any]) -> None:
         """Load a checkpoint (a file or its loaded state) into ``trainer``, refusing one written by

@@ -8,6 +8,7 @@ enforced by :class:`RunLock`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import math
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from engine.build import build_trainer, resolve_dtype
-from engine.checkpoint import list_checkpoints, load_resume_checkpoint
+from engine.checkpoint import CheckpointWriteError, list_checkpoints, load_resume_checkpoint
 from engine.config_check import check_config
 from engine.console_log import tee_console
 from engine.distributed import (DistEnv, broadcast_object, setup_distributed, stop_exit_code,
@@ -237,7 +238,11 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
     # complete.
     with stop_on_signals() as request:
         trainer.stop_request = request
-        trainer.fit()
+        try:
+            trainer.fit()
+        except (CheckpointWriteError, OSError) as err:
+            _fail_on_write_error(err, run_dir, trainer, logger, env)
+            raise
         if not env.is_main:
             summary = {"val_loss": None if math.isnan(trainer.last_val_loss)
                        else trainer.last_val_loss, "step": trainer.step, "run_dir": str(run_dir)}
@@ -277,6 +282,30 @@ def _check_fresh_start(run_dir: Path, notes: list[str]) -> None:
     if metrics.is_file() and metrics.stat().st_size > 0:
         notes.append(f"note: {metrics} holds the metrics of an earlier attempt that saved no "
                      f"checkpoint; starting it anew")
+
+
+def _fail_on_write_error(err: OSError | CheckpointWriteError, run_dir: Path, trainer,
+                         logger: MetricsLogger, env: DistEnv) -> None:
+    """A checkpoint or metrics write that failed (a full disk): summary.json with the failure as
+    its status, then a one-line :class:`HarnessError` in place of ``err``. Returns (and ``err``
+    propagates as it is) for an OSError that is not about the disk."""
+    if isinstance(err, CheckpointWriteError):
+        status, message = err.status, str(err)
+    elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+        found = list_checkpoints(run_dir / "checkpoints")
+        resume = f"resume from {found[-1].name}" if found else "start again"
+        status = "failed: disk full"
+        message = (f"disk full: {err.filename or run_dir} could not be written "
+                   f"({err.strerror}). Free space in {run_dir}, then rerun the same command to "
+                   f"{resume}.")
+    else:
+        return
+    if env.is_main:
+        with contextlib.suppress(OSError):  # the disk may have no room left even for these
+            logger.close()
+        with contextlib.suppress(OSError):
+            write_summary(run_dir, summarize_run(run_dir, trainer.position(), status=status))
+    raise HarnessError(message) from None
 
 
 def _open_sinks(cfg: DictConfig, run_dir: Path, trainer, logger: MetricsLogger,

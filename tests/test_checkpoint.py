@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data.tokenizers import get_tokenizer
-from engine.checkpoint import (CheckpointError, TrainedModel, list_checkpoints, load_checkpoint,
-                               load_trained, save_checkpoint)
+from engine.checkpoint import (CheckpointError, CheckpointWriteError, TrainedModel,
+                               list_checkpoints, load_checkpoint, load_trained, save_checkpoint)
 from engine.errors import HarnessError
 from model import GPT, GPTConfig
 
@@ -90,6 +90,10 @@ def test_save_is_atomic_prunes_and_clears_temp_files_of_a_killed_save(tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointWriteError) as failed:
         save_checkpoint(state, ckpts, 4, keep_last=2)
+    assert failed.value.status == "failed: disk full"
+    message = str(failed.value)
+    assert message.startswith("disk full: checkpoint ckpt_0000004.pt needs about ")
+    assert f" MiB in {ckpts}, " in message and "resume from ckpt_0000003.pt" in message
     assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_0000002.pt", "ckpt_0000003.pt"]
