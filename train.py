@@ -9,6 +9,7 @@ import datetime
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -47,6 +48,9 @@ if int(os.environ.get("RANK", "0")) != 0:
                  "hydra/hydra_logging=disabled"]
 
 
+# How long a worker other than rank 0 waits before exiting on an error that rank 0 reports.
+REPORT_GRACE_S = 2.0
+
 # An absolute path, so the entry point also works when imported (wrappers, tests) or run from
 # another working directory.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
@@ -83,17 +87,30 @@ def write_hydra_dir(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Non
     OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
 
 
-def remove_if_empty(run_dir: Path) -> None:
-    """Drop the empty run dir Hydra made for a refused run, and its parents (``outputs/<date>``)
-    up to the working directory as long as they are empty too."""
-    cwd = Path.cwd().resolve()
-    folder = run_dir.resolve()
-    while folder != cwd and cwd in folder.parents:
-        try:
-            folder.rmdir()  # only succeeds when empty
-        except OSError:
-            return
-        folder = folder.parent
+# Hydra creates the run dir, and any missing parents, before main() runs; a refused run must
+# remove exactly those, wherever they are, and never a directory that was there before. Only
+# watching os.mkdir from the start tells them apart: this audit hook notes every directory that
+# os.mkdir is asked to make and that does not exist yet, while entry() runs main().
+CREATED_DIRS: list[Path] = []
+_recording = _hooked = False
+
+
+def _note_mkdir(event: str, args: tuple) -> None:
+    if event != "os.mkdir" or not _recording:
+        return
+    try:
+        path, _, dir_fd = args
+        if dir_fd in (None, -1) and not os.path.lexists(path):  # -1: no dir_fd given
+            CREATED_DIRS.append(Path(os.path.abspath(os.fsdecode(path))))
+    except Exception:  # an audit hook must never make the audited call fail
+        pass
+
+
+def forget_created_dirs() -> list[Path]:
+    """The directories noted since the last call (the current job's), and start a new list."""
+    created = list(CREATED_DIRS)
+    CREATED_DIRS.clear()
+    return created
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -103,27 +120,33 @@ def main(cfg: DictConfig) -> float:
 
     from data.errors import DataError
     from engine.errors import HarnessError
-    from engine.run import run
+    from engine.run import remove_empty_dirs, run
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg, overrides = resume_base(cfg, list(hc.overrides.task), run_dir)
         val = run(cfg, run_dir, on_start=lambda d: write_hydra_dir(d, cfg, overrides))["val_loss"]
+        forget_created_dirs()
         return math.nan if val is None else val  # a sweeper wants a number: NaN marks no eval
     except (HarnessError, DataError, MissingMandatoryValue) as err:
         # Every rank of a torchrun job meets the same error: one copy is enough.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_rank:
             print(f"\nerror: {err}\n", file=sys.stderr, flush=True)
-            remove_if_empty(run_dir)
+        remove_empty_dirs(forget_created_dirs())  # each rank the ones it made
+        if not main_rank:
+            # torchrun stops every worker as soon as one exits: the others wait a little, so that
+            # rank 0 (which may be a moment behind them) gets to print the error.
+            time.sleep(REPORT_GRACE_S)
         sys.exit(2)
     except KeyboardInterrupt:
         # Ctrl-C before training started (once it has, engine.run turns signals into a stop
         # with a checkpoint): nothing to save.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_rank:
             print("\ninterrupted before training started; nothing to save\n", file=sys.stderr,
                   flush=True)
-            remove_if_empty(run_dir)
+        remove_empty_dirs(forget_created_dirs())
         sys.exit(130)
 
 
@@ -137,11 +160,18 @@ def entry() -> None:
     By this point the engine has flushed metrics, checkpoints and W&B and destroyed the process
     group, so skipping finalization loses nothing.
     """
+    global _recording, _hooked
+    if not _hooked:  # once per process: audit hooks cannot be removed
+        sys.addaudithook(_note_mkdir)
+        _hooked = True
+    _recording = True
     try:
         main()
         code = 0
     except SystemExit as stop:  # Hydra and our error path exit through SystemExit
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        _recording = False
     from engine.distributed import launched_by_torchrun
 
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:

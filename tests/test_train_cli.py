@@ -372,6 +372,19 @@ def test_resume_continues_the_run_as_configured_and_refuses_changes(tiny_data, t
     assert "train.max_steps=12" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+def test_a_refused_run_outside_the_working_dir_leaves_nothing_and_keeps_what_was_there(tmp_path):
+    """hydra.run.dir anywhere: a refused run removes the directories it made (Hydra makes the run
+    dir and its missing parents before any check), and only those."""
+    work, before = tmp_path / "work", tmp_path / "before"
+    work.mkdir()
+    before.mkdir()  # empty, but not this run's to remove
+    for run_dir in (tmp_path / "elsewhere" / "a" / "run", before / "x" / "run"):
+        res = run_train_cli(["optimizer.lr=-1", f"hydra.run.dir={run_dir}"], cwd=work)
+        assert res.returncode == 2 and "optimizer.lr=-1" in res.stderr, res.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before", "work"]
+    assert list(before.iterdir()) == [] and list(work.iterdir()) == []
+
+
 def test_a_refused_run_leaves_no_trace_and_torchrun_prints_the_error_once(tmp_path):
     res = run_train_cli(["data=local"], cwd=tmp_path)  # default output dirs, as a user runs it
     assert res.returncode == 2 and "Traceback" not in res.stderr
