@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from train_helpers import REPO
+import pytest
+
+from train_helpers import REPO, read_metrics
 
 
 @dataclass
@@ -107,3 +109,15 @@ def worker_pid(launcher_pid: int, rank: int) -> int | None:
             return child
     return None
 
+
+def assert_metrics_match(run_dir: Path, other: Path,
+                         keys: tuple[str, ...] = ("train/loss", "val/loss")) -> None:
+    """Two runs (N ranks and one process, say) logged the same steps and token counts, and
+    ``keys`` equal to float rounding."""
+    a, b = read_metrics(run_dir), read_metrics(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+        assert ra["tokens"] == rb["tokens"], ra["step"]

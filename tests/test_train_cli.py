@@ -7,6 +7,7 @@ import torch
 
 from engine.checkpoint import list_checkpoints, load_checkpoint
 from engine.run import run
+from process_helpers import assert_metrics_match
 from train_helpers import REPO, compose_cfg, read_metrics, run_train_cli, tiny_overrides
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "configs" / g).glob("*.yaml"))
@@ -123,13 +124,7 @@ def test_torchrun_two_ranks_match_one_process(optimizer, tiny_data, tmp_path):
 
     single = tmp_path / "single"
     run(compose_cfg(tiny_overrides(tiny_data, optimizer, **extra)), single)
-    a, b = read_metrics(ddp_dir), read_metrics(single)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("train/loss", "val/loss"):
-            if key in rb:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-        assert ra["tokens"] == rb["tokens"]
+    assert_metrics_match(ddp_dir, single)
     ca = load_checkpoint(list_checkpoints(ddp_dir / "checkpoints")[-1])
     cb = load_checkpoint(list_checkpoints(single / "checkpoints")[-1])
     assert ca["rank_divergence"] == 0.0  # parameters and h identical on both ranks
@@ -162,13 +157,8 @@ def test_torchrun_two_ranks_match_one_process_with_gnb_msq(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     single = tmp_path / "single"
     run(compose_cfg(tiny_overrides(tiny_data, "sophia", **extra)), single)
-    a, b = read_metrics(ddp_dir), read_metrics(single)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("train/loss", "val/loss", "hessian/l1"):
-            if key in rb:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (ra["step"], key)
-        assert ra["tokens"] == rb["tokens"] and ra["tokens_hessian"] == rb["tokens_hessian"]
+    assert_metrics_match(ddp_dir, single, keys=("train/loss", "val/loss", "hessian/l1",
+                                                "tokens_hessian"))
     ca = load_checkpoint(list_checkpoints(ddp_dir / "checkpoints")[-1])
     cb = load_checkpoint(list_checkpoints(single / "checkpoints")[-1])
     assert ca["rank_divergence"] == 0.0  # parameters and h identical on both ranks
