@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from data.files import write_text_atomic
 from engine.checkpoint import list_checkpoints
+from engine.instability import divergence, loss_spikes
 from engine.metrics import ConsoleSink
 from engine.run_dir import METRICS_FILE, SUMMARY_FILE, RunDirError, read_config, read_metrics
 
@@ -62,8 +63,9 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
     ``status`` a run that has just ended gives: preempted, failed: disk full), step,
     max_steps, val_loss and val_loss_step (the last evaluation), best_val_loss and
     best_val_loss_step, train_loss, tokens, tokens_hessian, flops, elapsed_s (training wall-clock,
-    eval excluded), throughput (tokens per second of elapsed_s), memory_peak_bytes, checkpoint
-    (the newest), next_commands.
+    eval excluded), throughput (tokens per second of elapsed_s), memory_peak_bytes, diverged
+    (null, or the step and reason under engine/instability.py's rule), loss_spikes (the steps of
+    train-loss spikes under the same module's rule), checkpoint (the newest), next_commands.
 
     ``position``: the counters of a run that has just ended (the metrics keys step, tokens,
     tokens_hessian, flops, time/elapsed), newer than its last metrics line when it stopped
@@ -92,6 +94,7 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
     elapsed, _ = _last(rows, "time/elapsed")
     peaks = [p for row in rows if (p := _finite(row.get("memory/peak"))) is not None]
     max_steps = _get(cfg, "train.max_steps")
+    diverged = divergence(rows)
 
     return {
         "run_dir": str(run_dir),
@@ -111,6 +114,8 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
         "elapsed_s": elapsed,
         "throughput": tokens / elapsed if tokens is not None and elapsed else None,
         "memory_peak_bytes": max(peaks) if peaks else None,
+        "diverged": {"step": diverged.step, "reason": diverged.reason} if diverged else None,
+        "loss_spikes": [spike.step for spike in loss_spikes(rows)],
         "checkpoint": str(newest) if newest else None,
         "next_commands": next_commands(run_dir, newest),
     }
@@ -163,6 +168,14 @@ def _bytes(value: float | None) -> str:
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
 
+def _stability(summary: dict[str, Any]) -> str:
+    spikes = summary.get("loss_spikes") or []
+    text = f"DIVERGED: {summary['diverged']['reason']}" if summary.get("diverged") else "no divergence"
+    return text + (f", {len(spikes)} loss spike{'s' if len(spikes) != 1 else ''} (steps "
+                   f"{', '.join(map(str, spikes[:5]))}{', ...' if len(spikes) > 5 else ''})"
+                   if spikes else ", no loss spikes")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short aligned block for the console at the end of a run."""
     s = summary
@@ -184,6 +197,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("tokens", f"{tokens}, {flops} FLOPs"),
         ("time", f"{ConsoleSink.format_duration(s.get('elapsed_s'))} training (eval excluded), "
                  f"{speed} tok/s, peak memory {_bytes(s.get('memory_peak_bytes'))}"),
+        ("stability", _stability(s)),
         ("checkpoint", s.get("checkpoint") or "none"),
     ]
     rows += [("next" if i == 0 else "", cmd) for i, cmd in enumerate(s.get("next_commands") or [])]

@@ -16,7 +16,7 @@ from engine.sweep_callback import RunTable, read_overrides
 ALL_KEYS = {"run_dir", "optimizer", "model", "status", "step", "max_steps", "val_loss",
             "val_loss_step", "best_val_loss", "best_val_loss_step", "train_loss", "tokens",
             "tokens_hessian", "flops", "elapsed_s", "throughput", "memory_peak_bytes",
-            "checkpoint", "next_commands"}
+            "diverged", "loss_spikes", "checkpoint", "next_commands"}
 
 
 def strict_json(text: str):
@@ -72,6 +72,22 @@ def test_finished_run(tmp_path):
     assert s["checkpoint"] == str(ckpt)
     assert s["next_commands"] == [f"python scripts/compare.py {run}",
                                   f"python scripts/sample.py {run}"]
+    assert s["diverged"] is None and s["loss_spikes"] == []
+
+
+def test_instability_is_recorded_in_the_summary(tmp_path):
+    rows = normal_rows(last_step=200, eval_every=100)
+    rows[15]["train/loss"] *= 2  # step 150: far above the median of the ten points before it
+    rows[-1]["val/loss"] = 5.5  # the final val loss ends above the step-0 one (5.0)
+    s = summarize_run(write_run(tmp_path / "run", rows, max_steps=200, checkpoints=(200,)))
+    assert s["loss_spikes"] == [150]
+    assert s["diverged"]["step"] == 200 and "above the first" in s["diverged"]["reason"]
+    block = format_summary(s)
+    assert "DIVERGED: final val/loss 5.5" in block and "1 loss spike (steps 150)" in block
+    rows = normal_rows()
+    rows[2]["train/loss"] = "nan"
+    s = summarize_run(write_run(tmp_path / "nan", rows, checkpoints=(40,)))
+    assert s["diverged"] == {"step": 20, "reason": "non-finite train/loss (nan) at step 20"}
 
 
 def test_stopped_early_between_evals(tmp_path):
