@@ -8,6 +8,7 @@ docs/extending.md):
 - ``trainer``        the training step, evaluation and the loop
 - ``optimizers``     the optimizer registry: one module per optimizer, its yaml its config
 - ``schedules``      the lr schedule registry (``schedule=<name>``)
+- ``registry``       what the registries share (unique names, importing a package's modules)
 - ``hessian``        the Sophia Hessian refresh schedule (GNB or Hutchinson) and its cost
 - ``metrics``        the record of a logged step; console, metrics.jsonl and W&B sinks
 - ``checkpoint``     atomic keep-last-N checkpoints, the Checkpointer, a trained model for tools

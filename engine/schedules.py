@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from engine.errors import HarnessError
+from engine.registry import add_unique
 from engine.schema import Choice, Float, Spec
 
 
@@ -36,9 +37,7 @@ def register_schedule(name: str, *, schema: Mapping[str, Spec]) -> Callable[[Sch
     """Decorator: make ``fn`` the schedule ``schedule=<name>``; ``schema`` gives the type and
     range of each key its yaml declares besides ``name`` (``{}`` when it has none)."""
     def add(fn: Schedule) -> Schedule:
-        if name in SCHEDULES:
-            raise ValueError(f"schedule {name!r} is registered twice")
-        SCHEDULES[name] = fn
+        add_unique(SCHEDULES, "schedule", name, fn)
         SCHEDULE_SCHEMAS[name] = dict(schema)
         return fn
     return add

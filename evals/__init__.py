@@ -10,13 +10,11 @@ starts. HellaSwag is ``evals/hellaswag.py``.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from functools import cache
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
+from engine.registry import add_unique, import_modules
 from engine.schema import Spec
 
 
@@ -43,18 +41,14 @@ def register_eval(name: str, *, schema: Mapping[str, Spec]) -> Callable[[EvalBui
     ``name``, configured by the ``eval.<name>_*`` keys; ``schema`` gives each option's type and
     range (engine/schema.py), keyed without the prefix."""
     def add(builder: EvalBuilder) -> EvalBuilder:
-        if name in EVALS:
-            raise ValueError(f"evaluation {name!r} is registered twice")
-        EVALS[name] = builder
+        add_unique(EVALS, "evaluation", name, builder)
         SCHEMAS[name] = dict(schema)
         return builder
     return add
 
 
-@cache
 def _discover() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__, __path__)
 
 
 def eval_schema() -> dict[str, Spec]:

@@ -13,8 +13,6 @@ comparison differs only in the update rule.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from engine.errors import HarnessError
+from engine.registry import add_unique, import_modules
 from engine.schema import Bool, Choice, Float, Int, Optional, Pair, Spec, check_values
 from model import WEIGHT_DECAY_RULES, weight_decay_groups
 
@@ -122,21 +121,16 @@ _REGISTRY: dict[str, OptimizerEntry] = {}
 
 def register(entry: OptimizerEntry) -> OptimizerEntry:
     """Add ``entry`` to the registry (called once by its module); its yaml must exist."""
-    if entry.name in _REGISTRY:
-        raise ValueError(f"optimizer {entry.name!r} is registered twice")
     if not (CONFIG_DIR / f"{entry.name}.yaml").is_file():
         raise ValueError(f"optimizer {entry.name!r} has no config file {CONFIG_DIR}/{entry.name}.yaml")
     bad = set(entry.paths) - set(PATHS)
     if bad:
         raise ValueError(f"optimizer {entry.name!r}: unknown paths {sorted(bad)}; use {PATHS}")
-    _REGISTRY[entry.name] = entry
-    return entry
+    return add_unique(_REGISTRY, "optimizer", entry.name, entry)
 
 
-@cache
 def _discover() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__, __path__)
 
 
 def entries() -> dict[str, OptimizerEntry]:
