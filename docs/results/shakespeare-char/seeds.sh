@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Grid edges and seeds 2, 3 at each optimizer's best lr (experiment=shakespeare-char), 2026-11-30.
-cd /work/main
-export OMP_NUM_THREADS=1 TIKTOKEN_CACHE_DIR=/work/shared/tiktoken_cache
-C="experiment=shakespeare-char data.source=/work/shared/corpora/tinyshakespeare.txt train.log_interval=50"
+# Run from the repository root; the byte-level corpus needs no tokenizer download.
+cd "$(dirname "$0")/../../.."
+export OMP_NUM_THREADS=1
+C="experiment=shakespeare-char data.source=tests/fixtures/tinyshakespeare.txt train.log_interval=50"
 M="optimizer.decay_rule=matrices"
 (
 python train.py -m $C optimizer=adamw-nanogpt optimizer.lr=1e-2 seed=1337 hydra.sweep.dir=results/shakespeare/edge-adamw
