@@ -19,11 +19,11 @@ import torch.distributed as dist
 from engine.batching import BatchPlan
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv, StepVote, StopRequest, grad_sync
-from evals import DownstreamEval
 from engine.hessian import HessianRefresher
 from engine.metrics import MetricsLogger, StepStats
 from engine.nonfinite import NonFiniteGuard
 from engine.optimizers import OptimizerSetup
+from evals import DownstreamEval
 
 
 @dataclass
