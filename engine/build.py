@@ -145,6 +145,7 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         log_interval=t.log_interval, eval_interval=t.eval_interval, eval_batches=t.eval_batches,
         eval_at_start=t.eval_at_start, checkpoint_interval=cfg.checkpoint.interval,
         stop_at_step=t.stop_at_step, peak_flops=t.peak_flops,
+        checkpoint_every_minutes=cfg.checkpoint.get("every_minutes") or None,
     )
 
 

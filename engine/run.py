@@ -150,12 +150,6 @@ def _lock_run_dir(run_dir: Path, env: DistEnv, stack: contextlib.ExitStack) -> N
         raise HarnessError(refusal)
 
 
-def _every_minutes(cfg: DictConfig) -> float | None:
-    """``checkpoint.every_minutes`` (checked by the schema); None when off (null or 0)."""
-    value = cfg.checkpoint.get("every_minutes")
-    return float(value) if value else None
-
-
 def run(cfg: DictConfig, run_dir: str | os.PathLike,
         on_start: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Train as configured; returns the run's summary (``val_loss``, ``step``, ``run_dir``, ...).
@@ -186,12 +180,10 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
                            f"'.[wandb]', or run with wandb.mode=disabled.")
     # Rank 0's run dir wins, so every rank reads and writes the same place whatever it composed.
     run_dir = Path(broadcast_object(str(run_dir), env))
-    every_minutes = _every_minutes(cfg)
     # Before anything reads the run dir's checkpoints: what is resumed must be what no other run
     # is still writing.
     _lock_run_dir(run_dir, env, stack)
     trainer = build_trainer(cfg, run_dir, env)
-    trainer.settings.checkpoint_every_minutes = every_minutes
     resolved = trainer.checkpointer.extra["config"]
 
     # Resume before touching the run dir's files: a refused (mismatched) checkpoint must leave
