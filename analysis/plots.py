@@ -1,6 +1,6 @@
 """compare.py's figures: loss curves on four cost axes, diagnostics, downstream accuracies, the
-scaling view and lr sensitivity. matplotlib is imported inside the functions, so the maths never
-needs it.
+scaling view, lr sensitivity and the fitted loss across horizons. matplotlib is imported inside
+the functions, so the maths never needs it.
 
 Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
 whose curves coincide (a clip rate of 1.0 for all, say) all stay visible. A diverged run is never
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from analysis.horizons import Line as HorizonLine
 from analysis.runs import Diverged, Run, series
 from analysis.scaling import ScalingPoint
 from analysis.sensitivity import LrPoint
@@ -374,4 +375,49 @@ def lr_sensitivity_figure(points: dict[str, list[LrPoint]]):
     extra = [(Line2D([], [], color="gray", linestyle="none", marker="x", markersize=9, markeredgewidth=2),
               "diverged at this lr")] if any_diverged else []
     _add_legend(fig, styles, extra)
+    return fig
+
+
+def horizons_figure(lines: Sequence[HorizonLine]):
+    """Final validation loss against training tokens (log x), one colour per horizon line: each
+    horizon's mean over seeds with a min/max error bar, and the line's fit A * D^-alpha + E dashed
+    over its horizons (thinner where the fit is not good)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    styles = plot_styles([line.line for line in lines])
+    fig, ax = plt.subplots(figsize=(9, 5.6))
+    handles = []
+    for line in lines:
+        st = styles[line.line]
+        hs = line.horizons
+        means = [h.mean for h in hs]
+        ax.errorbar([h.d for h in hs], means,
+                    yerr=[[m - min(h.losses) for h, m in zip(hs, means)], [max(h.losses) - m for h, m in zip(hs, means)]],
+                    color=st.color, linestyle="none", marker=st.marker, markersize=st.markersize,
+                    markerfacecolor="none", markeredgewidth=1.4, capsize=4)
+        text = line.line
+        if line.fit is not None:
+            grid = np.geomspace(hs[0].d, hs[-1].d, 200)
+            ax.plot(grid, [line.fit.loss(x) for x in grid], color=st.color, linestyle="--",
+                    linewidth=1.8 if line.good else 1.0, alpha=1.0 if line.good else 0.6)
+            text += (f": alpha {line.fit.alpha:.3f}, E {line.fit.e:.3f}, rms {line.rms:.4f}"
+                     + ("" if line.good else " (fit not good)"))
+        else:
+            text += f": no fit ({len(hs)} horizon(s))"
+        handles.append((Line2D([], [], color=st.color, linestyle="--" if line.fit is not None else "none",
+                               marker=st.marker, markersize=st.markersize, markerfacecolor="none",
+                               markeredgewidth=1.4), text))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(si_format))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, pos: ""))
+    ax.set_title("final validation loss vs training tokens per horizon (mean, min/max over seeds; "
+                 "dashed: A * D^-alpha + E)", fontsize=10)
+    ax.set_xlabel("training tokens D (incl. Hessian passes, log scale)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    _add_legend(fig, {}, handles)
     return fig

@@ -32,7 +32,13 @@ Outputs in `--out` (default `compare_out/`):
   `speedup.json` `"lr_sensitivity"`): best lr, its loss, and how wide the lr range within 1% of it is
   (`analysis/sensitivity.py`);
 - with `--scaling`, or by default when the runs span two or more model sizes, `scaling.png`,
-  `scaling.json` and the size-match tables on stdout (`analysis/scaling.py`).
+  `scaling.json` and the size-match tables on stdout (`analysis/scaling.py`);
+- when the runs of one line (optimizer plus differing overrides, seeds and horizon keys such as
+  `train.max_steps` and `checkpoint.branch_from` aside) span three or more horizons: `horizons.png`,
+  `horizons.json` and a summary on stdout: per line the fit L(D) = A * D^-alpha + E of final loss
+  against tokens, whether it is good, and for each pair of good fits the token ratio at which they
+  reach equal loss at each horizon (`analysis/horizons.py`); those ratios are also in
+  `speedup.json` `"fitted"`, which names horizons.json for the fits.
 Every run has its own colour, line style and marker, and earlier runs are drawn wider, so runs
 whose curves coincide (a clip rate of 1.0 for all, say) all stay visible.
 
@@ -60,7 +66,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from analysis import plots, scaling, sensitivity, speedup, verdicts
+from analysis import horizons, plots, scaling, sensitivity, speedup, verdicts
 from analysis.runs import CompareError, Diverged, Run, collect_runs, group_runs, split_diverged
 from analysis.units import si_format
 from engine.errors import HarnessError
@@ -140,6 +146,31 @@ def write_lr_sensitivity(runs: Sequence[Run], out: Path, metric: str) -> dict | 
     return report
 
 
+def write_horizons(runs: Sequence[Run], out: Path, metric: str) -> dict | None:
+    """horizons.png, horizons.json and the printed fits and ratios when some line spans three or more
+    horizons; returns speedup.json's ``"fitted"``, or None (silently) otherwise. `runs` may include
+    diverged runs: they are left out of the fits and listed in horizons.json ``"left_out"``."""
+    lines, left_out = horizons.horizon_lines(runs, metric)
+    if not any(line.fit is not None for line in lines):
+        return None
+    for item in left_out:
+        print(f"note: horizons: left out {item['path']}: {item['reason']}", file=sys.stderr)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plots.horizons_figure(lines)
+    fig.savefig(out / "horizons.png", dpi=100)
+    plt.close(fig)
+    report = horizons.horizons_report(lines, left_out, metric)
+    (out / "horizons.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(horizons.format_horizons(report, lines))
+    for name in ("horizons.png", "horizons.json"):
+        print(f"wrote {out / name}")
+    return {"file": "horizons.json", "definition": report["definition"], "pairs": report["pairs"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status: 0, or 2 for a bad argument or when no run is readable."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -189,6 +220,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"wrote {path}")
         instability = report_instability(groups, diverged)
         lr_report = write_lr_sensitivity(runs, out, args.metric)
+        fitted = write_horizons(runs, out, args.metric)
 
         gone = [label for label, members in healthy.items() if not members]
         if gone:
@@ -204,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
         if len(curves) < 2:
             if not missing:
                 print(f"note: speed-up needs at least two runs with {args.metric} points; skipped.", file=sys.stderr)
-            if lr_report is None:
+            if lr_report is None and fitted is None:
                 return 0
         report = speedup.speedup_report(curves, healthy, args.metric, args.smooth, args.target_loss)
         if len(curves) >= 2:
@@ -218,6 +250,8 @@ def _run(args: argparse.Namespace) -> int:
         report.update(instability)
         if lr_report is not None:
             report["lr_sensitivity"] = lr_report
+        if fitted is not None:
+            report["fitted"] = fitted
         (out / "speedup.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out / 'speedup.json'}")
     except HarnessError as e:

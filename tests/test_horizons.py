@@ -1,13 +1,14 @@
-"""The fitted speed-up across horizons (analysis/horizons.py) on synthetic runs whose final losses
-follow a known power law in tokens."""
+"""The fitted speed-up across horizons (analysis/horizons.py, compare.py's horizons.json and
+horizons.png) on synthetic runs whose final losses follow a known power law in tokens."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
-from test_compare import write_run
+from test_compare import PNG_MAGIC, compare, write_run
 
-from analysis import horizons
+from analysis import horizons, plots
 from analysis.horizons import Fit
 from analysis.runs import collect_runs
 
@@ -170,3 +171,52 @@ def test_a_line_whose_floor_is_above_the_target_never_reaches_it():
         assert line.good
     (row,) = [r for r in horizons.fitted_ratios([hi, lo]) if r["a"] == "hi"]
     assert all(c["ratio"] is None and "never reaches it" in c["note"] for c in row["at"])
+
+
+def test_figure_and_cli(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = _sweep(tmp_path / "runs")
+    lines, _ = horizons.horizon_lines(collect_runs(paths))
+    fig = plots.horizons_figure(lines)
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xscale() == "log" and "tokens" in ax.get_xlabel() and "loss" in ax.get_ylabel()
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(dashed) == 4  # adamw, lion, muon, sophia: fitted; adafactor: points only
+        assert len(ax.containers) == 5  # one errorbar set per line
+        (legend,) = fig.legends
+        texts = [t.get_text() for t in legend.get_texts()]
+        assert texts[0].startswith("adafactor: no fit") and "(fit not good)" in texts[2]
+    finally:
+        plt.close(fig)
+
+    out = tmp_path / "out"
+    assert compare.main([str(p) for p in paths] + ["--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert (out / "horizons.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((out / "horizons.json").read_text())
+    by_line = {line["line"]: line for line in report["lines"]}
+    assert by_line["adamw"]["alpha"] == pytest.approx(ALPHA, rel=1e-6) and by_line["adamw"]["good"] is True
+    assert by_line["adamw"]["A"] == pytest.approx(A, rel=1e-6) and by_line["adamw"]["E"] == pytest.approx(E, rel=1e-6)
+    assert by_line["muon"]["good"] is False and by_line["muon"]["reason"].startswith("only 3 horizons")
+    assert [h["steps"] for h in by_line["adamw"]["horizons"]] == list(HORIZONS)
+    assert len(report["left_out"]) == 1 and "diverged" in report["left_out"][0]["reason"]
+    assert "sophia needs 0.50x adamw's tokens at adamw's 400-step loss" in captured.out
+    assert "lion: 4 horizons" in captured.out and "fit not good: rms residual" in captured.out
+    assert "note: horizons: left out" in captured.err
+    fitted = json.loads((out / "speedup.json").read_text())["fitted"]
+    assert fitted["file"] == "horizons.json" and fitted["pairs"] == report["pairs"]
+    for name in ("loss.png", "diagnostics.png"):  # the other outputs are still there
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_no_horizons_file_without_three_horizons(tmp_path):
+    paths = [_run(tmp_path / "runs", "adamw", s, law(s * TOKENS_PER_STEP)) for s in HORIZONS[:2]]
+    out = tmp_path / "out"
+    assert compare.main([str(p) for p in paths] + ["--out", str(out)]) == 0
+    assert not (out / "horizons.json").exists() and not (out / "horizons.png").exists()
+    assert "fitted" not in json.loads((out / "speedup.json").read_text())
