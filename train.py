@@ -75,6 +75,29 @@ def resume_base(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[D
     return compose(config_name="config", overrides=merged), merged
 
 
+def branch_base(cfg: DictConfig, overrides: list[str], run_dir: Path) -> tuple[DictConfig, list[str]]:
+    """The config of a cooldown branch that starts now (``checkpoint.branch_from=PARENT``, no
+    checkpoint of its own yet): the parent's command line, less its ``schedule.horizons``, with
+    this invocation's overrides on top, and the parent as an absolute path (so that resuming
+    the branch from elsewhere finds it), composed afresh."""
+    from hydra import compose
+
+    from engine.checkpoint import find_resume_checkpoint
+    from engine.resume import merge_overrides, override_key
+    from engine.run_dir import read_overrides
+
+    parent = cfg.checkpoint.get("branch_from")
+    if not parent or find_resume_checkpoint(cfg.checkpoint.resume, run_dir) is not None:
+        return cfg, overrides
+    absolute = str(Path(parent).resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    saved = [o for o in read_overrides(Path(parent)) or []
+             if override_key(o) not in ("schedule.horizons", "checkpoint.branch_from")]
+    mine = [f"checkpoint.branch_from='{absolute}'"
+            if override_key(o) == "checkpoint.branch_from" else o for o in overrides]
+    merged = merge_overrides(saved, mine)
+    return compose(config_name="config", overrides=merged), merged
+
+
 def write_hydra_dir(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
     """``.hydra/`` as Hydra writes it (config, hydra, overrides), but only for a run that passed its
     checks (Hydra's own copy is switched off in configs/config.yaml: it is written before them)."""
@@ -127,6 +150,7 @@ def main(cfg: DictConfig) -> float:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg, overrides = resume_base(cfg, list(hc.overrides.task), run_dir)
+        cfg, overrides = branch_base(cfg, overrides, run_dir)
         val = run(cfg, run_dir, on_start=lambda d: write_hydra_dir(d, cfg, overrides))["val_loss"]
         forget_created_dirs()
         return math.nan if val is None else val  # a sweeper wants a number: NaN marks no eval

@@ -20,7 +20,8 @@ from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
 from engine.nonfinite import NonFiniteGuard
 from engine.optimizers import build_optimizer
-from engine.schedules import Span, build_schedule
+from engine.branching import branch_points
+from engine.schedules import lr_schedule
 from engine.trainer import Trainer, TrainSettings
 from model import GPT, GPTConfig
 from model.flops import device_peak_flops
@@ -146,15 +147,8 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
         eval_at_start=t.eval_at_start, checkpoint_interval=cfg.checkpoint.interval,
         stop_at_step=t.stop_at_step, peak_flops=t.peak_flops,
         checkpoint_every_minutes=cfg.checkpoint.get("every_minutes") or None,
+        branch_points=branch_points(cfg),
     )
-
-
-def lr_schedule(cfg: DictConfig) -> Callable[[int], float]:
-    """``schedule`` with the shared knobs of the ``train`` group: step -> lr multiplier."""
-    t = cfg.train
-    span = Span(warmup_steps=t.warmup_steps, min_lr_ratio=float(t.min_lr_ratio),
-                decay_steps=t.decay_steps if t.decay_steps is not None else t.max_steps)
-    return build_schedule(OmegaConf.to_container(cfg.schedule), span)
 
 
 def build_trainer(cfg: DictConfig, run_dir: str | Path, env: DistEnv) -> Trainer:

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from engine.trainer import Trainer
 
 FORMAT = 1
+# Beside a run's rotating checkpoints/, the checkpoints it keeps for cooldown branches
+# (engine/branching.py): never deleted by checkpoint.keep_last.
+BRANCH_POINTS_DIR = "branch_points"
 _NAME = re.compile(r"^ckpt_(\d{7,})\.pt$")
 
 
@@ -421,8 +424,9 @@ class Checkpointer:
                 "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
                 "rng": all_rng, "counters": counters, **self.extra}
 
-    def save(self, trainer: Trainer) -> Path | None:
-        """Checkpoint the trainer's current step; returns the file on rank 0.
+    def save(self, trainer: Trainer, kept: bool = False) -> Path | None:
+        """Checkpoint the trainer's current step; returns the file on rank 0. ``kept``: into the
+        run's :data:`BRANCH_POINTS_DIR` instead, where no rotation deletes it.
 
         A failed write raises :class:`CheckpointWriteError` on every rank (rank 0 tells the others
         its outcome), so that the ranks stop together instead of waiting on rank 0 forever.
@@ -431,7 +435,9 @@ class Checkpointer:
         path, failure = None, None
         if trainer.env.is_main:
             try:
-                path = save_checkpoint(state, self.directory, trainer.step, self.keep_last)
+                path = (save_checkpoint(state, self.directory.parent / BRANCH_POINTS_DIR,
+                                        trainer.step, keep_last=0) if kept else
+                        save_checkpoint(state, self.directory, trainer.step, self.keep_last))
             except CheckpointWriteError as err:
                 failure = (str(err), err.status)
         failure = broadcast_object(failure, trainer.env)

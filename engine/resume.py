@@ -24,10 +24,11 @@ from engine.errors import HarnessError
 # checkpoints, how it is tracked and launched), not what it computes: a resume may change them
 # freely, run labels (scripts/compare.py) and the sweep table (summary.md) leave them out. A
 # pattern "a.*" also covers the section "a" itself. eval.* adds measurements without touching the
-# training computation (it draws no random numbers); train.peak_flops only scales the MFU metric.
+# training computation (it draws no random numbers); train.peak_flops only scales the MFU metric;
+# schedule.horizons only keeps extra checkpoints.
 RESULT_NEUTRAL_KEYS = ("train.stop_at_step", "train.log_interval", "train.prefetch",
                        "train.peak_flops", "compile", "checkpoint.*", "data.prepare_if_missing",
-                       "wandb.*", "eval.*", "hydra.*", "hparams_search")
+                       "wandb.*", "eval.*", "hydra.*", "hparams_search", "schedule.horizons")
 
 # Where a run's data and compute happen to live. The same experiment runs anywhere, so labels and
 # tables leave these out too; a resume still refuses a change, because data=prepared names its

@@ -21,8 +21,10 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from engine.branching import check_branch, decay_start, find_branch_checkpoint, inherit_metrics
 from engine.build import build_trainer, resolve_dtype
-from engine.checkpoint import CheckpointWriteError, list_checkpoints, load_resume_checkpoint
+from engine.checkpoint import (CheckpointWriteError, list_checkpoints, load_checkpoint,
+                               load_resume_checkpoint)
 from engine.config_check import check_config
 from engine.console_log import tee_console
 from engine.distributed import (DistEnv, broadcast_object, setup_distributed, stop_exit_code,
@@ -189,6 +191,7 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
     # Resume before touching the run dir's files: a refused (mismatched) checkpoint must leave
     # its run's config and metrics as they were. Messages wait until train.log is open.
     notes: list[str] = []
+    parent: Path | None = None  # the run this one branches from, when it starts a branch
     resumed = load_resume_checkpoint(cfg.checkpoint.resume, run_dir, warn=notes.append)
     if resumed is not None:
         resume_path, state = resumed
@@ -201,6 +204,8 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
         notes.append(f"resumed from {resume_path} at step {trainer.step}")
     else:
         _check_fresh_start(run_dir, notes)
+        if cfg.checkpoint.get("branch_from"):
+            parent = _start_branch(cfg, trainer, resolved, notes)
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +215,10 @@ def _run(cfg: DictConfig, run_dir: Path, env: DistEnv, logger: MetricsLogger,
         if on_start is not None:
             on_start(run_dir)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        _open_sinks(cfg, run_dir, trainer, logger, resolved, resumed=resumed is not None)
+        if parent is not None:
+            inherit_metrics(parent, run_dir)
+        _open_sinks(cfg, run_dir, trainer, logger, resolved,
+                    resumed=resumed is not None or parent is not None)
         plan = trainer.plan
         print(f"run dir {run_dir} | {trainer.optim.name} | "
               f"{trainer.raw_model.num_params() / 1e6:.2f}M params | {plan.global_batch_tokens} "
@@ -251,6 +259,23 @@ def _preempted_line(trainer, run_dir: Path) -> str:
             f"checkpoint {list_checkpoints(run_dir / 'checkpoints')[-1].name} written; resume with "
             f"`python train.py hydra.run.dir={shlex.quote(str(run_dir))}` (or the same command) "
             f"[exit {stop_exit_code(trainer.stopped_by)}]")
+
+
+def _start_branch(cfg: DictConfig, trainer, resolved: dict[str, Any], notes: list[str]) -> Path:
+    """Load the parent's checkpoint at this run's decay start into ``trainer`` (a cooldown
+    branch, engine/branching.py); returns the parent's run directory."""
+    parent = Path(cfg.checkpoint.branch_from).resolve()
+    step = decay_start(resolved)
+    path = find_branch_checkpoint(parent, step)
+    state = load_checkpoint(path)
+    changes = check_branch(state.get("config", {}), resolved, step, source=str(parent),
+                           allow=bool(cfg.checkpoint.get("allow_config_change")))
+    trainer.checkpointer.restore(trainer, state)
+    notes += [f"WARNING: branching with {key} changed from {old!r} to {new!r} "
+              f"(checkpoint.allow_config_change=true)" for key, old, new in changes]
+    notes.append(f"branched from {parent} at step {step} ({path.name}), where the decay to "
+                 f"step {trainer.settings.max_steps} starts")
+    return parent
 
 
 def _check_fresh_start(run_dir: Path, notes: list[str]) -> None:

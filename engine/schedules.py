@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from engine.errors import HarnessError
 from engine.registry import add_unique
-from engine.schema import Choice, Float, Spec
+from engine.schema import Choice, Float, Int, List, Spec
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ def wsd_decay_start(decay_steps: int, decay_fraction: float) -> int:
 @register_schedule("wsd", schema={
     "decay_fraction": Float(min=0, max=1, doc="the share of the steps, at the end, that decay"),
     "decay_shape": Choice(*WSD_SHAPES, doc="how the lr falls during the decay"),
+    "horizons": List(Int(min=1), doc="horizons whose decay start keeps a checkpoint for cooldown "
+                                     "branches (engine/branching.py)"),
 })
 def wsd(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
     """Warmup-stable-decay: linear warmup, the peak lr until the last ``decay_fraction`` of the
@@ -103,6 +105,22 @@ def wsd(step: int, span: Span, cfg: Mapping[str, Any]) -> float:
     progress = (step - start) / (span.decay_steps - start)
     shape = WSD_SHAPES[cfg["decay_shape"]](progress)
     return span.min_lr_ratio + (1.0 - span.min_lr_ratio) * shape
+
+
+def decay_end(train: Mapping[str, Any]) -> int:
+    """The step where the decay ends: ``train.decay_steps``, or ``train.max_steps`` when null."""
+    return train["decay_steps"] if train.get("decay_steps") is not None else train["max_steps"]
+
+
+def lr_schedule(cfg: Mapping[str, Any]) -> Callable[[int], float]:
+    """A run's ``step -> lr multiplier``: its ``schedule`` with the shared knobs of its ``train``
+    section (``cfg``: a run's config, composed or as saved)."""
+    t = cfg["train"]
+    span = Span(warmup_steps=t["warmup_steps"], decay_steps=decay_end(t),
+                min_lr_ratio=float(t["min_lr_ratio"]))
+    schedule = cfg["schedule"]
+    return build_schedule(dict(schedule.items()) if hasattr(schedule, "items") else schedule,
+                          span)
 
 
 def build_schedule(cfg: Mapping[str, Any], span: Span) -> Callable[[int], float]:

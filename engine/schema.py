@@ -301,6 +301,8 @@ SECTIONS: dict[str, dict[str, Spec]] = {
         "resume": Optional(Str(), doc="auto, a run directory or a checkpoint file; null: start "
                                       "fresh"),
         "allow_config_change": Bool(),
+        "branch_from": Optional(Str(), doc="a WSD parent run directory to branch from; null: "
+                                           "no branch"),
     },
     "wandb": {
         "mode": Choice("online", "offline", "disabled",

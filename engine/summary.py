@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from data.files import write_text_atomic
+from engine.branching import decay_start
 from engine.checkpoint import list_checkpoints
+from engine.errors import HarnessError
 from engine.instability import divergence, loss_spikes
 from engine.metrics import ConsoleSink
 from engine.run_dir import METRICS_FILE, SUMMARY_FILE, RunDirError, read_config, read_metrics
@@ -65,7 +67,8 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
     best_val_loss_step, train_loss, tokens, tokens_hessian, flops, elapsed_s (training wall-clock,
     eval excluded), throughput (tokens per second of elapsed_s), memory_peak_bytes, diverged
     (null, or the step and reason under engine/instability.py's rule), loss_spikes (the steps of
-    train-loss spikes under the same module's rule), checkpoint (the newest), next_commands.
+    train-loss spikes under the same module's rule), branch (null, or the parent run and the step a
+    cooldown branch started from), checkpoint (the newest), next_commands.
 
     ``position``: the counters of a run that has just ended (the metrics keys step, tokens,
     tokens_hessian, flops, time/elapsed), newer than its last metrics line when it stopped
@@ -116,9 +119,22 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
         "memory_peak_bytes": max(peaks) if peaks else None,
         "diverged": {"step": diverged.step, "reason": diverged.reason} if diverged else None,
         "loss_spikes": [spike.step for spike in loss_spikes(rows)],
+        "branch": _branch(cfg),
         "checkpoint": str(newest) if newest else None,
         "next_commands": next_commands(run_dir, newest),
     }
+
+
+def _branch(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """A cooldown branch's parent run and branch step (engine/branching.py), from its config."""
+    parent = _get(cfg, "checkpoint.branch_from")
+    if not parent:
+        return None
+    try:
+        step = decay_start(cfg)
+    except (HarnessError, KeyError, TypeError):  # a config that could never have branched
+        step = None
+    return {"from": parent, "step": step}
 
 
 def next_commands(run_dir: Path, checkpoint: Path | None) -> list[str]:
@@ -198,6 +214,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("time", f"{ConsoleSink.format_duration(s.get('elapsed_s'))} training (eval excluded), "
                  f"{speed} tok/s, peak memory {_bytes(s.get('memory_peak_bytes'))}"),
         ("stability", _stability(s)),
+        *([("branch", f"from {s['branch']['from']} at step {s['branch']['step']}")]
+          if s.get("branch") else []),
         ("checkpoint", s.get("checkpoint") or "none"),
     ]
     rows += [("next" if i == 0 else "", cmd) for i, cmd in enumerate(s.get("next_commands") or [])]

@@ -42,6 +42,9 @@ class TrainSettings:
     # Also checkpoint once this many minutes of wall-clock have passed since the last checkpoint
     # (rank 0's clock decides); None or 0: off.
     checkpoint_every_minutes: float | None = None
+    # Steps whose checkpoint is kept for cooldown branches (engine/branching.py), beside the
+    # rotating ones.
+    branch_points: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -221,6 +224,7 @@ class Trainer:
             eval_now = s.eval_interval > 0 and (self.step % s.eval_interval == 0
                                                 or self.step == s.max_steps)
             downstream_now = any(e.due(self.step, s.max_steps) for e in self.evals)
+            kept_now = self.step in s.branch_points
             ckpt_now = (s.checkpoint_interval > 0 and self.step % s.checkpoint_interval == 0) \
                 or self.step == stop
             stop_signal, timed_save = 0, False
@@ -234,7 +238,7 @@ class Trainer:
                     # one step before it is written), so one due time never gives two of them.
                     last_save = self.clock()
                 ckpt_now = ckpt_now or timed_save or bool(stop_signal)
-            if not (log_now or eval_now or downstream_now or ckpt_now):
+            if not (log_now or eval_now or downstream_now or ckpt_now or kept_now):
                 continue
             if self.env.device.type == "cuda":
                 torch.cuda.synchronize(self.env.device)
@@ -264,6 +268,8 @@ class Trainer:
             if ckpt_now:
                 self.checkpointer.save(self)
                 last_save = self.clock()
+            if kept_now:
+                self.checkpointer.save(self, kept=True)
             t_mark = time.perf_counter()
             if stop_signal:
                 self.stopped_by = stop_signal

@@ -115,7 +115,7 @@ def _wrong_types(spec: Spec) -> list[Any]:
     elif isinstance(inner, Pair):
         values += ["abc", [0.9]]
     elif isinstance(inner, List):
-        values += ["abc", [123]]
+        values += ["abc", *[[bad] for bad in _wrong_types(inner.item) if bad is not None]]
     else:
         raise AssertionError(f"no wrong-type values for {spec!r}")
     return values

@@ -16,7 +16,7 @@ from engine.sweep_callback import RunTable, read_overrides
 ALL_KEYS = {"run_dir", "optimizer", "model", "status", "step", "max_steps", "val_loss",
             "val_loss_step", "best_val_loss", "best_val_loss_step", "train_loss", "tokens",
             "tokens_hessian", "flops", "elapsed_s", "throughput", "memory_peak_bytes",
-            "diverged", "loss_spikes", "checkpoint", "next_commands"}
+            "diverged", "loss_spikes", "branch", "checkpoint", "next_commands"}
 
 
 def strict_json(text: str):
