@@ -28,7 +28,7 @@ def test_every_group_option_composes(group, option):
 def test_every_experiment_composes(experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
     if experiment.startswith("paper-"):
-        size, opt = experiment.split("-")[1:]
+        size, opt = experiment.removesuffix("-fair").split("-")[1:]
         assert cfg.optimizer.name == opt
         assert cfg.model.preset == {"125m": "gpt2-small", "355m": "gpt2-medium",
                                     "770m": "gpt2-large"}[size]
