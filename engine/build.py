@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from engine.batching import plan_batches
+from engine.branching import branch_points
 from engine.checkpoint import Checkpointer
 from engine.distributed import DistEnv
 from evals import build_evals
@@ -20,7 +21,6 @@ from engine.errors import HarnessError
 from engine.hessian import HessianRefresher
 from engine.nonfinite import NonFiniteGuard
 from engine.optimizers import build_optimizer
-from engine.branching import branch_points
 from engine.schedules import lr_schedule
 from engine.trainer import Trainer, TrainSettings
 from model import GPT, GPTConfig
