@@ -156,7 +156,7 @@ def test_fair_presets_of_a_size_differ_in_the_optimizer_only(size):
     for opt, cfg in cfgs.items():
         assert cfg.optimizer.name == opt
         assert shared(cfg) == first, opt
-    assert first["schedule"] == {"name": "cosine"} and first["train.min_lr_ratio"] == 0.1
+    assert first["schedule"] == {"name": "cosine"} and first["train.min_lr_ratio"] == 0.05
     assert first["model"]["scale_attn_by_inverse_layer_idx"] is True
     assert first["train.global_batch_tokens"] == 480 * 1024 and first["train.grad_clip"] == 1.0
     assert (first["train.warmup_steps"], first["train.max_steps"]) == (2000, 100000)
