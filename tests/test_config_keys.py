@@ -76,3 +76,13 @@ def test_an_unknown_optimizer_lists_the_registered_ones():
     with pytest.raises(HarnessError, match=r"optimizer\.name='sofia' is unknown; choose one of "
                                            + ", ".join(sorted(entries()))):
         build_optimizer({"name": "sofia"}, torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("fused, path", [(None, "fused"), (True, "fused"), (False, "foreach")])
+def test_adamw_takes_torchs_fused_kernel_on_cpu_unless_told_otherwise(fused, path):
+    """The seconds axis compares optimizers at their fastest correct path: AdamW's is fused on the
+    CPU too, as Sophia's and Lion's are."""
+    model = GPT(GPTConfig.from_preset("gpt2-nano", vocab_size=64))
+    opt = build_optimizer({**optimizer_defaults("adamw"), "fused": fused}, model).optimizer
+    assert (opt.defaults["fused"] is True, opt.defaults["foreach"] is True) == (
+        path == "fused", path == "foreach")
