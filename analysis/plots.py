@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from analysis.horizons import Line as HorizonLine
 from analysis.runs import Diverged, Run, series
@@ -278,22 +278,26 @@ def plot(groups: dict[str, list[Run]], out: Path, smooth_n: int, diverged: Seque
     """Write `loss.png` (2x4) and `diagnostics.png` (2x2) into `out`, and `downstream.png` when
     some run has downstream accuracies; returns the paths. `groups` are averaged into lines, the
     `diverged` runs drawn apart with an x where they diverged."""
+    styles = plot_styles(list(groups))
+    figures = [("loss.png", lambda: loss_figure(groups, smooth_n, styles, diverged)),
+               ("diagnostics.png", lambda: diagnostics_figure(groups, styles, diverged))]
+    if has_downstream(groups) or has_downstream({"diverged": [d.run for d in diverged]}):
+        figures.append(("downstream.png", lambda: downstream_figure(groups, styles, diverged)))
+    return [save_figure(draw, out / name) for name, draw in figures]
+
+
+def save_figure(draw: Callable[[], Any], path: Path) -> Path:
+    """Draw a figure (``draw()``) on the non-interactive Agg backend, write it to ``path`` as a
+    100-dpi PNG and free it; returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = plot_styles(list(groups))
-    paths = []
-    figures = [("loss.png", loss_figure(groups, smooth_n, styles, diverged)),
-               ("diagnostics.png", diagnostics_figure(groups, styles, diverged))]
-    if has_downstream(groups) or has_downstream({"diverged": [d.run for d in diverged]}):
-        figures.append(("downstream.png", downstream_figure(groups, styles, diverged)))
-    for name, fig in figures:
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        paths.append(out / name)
-    return paths
+    fig = draw()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def scaling_figure(points: Sequence[ScalingPoint]):

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from data.files import write_text_atomic
 from engine.checkpoint import BRANCH_POINTS_DIR, list_checkpoints
 from engine.errors import HarnessError
-from engine.resume import config_changes
+from engine.resume import config_changes, format_changes
 from engine.run_dir import METRICS_FILE
 from engine.schedules import decay_end, lr_schedule, wsd_decay_start
 
@@ -108,13 +108,12 @@ def check_branch(parent_cfg: Mapping[str, Any], cfg: Mapping[str, Any], step: in
     changes = [c for c in config_changes(parent_cfg, cfg)
                if c[0] not in DECAY_KEYS and not c[0].startswith("schedule.")]
     if changes and not allow:
-        listed = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
         raise HarnessError(
             f"A branch from {source} must train like its parent up to step {step}, but these "
-            f"settings differ (parent -> this command):\n{listed}\nPass the parent's settings "
-            f"(`python train.py checkpoint.branch_from=PARENT train.max_steps=T` reuses its "
-            f"command line), or add checkpoint.allow_config_change=true if the change is "
-            f"intended.")
+            f"settings differ (parent -> this command):\n{format_changes(changes)}\nPass the "
+            f"parent's settings (`python train.py checkpoint.branch_from=PARENT "
+            f"train.max_steps=T` reuses its command line), or add "
+            f"checkpoint.allow_config_change=true if the change is intended.")
     parent_lr, branch_lr = lr_schedule(parent_cfg), lr_schedule(cfg)
     for s in range(step):
         if parent_lr(s) != branch_lr(s):

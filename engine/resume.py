@@ -81,15 +81,20 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     return changes
 
 
+def format_changes(changes: Iterable[tuple[str, Any, Any]]) -> str:
+    """One indented ``key: old -> new`` line per change."""
+    return "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+
+
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow: bool,
                         source: str) -> list[tuple[str, Any, Any]]:
     """Refuse (``HarnessError``) a resume whose config differs from the checkpoint's, unless
     ``allow``; returns the differences (empty when none)."""
     changes = config_changes(saved, current)
     if changes and not allow:
-        listed = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
         raise HarnessError(
-            f"Resuming {source} with a different config (checkpoint -> this command):\n{listed}\n"
+            f"Resuming {source} with a different config (checkpoint -> this command):\n"
+            f"{format_changes(changes)}\n"
             f"A run's model, optimizer, batch, schedule and data cannot change mid-run. Resume "
             f"with the run's own settings (leave these overrides out: the saved ones are reused), "
             f"start a fresh run in another directory (hydra.run.dir=...), or, if the change is "

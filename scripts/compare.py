@@ -89,14 +89,7 @@ def write_scaling(runs: Sequence[Run], out: Path, forced: bool) -> list[Path]:
         return []
     for note in notes:
         print(f"note: scaling: left out {note}", file=sys.stderr)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plots.scaling_figure(points)
-    fig.savefig(out / "scaling.png", dpi=100)
-    plt.close(fig)
+    plots.save_figure(lambda: plots.scaling_figure(points), out / "scaling.png")
     report = scaling.scaling_report(points)
     for metric, rows in report["size_matches"].items():
         print(scaling.format_size_matches(rows, metric))
@@ -132,14 +125,7 @@ def write_lr_sensitivity(runs: Sequence[Run], out: Path, metric: str) -> dict | 
     points = sensitivity.lr_points(runs, metric)
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plots.lr_sensitivity_figure(points)
-    fig.savefig(out / "lr_sensitivity.png", dpi=100)
-    plt.close(fig)
+    plots.save_figure(lambda: plots.lr_sensitivity_figure(points), out / "lr_sensitivity.png")
     report = sensitivity.lr_report(points)
     print(sensitivity.format_lr_table(report["table"], metric))
     print(f"wrote {out / 'lr_sensitivity.png'}")
@@ -155,14 +141,7 @@ def write_horizons(runs: Sequence[Run], out: Path, metric: str) -> dict | None:
         return None
     for item in left_out:
         print(f"note: horizons: left out {item['path']}: {item['reason']}", file=sys.stderr)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plots.horizons_figure(lines)
-    fig.savefig(out / "horizons.png", dpi=100)
-    plt.close(fig)
+    plots.save_figure(lambda: plots.horizons_figure(lines), out / "horizons.png")
     report = horizons.horizons_report(lines, left_out, metric)
     (out / "horizons.json").write_text(json.dumps(report, indent=2) + "\n")
     print(horizons.format_horizons(report, lines))
