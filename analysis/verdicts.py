@@ -3,7 +3,7 @@
 For every pair of seed groups (runs differing only in ``seed``: :func:`analysis.runs.group_runs`)
 that both have at least two non-diverged runs, the final values of the metric (its last finite
 point, ``val/loss`` by default, unsmoothed) are compared with Welch's t-test, which does not assume
-equal variances:
+equal variances (groups at different horizons, ``train.max_steps``, are not paired):
 
 - ``diff = mean_a - mean_b``, ``se = sqrt(var_a / n_a + var_b / n_b)`` (sample variances, n - 1);
 - Welch-Satterthwaite degrees of freedom
@@ -66,8 +66,15 @@ def final_values(runs: Sequence[Run], metric: str) -> list[float]:
     return [v for v in values if v is not None]
 
 
+def horizon(runs: Sequence[Run]) -> float | None:
+    """The groups' common ``train.max_steps`` (its first run's), or None when unknown."""
+    return runs[0].setting("train.max_steps") if runs else None
+
+
 def verdicts(groups: dict[str, list[Run]], metric: str = "val/loss") -> list[dict]:
-    """One verdict per unordered pair of groups (in group order) with >= 2 final values each.
+    """One verdict per unordered pair of groups (in group order) with >= 2 final values each and
+    the same horizon (``train.max_steps``): a 500-step run's loss says nothing against a
+    2000-step run's, so groups at different horizons are not paired.
 
     `groups` must hold only non-diverged runs (:func:`analysis.runs.split_diverged`). Each verdict
     has exactly the keys ``a, b, n_a, n_b, mean_a, mean_b, diff, ci95, p_value, significant``.
@@ -77,6 +84,8 @@ def verdicts(groups: dict[str, list[Run]], metric: str = "val/loss") -> list[dic
     rows = []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
+            if horizon(groups[a]) != horizon(groups[b]):
+                continue
             w = welch(finals[a], finals[b])
             rows.append({"a": a, "b": b, "n_a": len(finals[a]), "n_b": len(finals[b]),
                          "mean_a": statistics.fmean(finals[a]), "mean_b": statistics.fmean(finals[b]),

@@ -205,3 +205,24 @@ def test_a_group_whose_runs_all_diverged_has_no_mean(tmp_path, capsys):
     assert [(v["a"], v["b"]) for v in report["verdicts"]] == [("adamw (2 seeds)", "sophia (2 seeds)")]
     assert len(report["diverged"]) == 2
     assert verdicts(split_diverged(group_runs(collect_runs(sorted(runs.iterdir()))))[0]) == report["verdicts"]
+
+
+class _Finished:
+    """A run as verdicts() reads it: its final loss and its horizon."""
+
+    def __init__(self, loss: float, max_steps: int):
+        self.loss, self.max_steps = loss, max_steps
+
+    def final(self, metric: str) -> float:
+        return self.loss
+
+    def setting(self, dotted: str) -> float | None:
+        return self.max_steps if dotted == "train.max_steps" else None
+
+
+def test_verdicts_pair_groups_at_the_same_horizon_only():
+    groups = {f"{opt} train.max_steps={t}": [_Finished(base + t * 1e-4 + d, t) for d in (0.0, 0.01, 0.02)]
+              for opt, base in (("adamw", 1.0), ("sophia", 1.1)) for t in (500, 1000)}
+    pairs = {(v["a"], v["b"]) for v in verdicts(groups)}
+    assert pairs == {("adamw train.max_steps=500", "sophia train.max_steps=500"),
+                     ("adamw train.max_steps=1000", "sophia train.max_steps=1000")}
