@@ -16,13 +16,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 
-def run_name(prefix: str) -> str:
+def run_name(prefix: str, branch_from: str | None = None) -> str:
     """Run-dir name that every rank of one torchrun job computes identically.
+
+    A cooldown branch (``branch_from``, its parent run) is named after its parent,
+    ``branch-<parent dir name>``: the optimizer in the command line may be the default, the
+    parent's being composed only later.
 
     torchrun's run id (``--rdzv-id``, required for multi-node) or, for a single-node launch, the
     torchrun agent's pid: both are shared by the workers and survive an elastic restart, so a
     restarted job finds its own checkpoints. A plain ``python train.py`` gets a timestamp.
     """
+    if branch_from:
+        prefix = f"branch-{Path(str(branch_from)).name}"
     if "RANK" in os.environ:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         return f"{prefix}_{run_id if run_id != 'none' else f'torchrun-{os.getppid()}'}"

@@ -139,3 +139,8 @@ def test_train_py_branches_with_the_parents_command_line_and_multirun(tiny_data,
     overrides = (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
     assert "model=gpt2-nano" in overrides and "schedule.horizons" not in overrides
     assert f"checkpoint.branch_from='{parent}'" in overrides
+    # without hydra.run.dir a branch lands in outputs/<date>/<time>_branch-<parent dir name>
+    res = run_train_cli(["checkpoint.branch_from=parent", "train.max_steps=20"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (branch,) = (tmp_path / "outputs").glob("*/*_branch-parent")
+    assert json.loads((branch / "summary.json").read_text())["branch"]["step"] == 15
