@@ -46,9 +46,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from analysis.runs import Run, series
+from analysis.runs import Run, line_labels, series
 from analysis.units import si_format
-from engine.resume import is_result_neutral, override_key
+from engine.resume import override_key
 
 # Keys that set a run's horizon (its length, its decay, where a cooldown branch starts, which
 # branch points a WSD parent keeps): left out of a horizon line's label.
@@ -168,14 +168,11 @@ def horizon_lines(runs: Sequence[Run], metric: str = "val/loss") -> tuple[list[L
             left_out.append({"path": str(run.path), "reason": f"unfinished (step {last} of {int(max_steps)})"})
         else:
             usable.append((run, xs[-1], ys[-1]))
-    common = set.intersection(*(set(r.overrides) for r, *_ in usable)) if usable else set()
     by_line: dict[str, dict[int, Horizon]] = {}
-    for run, d, loss in usable:
-        parts = [run.optimizer] + [o for o in run.overrides
-                                   if o not in common and not is_result_neutral(o, placement=True)
-                                   and not is_horizon_override(o) and override_key(o) not in ("optimizer", "seed")]
+    labels = line_labels([run for run, *_ in usable], is_horizon_override)
+    for label, (run, d, loss) in zip(labels, usable):
         steps = _horizon_steps(run)
-        h = by_line.setdefault(" ".join(parts), {}).setdefault(steps, Horizon(steps, [], [], []))
+        h = by_line.setdefault(label, {}).setdefault(steps, Horizon(steps, [], [], []))
         h.runs.append(run)
         h.tokens.append(d)
         h.losses.append(loss)

@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from engine.errors import HarnessError
 from engine.instability import Divergence, divergence, loss_value
@@ -214,6 +214,18 @@ def make_labels(runs: Sequence[Run], group_seeds: bool = True) -> list[str]:
             for i in idx:
                 labels[i] = f"{label} [{runs[i].path.name}]"
     return labels
+
+
+def line_labels(runs: Sequence[Run], leave_out: Callable[[str], bool]) -> list[str]:
+    """Each run's line in a view drawn along one axis (model size, horizon): its optimizer plus
+    the overrides that differ between ``runs``, leaving out seeds, ``optimizer=``, those that do
+    not change the result and those ``leave_out(override)`` names (the axis's own keys), so the
+    seeds and the axis's points of one configuration share a line."""
+    common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
+    return [" ".join([r.optimizer] + [o for o in r.overrides
+                                      if o not in common and not is_result_neutral(o, placement=True)
+                                      and not leave_out(o) and override_key(o) not in ("optimizer", "seed")])
+            for r in runs]
 
 
 def group_runs(runs: Sequence[Run], group_seeds: bool = True) -> dict[str, list[Run]]:

@@ -25,10 +25,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from analysis.runs import Run, series
+from analysis.runs import Run, line_labels, series
 from analysis.speedup import steps_to_reach
 from analysis.units import si_format
-from engine.resume import is_result_neutral, override_key
+from engine.resume import override_key
 from model.config import GPTConfig
 from model.flops import scaling_params
 
@@ -134,14 +134,10 @@ def scaling_points(runs: Sequence[Run], metric: str = "val/loss") -> tuple[list[
             notes.append(f"{run.path}: unfinished (step {last} of {max_steps})")
         else:
             usable.append((run, n, xs, ys))
-    common = set.intersection(*(set(r.overrides) for r, *_ in usable)) if usable else set()
     points: dict[tuple[str, int], ScalingPoint] = {}
     curves = {}
-    for run, n, xs, ys in usable:
-        parts = [run.optimizer] + [o for o in run.overrides
-                                   if o not in common and not is_result_neutral(o, placement=True)
-                                   and not is_size_override(o) and override_key(o) not in ("optimizer", "seed")]
-        line = " ".join(parts)
+    lines = line_labels([run for run, *_ in usable], is_size_override)
+    for line, (run, n, xs, ys) in zip(lines, usable):
         pt = points.setdefault((line, n), ScalingPoint(line, n, [], [], []))
         pt.runs.append(run)
         pt.final.append(ys[-1])

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from data.files import write_text_atomic
-from engine.checkpoint import BRANCH_POINTS_DIR, list_checkpoints
+from engine.checkpoint import BRANCH_POINTS_DIR, checkpoint_path, checkpoint_step, list_checkpoints
 from engine.errors import HarnessError
 from engine.resume import config_changes, format_changes
 from engine.run_dir import METRICS_FILE
@@ -76,7 +76,7 @@ def branch_points(cfg: DictConfig) -> frozenset[int]:
 def existing_points(parent: Path) -> list[int]:
     """The steps of every checkpoint a run keeps, branch points and rotating ones together."""
     found = list_checkpoints(parent / BRANCH_POINTS_DIR) + list_checkpoints(parent / "checkpoints")
-    return sorted({int(p.stem.split("_")[1]) for p in found})
+    return sorted({checkpoint_step(p) for p in found})
 
 
 def find_branch_checkpoint(parent: Path, step: int) -> Path:
@@ -85,9 +85,8 @@ def find_branch_checkpoint(parent: Path, step: int) -> Path:
     if not parent.is_dir():
         raise HarnessError(f"checkpoint.branch_from={parent}: no such run directory.")
     for sub in (BRANCH_POINTS_DIR, "checkpoints"):
-        match = [p for p in list_checkpoints(parent / sub) if int(p.stem.split("_")[1]) == step]
-        if match:
-            return match[0]
+        if (path := checkpoint_path(parent / sub, step)).is_file():
+            return path
     have = existing_points(parent)
     raise HarnessError(
         f"checkpoint.branch_from={parent} has no checkpoint at step {step}, where this run's "

@@ -53,6 +53,11 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return Path(directory) / f"ckpt_{step:07d}.pt"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint file named by :func:`checkpoint_path`."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest first (temp files of an interrupted save are
     never matched: they start with a dot and end in ``.tmp``)."""

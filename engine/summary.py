@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from data.files import write_text_atomic
 from engine.branching import decay_start
-from engine.checkpoint import list_checkpoints
+from engine.checkpoint import checkpoint_step, list_checkpoints
 from engine.errors import HarnessError
 from engine.instability import divergence, loss_spikes
 from engine.metrics import ConsoleSink
@@ -86,7 +86,7 @@ def summarize_run(run_dir: Path, position: Mapping[str, Any] | None = None,
     newest = checkpoints[-1] if checkpoints else None
 
     # A run stopped at a step with no log line still checkpointed that step.
-    ckpt_step = int(newest.stem.split("_")[1]) if newest else None
+    ckpt_step = checkpoint_step(newest) if newest else None
     known = [s for s in (rows[-1]["step"] if rows else None, ckpt_step) if s is not None]
     steps = max(known) if known else None
 
